@@ -1,0 +1,66 @@
+# luotrace: every target sets up what it needs on a fresh Debian 12 host (as root).
+#   make demo   trace the reference model on real guest_memfds and print the report
+#   make test   the test suite (what .ci/run runs)
+#   make bench  overhead benchmarks, printed as ratios against an untraced baseline
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+MODEL := workloads/model/luo_model
+KREL := $(shell uname -r)
+APT_PACKAGES := python3-bpfcc bpfcc-tools bpftrace bpftool linux-headers-amd64 build-essential \
+                python3-venv prometheus util-linux
+
+.PHONY: setup apt headers mounts venv model demo test bench clean
+
+setup: apt headers mounts venv model
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "setup: installing$$missing"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
+	fi
+
+# BCC compiles against /lib/modules/$(uname -r)/build.  Without a headers
+# package for the running kernel, link Debian's generic tree (build = the
+# arch-specific part, source = -common); BPF programs take every struct
+# offset from BTF, never from these headers.
+headers:
+	@if [ ! -e /lib/modules/$(KREL)/build ] && [ ! -e /sys/kernel/kheaders.tar.xz ]; then \
+	  hdr=$$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -1); \
+	  [ -n "$$hdr" ] || { echo "setup: no linux-headers-*-amd64 under /usr/src"; exit 1; }; \
+	  mkdir -p /lib/modules/$(KREL); \
+	  ln -sfn $$hdr /lib/modules/$(KREL)/build; \
+	  ln -sfn $${hdr%-amd64}-common /lib/modules/$(KREL)/source; \
+	  echo "setup: linked $$hdr as the headers of $(KREL)"; \
+	fi
+
+mounts:
+	@mountpoint -q /sys/kernel/debug || mount -t debugfs debugfs /sys/kernel/debug
+	@mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@[ -x $(PY) ] || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	@$(PY) -c "import bcc" || { echo "setup: bcc not importable from $(PY)"; exit 1; }
+	@$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+model: $(MODEL)
+
+$(MODEL): workloads/model/luo_model.c workloads/model/kvm_abi.h
+	gcc -O2 -g -Wall -Wextra -fno-ipa-icf -o $@ $<
+
+demo: setup
+	$(VENV)/bin/luotrace demo
+
+test: setup
+	$(VENV)/bin/pytest -q tests
+
+bench: setup
+	$(PY) -m tests.bench
+
+clean:
+	rm -rf $(VENV) $(MODEL) *.egg-info

@@ -1,0 +1,158 @@
+/* luotrace: per-folio KHO probes (folio and trace modes).
+ *
+ * A 1 TiB guest has 268 M folios: counts and log2 latency histograms are kept
+ * here, per file, and read by userspace at the end (or at scrape).  In trace
+ * mode every SAMPLE_EVERY-th folio is also streamed as an event.
+ */
+
+struct folio_stats_v {
+	u64 preserved;
+	u64 preserve_errors;
+	u64 unpreserved;
+	u64 restored;
+	u64 discarded;
+	u64 pfn_zero;
+	u64 preserve_ns;      /* exact sum for the histogram's _sum */
+	u64 pfn_unknown;
+};
+
+struct hist_key {
+	struct fkey key;
+	u64 slot;             /* bpf_log2l(ns): slot s holds values up to 2^s - 1 */
+};
+
+BPF_HASH(folio_stats, struct fkey, struct folio_stats_v, MAX_FILES);
+BPF_HASH(folio_preserve_duration_seconds, struct hist_key, u64, MAX_FILES * 64);
+
+static __always_inline struct folio_stats_v *stats_for(struct fkey *k)
+{
+	struct folio_stats_v zero = {};
+	return folio_stats.lookup_or_try_init(k, &zero);
+}
+
+static __always_inline int current_file(struct fkey *k, u32 *role)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct cur_v *c = cur_file.lookup(&tid);
+	if (!c) {
+		k->handler = HANDLER_KHO;       /* a caller luotrace does not trace */
+		count(CNT_UNATTRIBUTED);
+		*role = 0;
+		return -1;
+	}
+	*k = c->key;
+	*role = c->role;
+	return 0;
+}
+
+static __always_inline int sampled(void)
+{
+#if SAMPLE_EVERY > 1
+	int idx = CNT_SAMPLE_TICK;
+	u64 *t = luo_counters.lookup(&idx);
+	if (t) {
+		*t += 1;
+		if (*t % SAMPLE_EVERY) {
+			count(CNT_SAMPLED_OUT);
+			return 0;
+		}
+	}
+#endif
+	return 1;
+}
+
+int kho_preserve_folio_entry(struct pt_regs *ctx)
+{
+	u64 folio = PT_REGS_PARM1(ctx);
+	struct fkey k = {};
+	u32 role;
+	s64 pfn = folio_pfn(folio);
+	u64 index = 0;
+	current_file(&k, &role);
+	if (OFF_FOLIO_INDEX >= 0)
+		index = read_ptr(folio, OFF_FOLIO_INDEX);
+	inflight_put(PROBE_kho_preserve_folio, &k, folio, (u64)pfn, index, bpf_ktime_get_ns());
+	return 0;
+}
+
+int kho_preserve_folio_return(struct pt_regs *ctx)
+{
+	u64 id = inflight_id(PROBE_kho_preserve_folio);
+	struct inflight_v *v = inflight.lookup(&id);
+	struct folio_stats_v *s;
+	struct hist_key hk = {};
+	u64 now = bpf_ktime_get_ns(), delta;
+	int ret = (int)PT_REGS_RC(ctx);
+	if (!v)
+		return 0;
+	delta = now - v->ts;
+	s = stats_for(&v->key);
+	if (s) {
+		if (ret) {
+			__sync_fetch_and_add(&s->preserve_errors, 1);
+		} else {
+			__sync_fetch_and_add(&s->preserved, 1);
+			if ((s64)v->a0 == 0)
+				__sync_fetch_and_add(&s->pfn_zero, 1);
+			if ((s64)v->a0 < 0)
+				__sync_fetch_and_add(&s->pfn_unknown, 1);
+		}
+		__sync_fetch_and_add(&s->preserve_ns, delta);
+	}
+	hk.key = v->key;
+	hk.slot = bpf_log2l(delta);
+	folio_preserve_duration_seconds.increment(hk);
+#ifdef MODE_TRACE
+	if (sampled()) {
+		struct luo_event e;
+		ev_init(&e, PROBE_kho_preserve_folio, EV_RETURN);
+		e.ts = now;
+		ev_key(&e, &v->key);
+		e.ret = ret;
+		e.a0 = v->a0;
+		e.a1 = v->a1;
+		e.a2 = delta;
+		emit(&e);
+	}
+#endif
+	inflight.delete(&id);
+	return 0;
+}
+
+static __always_inline int folio_release(u16 probe, s64 pfn)
+{
+	struct fkey k = {};
+	u32 role;
+	struct folio_stats_v *s;
+	current_file(&k, &role);
+	s = stats_for(&k);
+	if (s) {
+		if (probe == PROBE_kho_unpreserve_folio)
+			__sync_fetch_and_add(&s->unpreserved, 1);
+		else if (role == ROLE_FINISH)
+			__sync_fetch_and_add(&s->discarded, 1);
+		else
+			__sync_fetch_and_add(&s->restored, 1);
+	}
+#ifdef MODE_TRACE
+	if (sampled()) {
+		struct luo_event e;
+		ev_init(&e, probe, EV_INSTANT);
+		ev_key(&e, &k);
+		e.a0 = (u64)pfn;
+		emit(&e);
+	}
+#endif
+	return 0;
+}
+
+int kho_unpreserve_folio_entry(struct pt_regs *ctx)
+{
+	return folio_release(PROBE_kho_unpreserve_folio, folio_pfn(PT_REGS_PARM1(ctx)));
+}
+
+int kho_restore_folio_entry(struct pt_regs *ctx)
+{
+	/* kho_restore_folio(phys_addr_t phys) */
+	return folio_release(PROBE_kho_restore_folio, (s64)(PT_REGS_PARM1(ctx) >> 12));
+}

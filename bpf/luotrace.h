@@ -1,0 +1,207 @@
+/* luotrace: shared definitions of every BPF program.
+ *
+ * Compiled by BCC.  Everything that depends on the traced code is passed in
+ * by the loader (tracer/loader.py) as -D constants:
+ *   PROBE_<name>, HANDLER_*, ROLE_*   ids from tracer/catalog.py
+ *   OFF_*                             struct member offsets, resolved from the
+ *                                     running kernel's BTF or the reference
+ *                                     model's own layout; -1 = unknown, never read
+ *   PFN_FROM_FIELD / VMEMMAP_BASE_PTR, PAGE_STRUCT_SIZE   how a folio pointer gives its pfn
+ *   LUO_USER                          target is a userspace binary (uprobes)
+ *   MODE_FOLIO, MODE_TRACE, SAMPLE_EVERY, RINGBUF_PAGES, MAX_*  mode and bounds
+ * Kernel struct layouts from headers are never used: installed headers need
+ * not match the running kernel.
+ */
+#include <uapi/linux/ptrace.h>
+
+#ifdef LUO_USER
+#define LUO_READ(dst, src) bpf_probe_read_user(&(dst), sizeof(dst), (const void *)(src))
+#else
+#define LUO_READ(dst, src) bpf_probe_read_kernel(&(dst), sizeof(dst), (const void *)(src))
+#endif
+
+#define EV_ENTRY 0
+#define EV_RETURN 1
+#define EV_INSTANT 2
+
+/* event flags: which values could not be read (offset unknown) */
+#define EVF_KEY_UNKNOWN 1
+#define EVF_A0_UNKNOWN 2
+#define EVF_A1_UNKNOWN 4
+
+/* counters (luo_counters, per cpu) */
+#define CNT_LOST 0
+#define CNT_EMITTED 1
+#define CNT_SAMPLED_OUT 2
+#define CNT_INFLIGHT_FULL 3
+#define CNT_UNATTRIBUTED 4
+#define CNT_SAMPLE_TICK 5
+#define NR_COUNTERS 8
+
+/* The file identity: inode number and device, or a serialized-data handle
+ * (dev == SER_DEV) on the retrieve side where no file exists yet. */
+struct fkey {
+	u64 ino;
+	u32 dev;
+	u32 handler;
+};
+#define SER_DEV 0xFFFFFFFF
+
+/* One 64-byte record; tracer/events.py holds the matching numpy dtype. */
+struct luo_event {
+	u64 ts;
+	u32 tgid;
+	u32 tid;
+	u16 probe;
+	u8 kind;
+	u8 flags;
+	s32 ret;
+	u64 ino;
+	u32 dev;
+	u32 handler;
+	u64 a0;
+	u64 a1;
+	u64 a2;
+};
+
+struct inflight_v {
+	u64 ts;
+	struct fkey key;
+	u64 ptr;
+	u64 a0;
+	u64 a1;
+};
+
+struct cur_v {
+	struct fkey key;
+	u32 role;
+	u32 depth;
+};
+
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_PERCPU_ARRAY(luo_counters, u64, NR_COUNTERS);
+BPF_HASH(inflight, u64, struct inflight_v, MAX_INFLIGHT);
+BPF_HASH(cur_file, u32, struct cur_v, MAX_THREADS);
+BPF_HASH(frozen, struct fkey, u64, MAX_FILES);
+
+static __always_inline void count(int idx)
+{
+	u64 *v = luo_counters.lookup(&idx);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline void emit(struct luo_event *e)
+{
+	if (events.ringbuf_output(e, sizeof(*e), 0) < 0)
+		count(CNT_LOST);
+	else
+		count(CNT_EMITTED);
+}
+
+static __always_inline void ev_init(struct luo_event *e, u16 probe, u8 kind)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	__builtin_memset(e, 0, sizeof(*e));
+	e->ts = bpf_ktime_get_ns();
+	e->tgid = id >> 32;
+	e->tid = (u32)id;
+	e->probe = probe;
+	e->kind = kind;
+}
+
+static __always_inline void ev_key(struct luo_event *e, struct fkey *k)
+{
+	e->ino = k->ino;
+	e->dev = k->dev;
+	e->handler = k->handler;
+}
+
+static __always_inline u64 inflight_id(u16 probe)
+{
+	return (bpf_get_current_pid_tgid() << 32) | probe;
+}
+
+static __always_inline u64 read_ptr(u64 base, int off)
+{
+	u64 v = 0;
+	if (off < 0 || !base)
+		return 0;
+	LUO_READ(v, base + off);
+	return v;
+}
+
+/* inode pointer -> (ino, dev) */
+static __always_inline int key_from_inode(u64 inode, struct fkey *k, u32 handler)
+{
+	u64 sb = 0;
+	u32 dev = 0;
+	k->handler = handler;
+	if (OFF_INODE_INO < 0 || !inode)
+		return -1;
+	k->ino = read_ptr(inode, OFF_INODE_INO);
+	if (OFF_INODE_SB >= 0 && OFF_SB_DEV >= 0) {
+		sb = read_ptr(inode, OFF_INODE_SB);
+		if (sb)
+			LUO_READ(dev, sb + OFF_SB_DEV);
+	}
+	k->dev = dev;
+	return 0;
+}
+
+static __always_inline u64 inode_of_file(u64 file)
+{
+	if (OFF_FILE_INODE < 0)
+		return 0;
+	return read_ptr(file, OFF_FILE_INODE);
+}
+
+/* folio pointer -> pfn; returns -1 when the layout gives no way to know. */
+static __always_inline s64 folio_pfn(u64 folio)
+{
+#if defined(PFN_FROM_FIELD)
+	u64 pfn = 0;
+	if (OFF_FOLIO_PFN < 0 || !folio)
+		return -1;
+	LUO_READ(pfn, folio + OFF_FOLIO_PFN);
+	return pfn & ((1ULL << 52) - 1);
+#elif defined(VMEMMAP_BASE_PTR)
+	u64 base = 0;
+	if (!folio || bpf_probe_read_kernel(&base, sizeof(base), (const void *)VMEMMAP_BASE_PTR) || !base)
+		return -1;
+	return (folio - base) / PAGE_STRUCT_SIZE;
+#else
+	return -1;
+#endif
+}
+
+static __always_inline void cur_set(struct fkey *k, u32 role)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct cur_v v = {};
+	v.key = *k;
+	v.role = role;
+	cur_file.update(&tid, &v);
+}
+
+static __always_inline void cur_clear(void)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	cur_file.delete(&tid);
+}
+
+static __always_inline int inflight_put(u16 probe, struct fkey *k, u64 ptr, u64 a0, u64 a1, u64 ts)
+{
+	u64 id = inflight_id(probe);
+	struct inflight_v v = {};
+	v.ts = ts;
+	v.key = *k;
+	v.ptr = ptr;
+	v.a0 = a0;
+	v.a1 = a1;
+	if (inflight.update(&id, &v)) {
+		count(CNT_INFLIGHT_FULL);
+		return -1;
+	}
+	return 0;
+}

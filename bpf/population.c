@@ -1,0 +1,63 @@
+/* luotrace: guest_memfd population through the kernel's filemap tracepoints
+ * (folio and trace modes).
+ *
+ * Only inodes on a watched superblock (the guest_memfd one, found by the
+ * loader) count.  Per inode: folios added and removed, and how many were
+ * large (order > 0: can_preserve refuses such a file).  A folio added to or
+ * removed from an inode that a handler froze is the race the patch review
+ * points at; each such change is streamed as an event with its evidence.
+ */
+
+struct pop_v {
+	u64 added;
+	u64 deleted;
+	u64 large;
+	u64 max_order;
+};
+
+BPF_HASH(watch_dev, u32, u8, 16);
+BPF_HASH(population, struct fkey, struct pop_v, MAX_FILES);
+
+static __always_inline int pop_event(u16 probe, u64 ino, u32 dev, u64 index, u64 pfn, u64 order)
+{
+	struct fkey k = {};
+	struct pop_v zero = {}, *p;
+	if (!watch_dev.lookup(&dev))
+		return 0;
+	k.ino = ino;
+	k.dev = dev;
+	k.handler = HANDLER_GUEST_MEMFD;
+	p = population.lookup_or_try_init(&k, &zero);
+	if (p) {
+		if (probe == PROBE_pop_add) {
+			__sync_fetch_and_add(&p->added, 1);
+			if (order) {
+				__sync_fetch_and_add(&p->large, 1);
+				if (order > p->max_order)
+					p->max_order = order;
+			}
+		} else {
+			__sync_fetch_and_add(&p->deleted, 1);
+		}
+	}
+	if (frozen.lookup(&k)) {
+		struct luo_event e;
+		ev_init(&e, probe, EV_INSTANT);
+		ev_key(&e, &k);
+		e.a0 = index;
+		e.a1 = pfn;
+		e.a2 = order;
+		emit(&e);
+	}
+	return 0;
+}
+
+TRACEPOINT_PROBE(filemap, mm_filemap_add_to_page_cache)
+{
+	return pop_event(PROBE_pop_add, args->i_ino, args->s_dev, args->index, args->pfn, args->order);
+}
+
+TRACEPOINT_PROBE(filemap, mm_filemap_delete_from_page_cache)
+{
+	return pop_event(PROBE_pop_delete, args->i_ino, args->s_dev, args->index, args->pfn, args->order);
+}

@@ -1,0 +1,1 @@
+"""Renderers and exporters of luotrace reports: text now; Prometheus, Perfetto next."""

@@ -1,0 +1,107 @@
+"""Terminal rendering of a report (tracer/report.py): one table row per file,
+then sessions, anomalies with their evidence, probes and event accounting."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+PHASE_COLUMNS = ["count_pass", "fill_pass", "preserve_folios", "vmalloc", "luo_freeze", "unpreserve",
+                 "retrieve", "finish"]
+
+
+def fmt_ns(ns: Optional[int]) -> str:
+    if ns is None:
+        return "-"
+    if ns < 10_000:
+        return f"{ns}ns"
+    if ns < 10_000_000:
+        return f"{ns / 1e3:.1f}us"
+    if ns < 10_000_000_000:
+        return f"{ns / 1e6:.1f}ms"
+    return f"{ns / 1e9:.2f}s"
+
+
+def fmt_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << (shift - 4)) == 0:
+            return f"{n / (1 << shift):g}{unit}"
+    return f"{n}B"
+
+
+def _v(x) -> str:
+    return "-" if x is None else str(x)
+
+
+def _table(rows: List[List[str]], header: List[str]) -> List[str]:
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "  ".join(c.rjust(w) if i and c[:1].isdigit() else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
+def render(report: dict) -> str:
+    out: List[str] = []
+    rec = report.get("recording", {})
+    out.append(f"luotrace report  kernel {rec.get('kernel')}  host {rec.get('hostname')}  mode {rec.get('mode')}"
+               f"  target {rec.get('target')}")
+    if rec.get("labels"):
+        out.append("labels: " + ", ".join(f"{k}={v}" for k, v in sorted(rec["labels"].items())))
+    if report.get("truncated"):
+        out.append(f"WARNING: recording truncated ({report.get('truncated_reason')}); "
+                   "showing every complete record")
+    out.append("")
+    files = report.get("files", [])
+    present = [p for p in PHASE_COLUMNS if any(ph["name"] == p for f in files for ph in f["phases"])]
+    rows = []
+    for f in files:
+        durs = {}
+        for ph in f["phases"]:
+            durs[ph["name"]] = durs.get(ph["name"], 0) + ph["duration_ns"]
+        rows.append([f["handler"], str(f["inode"]), _v(f["session"]), fmt_bytes(f["size_bytes"]),
+                     _v(f["folios_populated"]), _v(f["folios_preserved"]), _v(f["folios_unpreserved"]),
+                     f["result"] + (f" {f['errno']}" if f["errno"] else ""),
+                     fmt_ns(f["preserve"]["duration_ns"]) if f["preserve"] else "-"]
+                    + [fmt_ns(durs.get(p)) if p in durs else "-" for p in present]
+                    + [",".join(a["code"] for a in f["anomalies"]) or "-"])
+    if rows:
+        out += _table(rows, ["handler", "inode", "sess", "size", "populated", "preserved", "unpreserved",
+                             "result", "preserve"] + present + ["anomalies"])
+    else:
+        out.append("no files seen")
+    sessions = report.get("sessions", [])
+    if sessions:
+        out.append("")
+        out.append("sessions: " + "; ".join(
+            f"#{s['id']} files {len(s['files'])} blackout {fmt_ns(s['blackout_ns'])}"
+            + (" cancelled" if s["cancelled"] else "") for s in sessions))
+    anoms = report.get("anomalies", [])
+    out.append("")
+    if anoms:
+        out.append(f"anomalies ({len(anoms)}):")
+        for a in anoms:
+            out.append(f"  {a['code']:<26} {a['handler']} inode {a['inode']}: {a['detail']}")
+    else:
+        out.append("anomalies: none")
+    if report.get("anomalies_not_checked"):
+        out.append("  not checked in light mode: " + ", ".join(report["anomalies_not_checked"]))
+    t = report.get("totals", {})
+    out.append("")
+    out.append(f"totals: {t.get('files', 0)} files ({', '.join(f'{k} {v}' for k, v in t.get('files_by_result', {}).items()) or '-'}),"
+               f" {t.get('folios_preserved', 0)} folios preserved, {fmt_bytes(t.get('bytes_preserved', 0))} kept")
+    probes = report.get("probes", [])
+    att = [p for p in probes if p["status"] == "attached"]
+    strategies = sorted({p["strategy"] for p in att})
+    out.append(f"probes: {len(att)}/{len(probes)} attached ({', '.join(strategies) or 'none'})")
+    for p in probes:
+        if p["status"] != "attached":
+            out.append(f"  {p['symbol']}: {p['status']}" + (f" ({p['reason']})" if p.get("reason") else ""))
+    ev = report.get("events", {})
+    bpf = report.get("bpf", {})
+    out.append(f"events: {ev.get('received', 0)} received, {ev.get('lost', 0)} lost"
+               + (f", {ev['sampled_out']} sampled out" if ev.get("sampled_out") else "")
+               + (f", {ev['inflight_dropped']} calls untracked (inflight map full)" if ev.get("inflight_dropped") else ""))
+    if bpf.get("run_cnt"):
+        out.append(f"tracer cost: {bpf['run_cnt']} BPF runs, {fmt_ns(bpf['run_time_ns'])} total, "
+                   f"{bpf['run_time_ns'] / bpf['run_cnt']:.0f}ns each")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,55 @@
+"""Shared fixtures.  These tests load real BPF into the running kernel, drive
+real guest_memfds and run the reference model under uprobes: they need root,
+/dev/kvm and the set-up `make test` performs.  They never skip on these
+machines; outside them they fail with the reason (LUOTRACE_ALLOW_SKIP=1 turns
+those failures into skips for a developer's laptop)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = os.path.join(REPO, "workloads", "model", "luo_model")
+LUOTRACE = [sys.executable, "-m", "tracer.cli"]
+
+
+def need(cond: bool, why: str) -> None:
+    if cond:
+        return
+    if os.environ.get("LUOTRACE_ALLOW_SKIP") == "1":
+        pytest.skip(why)
+    pytest.fail(f"environment not ready: {why} (run `make setup` as root)")
+
+
+@pytest.fixture(scope="session")
+def root() -> None:
+    need(os.geteuid() == 0, "tests load BPF programs: run as root")
+
+
+@pytest.fixture(scope="session")
+def model(root) -> str:
+    if not os.path.exists(MODEL):
+        subprocess.run(["make", "-C", REPO, "model"], check=True, capture_output=True)
+    need(os.path.exists(MODEL), "reference model not built")
+    return MODEL
+
+
+@pytest.fixture(scope="session")
+def kvm(root) -> None:
+    need(os.path.exists("/dev/kvm"), "/dev/kvm missing")
+
+
+def run_cli(*args: str, check: bool = False, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run(LUOTRACE + list(args), capture_output=True, text=True, timeout=timeout, cwd=REPO, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"luotrace {' '.join(args)} failed ({r.returncode}): {r.stderr}")
+    return r
+
+
+def load_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,162 @@
+"""The reference model traced by real uprobes, in every mode: luotrace's view
+of each file must equal the model's own ground truth, each injected fault
+must give exactly its anomaly code, and phases must come in the patch's order.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tracer.anomalies import NEEDS_FOLIO_MODE
+from tracer.demo import compare, run_model
+from tracer.session import replay
+
+# One session per fault, so that each file's outcome is independent.
+SESSIONS = [
+    "kexec:gmem:2M,memfd:1M",
+    "cancel:gmem:1M,memfd:512K",
+    "discard:gmem:1M",
+    "keep:gmem:1M:hwpoison=50",
+    "keep:gmem:1M:enomem",
+    "keep:gmem:1M:vmalloc_fail",
+    "kexec:gmem:1M:token_enoent",
+    "keep:gmem:1M:pass_mismatch",
+    "keep:gmem:1M:unbalanced_freeze",
+    "keep:gmem:1M:leak_unwind",
+    "keep:gmem:1M:late_fallocate",
+    "keep:gmem:1M:pfn0",
+    "keep:gmem:1M:holes=8",
+    "keep:memfd:1M:vmalloc_fail",
+    "keep:memfd:512K:leak_unwind",
+]
+
+EXPECTED_ERRNO = {"hwpoison": "EHWPOISON", "enomem": "ENOMEM", "vmalloc_fail": "ENOMEM", "token_enoent": "ENOENT",
+                  "pass_mismatch": "EINVAL", "unbalanced_freeze": "ENOMEM", "leak_unwind": "ENOMEM"}
+
+
+@pytest.fixture(scope="module", params=["light", "folio", "trace"])
+def traced(request, model, kvm, tmp_path_factory):
+    mode = request.param
+    out = str(tmp_path_factory.mktemp(mode) / "model.luo")
+    res, truth = run_model(mode, SESSIONS, out, model=model, progress=lambda s: None)
+    return mode, res, truth, out
+
+
+def by_inode(report):
+    return {f["inode"]: f for f in report["files"]}
+
+
+def test_every_file_matches_ground_truth(traced):
+    mode, res, truth, _ = traced
+    assert len(truth["files"]) == 17
+    assert compare(res.report, truth) == []
+    files = by_inode(res.report)
+    for t in truth["files"]:
+        f = files[t["inode"]]
+        if mode != "light":
+            # exact per-folio counters from the BPF maps
+            assert f["folios_preserved"] == t["folios_preserved"]
+            assert f["folios_unpreserved"] == t["folios_unpreserved"]
+            assert f["folios_restored"] == t["folios_restored"]
+            assert f["folios_discarded"] == t["folios_discarded"]
+        elif t["handler"] == "guest_memfd":
+            assert f["folios_preserved"] == t["folios_preserved"]  # from pass 2's count
+            assert f["folios_unpreserved"] is None  # not measured in light mode
+        assert f["result"] == t["result"]
+        assert f["errno"] == t["errno"]
+
+
+def test_faults_give_exactly_their_anomaly_and_errno(traced):
+    mode, res, truth, _ = traced
+    files = by_inode(res.report)
+    for t in truth["files"]:
+        f = files[t["inode"]]
+        want = set(t["anomalies"])
+        if mode == "light":
+            want -= set(NEEDS_FOLIO_MODE)
+        got = {a["code"] for a in f["anomalies"]}
+        assert got == want, (t["fault"], f["anomalies"])
+        if t["fault"] in EXPECTED_ERRNO:
+            assert f["errno"] == EXPECTED_ERRNO[t["fault"]], t["fault"]
+        if t["fault"] == "none":
+            assert f["errno"] is None and not f["anomalies"]
+    assert len(res.report["anomalies"]) == sum(len(f["anomalies"]) for f in res.report["files"])
+
+
+def test_late_fallocate_seen_through_the_real_tracepoint(traced):
+    mode, res, truth, _ = traced
+    if mode == "light":
+        assert "folio_added_while_frozen" in res.report["anomalies_not_checked"]
+        return
+    t = next(t for t in truth["files"] if t["fault"] == "late_fallocate")
+    f = by_inode(res.report)[t["inode"]]
+    (a,) = f["anomalies"]
+    assert a["code"] == "folio_added_while_frozen"
+    # the evidence names the real last page of the real guest_memfd
+    assert f"index {t['size_bytes'] // 4096 - 1}" in a["detail"]
+    assert f["folios_populated"] == t["folios_populated"] == t["size_bytes"] // 4096 + 1
+
+
+def test_phases_in_patch_order(traced):
+    mode, res, truth, _ = traced
+    files = by_inode(res.report)
+    for t in truth["files"]:
+        if t["handler"] != "guest_memfd" or t["fault"] != "none":
+            continue
+        f = files[t["inode"]]
+        names = [p["name"] for p in f["phases"]]
+        pres = f["preserve"]
+        assert pres and pres["duration_ns"] > 0
+        children = [p for p in f["phases"] if p.get("parent") == "preserve"]
+        assert [p["name"] for p in children] == ["count_pass", "fill_pass", "vmalloc"]
+        assert all(p["duration_ns"] > 0 for p in f["phases"])
+        assert sum(p["duration_ns"] for p in children) <= pres["duration_ns"]
+        for p in children:
+            assert pres["start_ns"] <= p["start_ns"]
+            assert p["start_ns"] + p["duration_ns"] <= pres["start_ns"] + pres["duration_ns"]
+        tail = [n for n in names if n not in ("count_pass", "fill_pass", "vmalloc", "can_preserve")]
+        expect = {"kexec": ["preserve", "luo_freeze", "retrieve", "finish"],
+                  "cancel": ["preserve", "unpreserve"],
+                  "discard": ["preserve", "luo_freeze", "finish"]}[t["outcome"]]
+        assert tail == expect, (t["outcome"], names)
+        starts = [p["start_ns"] for p in f["phases"]]
+        assert starts == sorted(starts)
+
+
+def test_sessions_and_blackout(traced):
+    mode, res, truth, _ = traced
+    sessions = res.report["sessions"]
+    assert len(sessions) == len(SESSIONS)
+    first = sessions[0]
+    assert len(first["files"]) == 2 and not first["cancelled"]
+    assert first["blackout_ns"] > 0
+    assert sessions[1]["cancelled"] and sessions[1]["blackout_ns"] is None
+    # the freeze of each file sits inside its session's blackout
+    for f in res.report["files"]:
+        if f["session"] == 1:
+            lf = next(p for p in f["phases"] if p["name"] == "luo_freeze")
+            assert first["blackout_start_ns"] <= lf["start_ns"]
+            assert lf["start_ns"] + lf["duration_ns"] <= first["blackout_start_ns"] + first["blackout_ns"]
+
+
+def test_replay_equals_live(traced):
+    mode, res, truth, out = traced
+    assert os.path.getsize(out) > 0
+    assert replay(out) == res.report
+
+
+def test_probe_strategies_and_accounting(traced):
+    mode, res, truth, _ = traced
+    probes = res.report["probes"]
+    assert probes and all(p["status"] == "attached" for p in probes)
+    assert {p["strategy"] for p in probes} == ({"uprobe"} if mode == "light" else {"uprobe", "tracepoint"})
+    per_folio = any(p["symbol"] == "kho_preserve_folio" for p in probes)
+    assert per_folio == (mode != "light")
+    ev = res.report["events"]
+    assert ev["lost"] == 0 and ev["received"] > 0
+    assert res.report["bpf"]["run_cnt"] > 0 and res.report["bpf"]["run_time_ns"] > 0
+    if mode == "trace":
+        total = sum(t["folios_preserved"] for t in truth["files"])
+        streamed = sum(f.get("streamed_events", {}).get("kho_preserve_folio", 0) for f in res.report["files"])
+        assert streamed == total

@@ -1,0 +1,289 @@
+"""Rebuilds, from the event stream and the final BPF map dumps, a timeline
+per preserved file and per LUO session.
+
+The aggregator is fed events in arrival order, in batches of any size, and
+gives the same result whatever the batching: the live run and the replay of
+its recording feed it the same records.  Per-folio records (trace mode) are
+counted vectorised; only lifecycle records go through Python one by one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from . import catalog
+from .catalog import HANDLER_NAMES, SER_DEV
+from .events import EV_ENTRY, EV_INSTANT, EV_RETURN, EVF_A0_UNKNOWN, EVF_KEY_UNKNOWN, errno_name
+
+Key = Tuple[int, int, int]  # (handler, dev, ino)
+
+_PROBE_ROLE = [p.role for p in catalog.PROBES]
+_PER_FOLIO = np.array([p.per_folio and p.kind != "tracepoint" for p in catalog.PROBES], dtype=bool)
+_WALK_PHASE = {"gmem_walk": ("count_pass", "fill_pass"), "memfd_preserve_folios": ("preserve_folios",) * 2}
+PHASE_ORDER = ["can_preserve", "preserve", "count_pass", "fill_pass", "preserve_folios", "vmalloc",
+               "luo_freeze", "unpreserve", "retrieve", "finish"]
+
+
+@dataclass
+class Phase:
+    name: str
+    start_ns: int
+    duration_ns: int
+    ret: int = 0
+    parent: Optional[str] = None
+    count: Optional[int] = None
+
+    def to_json(self, base: int) -> dict:
+        d = {"name": self.name, "start_ns": self.start_ns - base, "duration_ns": self.duration_ns}
+        if self.parent:
+            d["parent"] = self.parent
+        if self.ret:
+            d["errno"] = errno_name(self.ret)
+        if self.count is not None:
+            d["count"] = self.count
+        return d
+
+
+@dataclass
+class FileState:
+    key: Key
+    first_ts: int
+    size: Optional[int] = None
+    flags: Optional[int] = None
+    session: Optional[int] = None
+    token: Optional[int] = None
+    fd: Optional[int] = None
+    phases: List[Phase] = field(default_factory=list)
+    result: str = "none"
+    errno: Optional[str] = None
+    failed_phase: Optional[str] = None
+    ser: Optional[int] = None
+    count_pass: Optional[int] = None
+    fill_count: Optional[int] = None
+    fill_ret: Optional[int] = None
+    freeze_log: List[Tuple[int, int]] = field(default_factory=list)
+    frozen_changes: List[Tuple[int, str, int, int, int]] = field(default_factory=list)
+    retrieved: bool = False
+    retrieved_inode: Optional[int] = None
+    vm_token: Optional[int] = None
+    can_preserve: Optional[bool] = None
+    streamed: Dict[str, int] = field(default_factory=dict)
+    open_calls: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def handler(self) -> str:
+        return HANDLER_NAMES.get(self.key[0], "unknown")
+
+    def fail(self, phase: str, ret: int) -> None:
+        if self.errno is None:
+            self.errno = errno_name(ret)
+            self.failed_phase = phase
+        self.result = "error"
+
+
+@dataclass
+class Session:
+    id: int  # ordinal in order of appearance; handle = the kernel's luo_file_set pointer
+    handle: int = 0
+    files: List[Key] = field(default_factory=list)
+    freeze_start: Optional[int] = None
+    freeze_ns: Optional[int] = None
+    freeze_ret: Optional[int] = None
+    cancelled: bool = False
+
+
+class Aggregator:
+    def __init__(self, mode: str, clock_base_ns: int = 0):
+        self.mode = mode
+        self.base = clock_base_ns
+        self.files: Dict[Key, FileState] = {}
+        self.order: List[Key] = []
+        self.ser_map: Dict[Tuple[int, int], Key] = {}  # (handler, ser handle) -> file
+        self.sessions: Dict[int, Session] = {}  # by handle
+        self._freezing: Dict[int, int] = {}  # tid -> session handle
+        self.pending_session: Dict[int, Tuple[int, int, int]] = {}  # tid -> (session, token, fd)
+        self.received = 0
+        self.per_folio_received = 0
+        self.unknown_key = 0
+        self.last_ts = 0
+        self.maps: Optional[dict] = None
+
+    # ---- feeding ----
+
+    def feed(self, batch: np.ndarray) -> None:
+        if not len(batch):
+            return
+        self.received += len(batch)
+        self.last_ts = max(self.last_ts, int(batch["ts"].max()))
+        probes = batch["probe"].astype(np.intp)
+        valid = probes < len(_PER_FOLIO)
+        folio_mask = np.zeros(len(batch), dtype=bool)
+        folio_mask[valid] = _PER_FOLIO[probes[valid]]
+        # Keep arrival order: per-folio runs between lifecycle records are
+        # counted vectorised, each lifecycle record is applied in its place.
+        prev = 0
+        for i in np.flatnonzero(~folio_mask & valid).tolist():
+            if i > prev and folio_mask[prev:i].any():
+                seg = batch[prev:i]
+                self._count_streamed(seg[folio_mask[prev:i]])
+            self._lifecycle(batch[i])
+            prev = i + 1
+        if prev < len(batch) and folio_mask[prev:].any():
+            seg = batch[prev:]
+            self._count_streamed(seg[folio_mask[prev:]])
+
+    def _count_streamed(self, rows: np.ndarray) -> None:
+        self.per_folio_received += len(rows)
+        keys = np.stack([rows["handler"].astype(np.uint64), rows["dev"].astype(np.uint64), rows["ino"],
+                         rows["probe"].astype(np.uint64)], axis=1)
+        uniq, counts = np.unique(keys, axis=0, return_counts=True)
+        for (h, dev, ino, probe), n in zip(uniq.tolist(), counts.tolist()):
+            st = self._resolve((int(h), int(dev), int(ino)))
+            if st is None:
+                continue
+            name = catalog.PROBES[int(probe)].name
+            st.streamed[name] = st.streamed.get(name, 0) + int(n)
+
+    def _file(self, key: Key, ts: int) -> FileState:
+        st = self.files.get(key)
+        if st is None:
+            st = self.files[key] = FileState(key, ts)
+            self.order.append(key)
+        return st
+
+    def _resolve(self, key: Key, ts: int = 0, create: bool = False) -> Optional[FileState]:
+        """Map a serialized-data handle back to its file; else the file itself."""
+        h, dev, ino = key
+        if dev == SER_DEV:
+            target = self.ser_map.get((h, ino))
+            return self.files.get(target) if target else None
+        if key in self.files:
+            return self.files[key]
+        return self._file(key, ts) if create else None
+
+    def _lifecycle(self, ev) -> None:
+        probe = catalog.PROBES[int(ev["probe"])]
+        role = probe.role
+        kind = int(ev["kind"])
+        ts = int(ev["ts"])
+        tid = int(ev["tid"])
+        key: Key = (int(ev["handler"]), int(ev["dev"]), int(ev["ino"]))
+        ret = int(ev["ret"])
+        if role.startswith("session_"):
+            self._session_event(probe.name, role, kind, ev, tid, ts)
+            return
+        if int(ev["flags"]) & EVF_KEY_UNKNOWN:
+            self.unknown_key += 1
+            return
+        st = self._resolve(key, ts, create=key[1] != SER_DEV and key[0] in (1, 2))
+        if st is None:
+            self.unknown_key += 1
+            return
+        if kind == EV_ENTRY:
+            st.open_calls[probe.name] = ts
+            if role == "preserve":
+                if not int(ev["flags"]) & EVF_A0_UNKNOWN:
+                    st.size = int(ev["a0"])
+                if not int(ev["flags"]) & 4:
+                    st.flags = int(ev["a1"])
+                pend = self.pending_session.get(tid)
+                if pend:
+                    sess = self._session(pend[0])
+                    st.session, st.token, st.fd = sess.id, pend[1], pend[2]
+                    if st.key not in sess.files:
+                        sess.files.append(st.key)
+            return
+        if kind == EV_INSTANT:
+            if role == "freeze_inode":
+                st.freeze_log.append((ts, int(ev["a0"])))
+            elif role in ("pop_add", "pop_delete"):
+                st.frozen_changes.append((ts, "add" if role == "pop_add" else "delete",
+                                          int(ev["a0"]), int(ev["a1"]), int(ev["a2"])))
+            return
+        # EV_RETURN
+        st.open_calls.pop(probe.name, None)
+        dur = int(ev["a2"])
+        start = ts - dur
+        if role == "can_preserve":
+            st.can_preserve = bool(ret & 0xFF)
+            st.phases.append(Phase("can_preserve", start, dur))
+            if not st.can_preserve:
+                st.result = "rejected"
+        elif role == "preserve":
+            st.phases.append(Phase("preserve", start, dur, ret))
+            if ret < 0:
+                st.fail("preserve", ret)
+            else:
+                st.result = "ok"
+                st.ser = int(ev["a0"])
+                self.ser_map[(st.key[0], st.ser)] = st.key
+        elif role == "walk":
+            fill = int(ev["a1"])
+            name = _WALK_PHASE[probe.name][1 if fill else 0]
+            st.phases.append(Phase(name, start, dur, ret, parent="preserve", count=int(ev["a0"])))
+            if fill:
+                st.fill_count, st.fill_ret = int(ev["a0"]), ret
+            else:
+                st.count_pass = int(ev["a0"])
+        elif role == "vmalloc":
+            st.phases.append(Phase("vmalloc", start, dur, ret, parent="preserve"))
+        elif role == "luo_freeze":
+            st.phases.append(Phase("luo_freeze", start, dur, ret))
+            if ret < 0:
+                st.fail("luo_freeze", ret)
+        elif role == "token":
+            if ret == 0:
+                st.vm_token = int(ev["a0"])
+        elif role == "unpreserve":
+            st.phases.append(Phase("unpreserve", start, dur))
+            if st.result != "error":
+                st.result = "cancelled"
+        elif role == "retrieve":
+            st.phases.append(Phase("retrieve", start, dur, ret))
+            if ret < 0:
+                st.fail("retrieve", ret)
+            else:
+                st.retrieved = True
+                st.retrieved_inode = int(ev["a0"]) or None
+                st.result = "retrieved"
+        elif role == "finish":
+            st.phases.append(Phase("finish", start, dur))
+            if not st.retrieved and st.result != "error":
+                st.result = "discarded"
+
+    def _session(self, handle: int) -> Session:
+        s = self.sessions.get(handle)
+        if s is None:
+            s = self.sessions[handle] = Session(len(self.sessions) + 1, handle)
+        return s
+
+    def _session_event(self, name: str, role: str, kind: int, ev, tid: int, ts: int) -> None:
+        if role == "session_preserve":
+            if kind == EV_ENTRY:
+                self.pending_session[tid] = (int(ev["a2"]), int(ev["a0"]), int(ev["a1"]))
+                self._session(int(ev["a2"]))
+            elif kind == EV_RETURN:
+                self.pending_session.pop(tid, None)
+        elif role == "session_freeze":
+            if kind == EV_ENTRY:
+                self._session(int(ev["a2"])).freeze_start = ts
+                self._freezing[tid] = int(ev["a2"])
+            elif kind == EV_RETURN:
+                handle = self._freezing.pop(tid, None)
+                if handle is not None:
+                    s = self.sessions[handle]
+                    s.freeze_ns = int(ev["a2"])
+                    s.freeze_ret = int(ev["ret"])
+        elif role == "session_cancel":
+            self._session(int(ev["a2"])).cancelled = True
+
+    # ---- the end ----
+
+    def finish(self, maps: Optional[dict]) -> None:
+        """Fold in the final map dumps (per-file folio counters, population)."""
+        self.maps = maps or {}
+        for row in self.maps.get("population", []):
+            key = (row["handler"], row["dev"], row["ino"])
+            self._file(key, 0)

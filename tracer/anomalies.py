@@ -1,0 +1,127 @@
+"""Anomaly checks: the patch review's concerns, as rules over one file's trace.
+
+Each rule returns a detail string (the evidence) when it fires.  A clean run
+has none.  Rules that need per-folio counters only run in folio/trace mode;
+in light mode they are listed as not checked rather than passed.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional
+
+from .aggregator import FileState
+
+PAGE_SIZE = 4096
+
+
+class Facts:
+    """What the rules read about one file: its state and its map counters."""
+
+    def __init__(self, st: FileState, folio: Optional[dict], pop: Optional[dict]):
+        self.st = st
+        self.folio = folio  # folio_stats row (None in light mode or if never touched)
+        self.pop = pop  # population row
+
+
+def folio_added_while_frozen(f: Facts) -> Optional[str]:
+    """Review: 'to lock out all allocates, you'd have to take filemap_invalidate_lock() before freezing'."""
+    adds = [c for c in f.st.frozen_changes if c[1] == "add"]
+    if not adds:
+        return None
+    dels = len(f.st.frozen_changes) - len(adds)
+    _ts, _k, index, pfn, order = adds[0]
+    return (f"{len(adds)} folio(s) added to the page cache while the inode was frozen"
+            f"{f' ({dels} removed)' if dels else ''}; first at index {index} (pfn {pfn:#x}, order {order})")
+
+
+def pass_count_mismatch(f: Facts) -> Optional[str]:
+    """Review: pass 1 and pass 2 counts differ (the WARN_ON_ONCE)."""
+    st = f.st
+    if st.count_pass is None or st.fill_count is None or st.fill_ret not in (0, None):
+        return None
+    if st.fill_count != st.count_pass:
+        return f"pass 1 counted {st.count_pass} folios, pass 2 preserved {st.fill_count}"
+    if f.folio is not None and f.folio["preserved"] != st.count_pass:
+        return f"pass 1 counted {st.count_pass} folios, kho_preserve_folio succeeded {f.folio['preserved']} times"
+    return None
+
+
+def unwind_incomplete(f: Facts) -> Optional[str]:
+    """Review: after an error (or a cancel) every preserved folio must be unpreserved."""
+    st = f.st
+    if f.folio is None:
+        return None
+    failed_in_preserve = st.failed_phase == "preserve"
+    cancelled = any(p.name == "unpreserve" for p in st.phases)
+    if not (failed_in_preserve or cancelled):
+        return None
+    done, undone = f.folio["preserved"], f.folio["unpreserved"]
+    if done != undone:
+        why = f"preserve failed with {st.errno}" if failed_in_preserve else "unpreserve"
+        return f"{why}: {done} folio(s) preserved but {undone} unpreserved"
+    return None
+
+
+def freeze_unbalanced(f: Facts) -> Optional[str]:
+    """Review: freeze(true) must be undone on every error and unpreserve path."""
+    log = f.st.freeze_log
+    if not log:
+        return None
+    depth = 0
+    for _ts, on in log:
+        depth += 1 if on else -1
+        if depth < 0:
+            return "inode unfrozen without a matching freeze"
+    should_be_frozen = f.st.result in ("ok", "retrieved", "discarded")
+    if depth > 0 and not should_be_frozen:
+        return f"inode left frozen after {f.st.result}" + (f" ({f.st.errno} in {f.st.failed_phase})"
+                                                           if f.st.errno else "")
+    return None
+
+
+def pfn_zero(f: Facts) -> Optional[str]:
+    """Review: 'Is it possible for pfn to be 0 here?'"""
+    if f.folio is not None and f.folio.get("pfn_zero"):
+        return f"{f.folio['pfn_zero']} folio(s) preserved with pfn 0"
+    return None
+
+
+def holes(f: Facts) -> Optional[str]:
+    """Only pre-allocated guest_memfds are supported: holes are guest memory not preserved."""
+    st = f.st
+    if st.handler != "guest_memfd" or not st.size:
+        return None
+    pages = st.size // PAGE_SIZE
+    present = st.count_pass
+    if present is None and f.pop is not None:
+        present = f.pop["added"] - f.pop["deleted"]
+    if present is None or present >= pages:
+        return None
+    return f"{pages - present} of {pages} pages not populated: that guest memory is not preserved"
+
+
+def large_folios(f: Facts) -> Optional[str]:
+    """can_preserve refuses large-folio mappings."""
+    if f.pop is not None and f.pop.get("large"):
+        return f"{f.pop['large']} large folio(s) (order up to {f.pop['max_order']}) in the page cache"
+    return None
+
+
+RULES: Dict[str, Callable[[Facts], Optional[str]]] = {
+    "folio_added_while_frozen": folio_added_while_frozen,
+    "pass_count_mismatch": pass_count_mismatch,
+    "unwind_incomplete": unwind_incomplete,
+    "freeze_unbalanced": freeze_unbalanced,
+    "pfn_zero": pfn_zero,
+    "holes": holes,
+    "large_folios": large_folios,
+}
+NEEDS_FOLIO_MODE = ("folio_added_while_frozen", "unwind_incomplete", "pfn_zero", "large_folios")
+
+
+def check(f: Facts) -> List[dict]:
+    out = []
+    for code, rule in RULES.items():
+        detail = rule(f)
+        if detail:
+            out.append({"code": code, "detail": detail})
+    return out

@@ -1,0 +1,191 @@
+"""The probe catalog: every probe point luotrace knows, declared once.
+
+The loader reads it to decide what to compile and attach, the decoder to name
+event fields, the aggregator to know what a probe means (its role), ``doctor``
+and the README's probe table to explain it.  Adding a probe point is one entry
+here plus its handler in ``bpf/`` (functions ``<name>_entry`` / ``<name>_return``,
+or a ``TRACEPOINT_PROBE``); ``tests/test_catalog.py`` checks the two agree.
+
+Sources of the kernel signatures: the guest_memfd LUO patch
+(virt/kvm/guest_memfd_luo.c, v1), mm/memfd_luo.c, kernel/liveupdate/ (Linux 7.2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Tuple
+
+MODES = ("light", "folio", "trace")
+
+# Handler ids as they appear in BPF map keys (struct fkey.handler) and events.
+HANDLERS = {"none": 0, "guest_memfd": 1, "memfd": 2, "kho": 3, "luo": 4, "population": 5}
+HANDLER_NAMES = {v: k for k, v in HANDLERS.items()}
+
+# Role of a handler operation while it runs on a thread (struct cur_v.role):
+# per-folio KHO calls made meanwhile are attributed to that operation.
+ROLES = {"none": 0, "preserve": 1, "unpreserve": 2, "retrieve": 3, "finish": 4, "luo_freeze": 5,
+         "can_preserve": 6}
+
+# Pseudo device number marking a key that is a serialized-data handle (the
+# stable identity across kexec) rather than an inode; see bpf/luotrace.h.
+SER_DEV = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One probe point.
+
+    ``entry``/``ret`` map event slots (a0, a1, a2) to field names for the
+    entry and return events; ``a2`` of a return event is always the call's
+    duration in ns.  ``kind`` is ``function`` (entry + return), ``entry``
+    (entry only: void functions whose effect is known at entry) or
+    ``tracepoint``.
+    """
+
+    name: str
+    symbol: str
+    handler: str
+    role: str
+    kind: str = "function"
+    required: bool = False
+    modes: Tuple[str, ...] = MODES
+    bpf_file: str = "lifecycle.c"
+    entry: Dict[str, str] = field(default_factory=dict)
+    ret: Dict[str, str] = field(default_factory=dict)
+    per_folio: bool = False
+    help: str = ""
+
+    @property
+    def entry_fn(self) -> str:
+        if self.kind == "tracepoint":
+            cat, ev = self.tracepoint  # type: ignore[misc]
+            return f"tracepoint__{cat}__{ev}"
+        return f"{self.name}_entry"
+
+    @property
+    def return_fn(self) -> Optional[str]:
+        return f"{self.name}_return" if self.kind == "function" else None
+
+    @property
+    def tracepoint(self) -> Optional[Tuple[str, str]]:
+        if self.kind != "tracepoint":
+            return None
+        cat, _, ev = self.symbol.partition(":")
+        return cat, ev
+
+
+def _op(name: str, symbol: str, handler: str, role: str, **kw) -> Probe:
+    """A handler operation taking ``struct liveupdate_file_op_args *``."""
+    kw.setdefault("entry", {"a0": "size", "a1": "flags"})
+    kw.setdefault("ret", {"a0": "serialized_data"})
+    return Probe(name, symbol, handler, role, **kw)
+
+
+PROBES: Tuple[Probe, ...] = (
+    # guest_memfd LUO handler (the patch under review).
+    Probe("gmem_can_preserve", "kvm_gmem_luo_can_preserve", "guest_memfd", "can_preserve",
+          help="verdict per file: private-mem VMs and large-folio mappings are refused"),
+    _op("gmem_preserve", "kvm_gmem_luo_preserve", "guest_memfd", "preserve", required=True,
+        help="whole preserve: freeze, count pass, vcalloc, fill pass, vmalloc"),
+    Probe("gmem_freeze_inode", "kvm_gmem_freeze", "guest_memfd", "freeze_inode", kind="entry",
+          required=True, entry={"a0": "freeze"},
+          help="inode freeze (true) / unfreeze (false); blocks fallocate and faults"),
+    Probe("gmem_walk", "kvm_gmem_luo_walk_folios", "guest_memfd", "walk",
+          entry={"a0": "end_index", "a1": "fill"}, ret={"a0": "count", "a1": "fill"},
+          help="pass 1 (count, folios_ser NULL) and pass 2 (fill); static, may be inlined"),
+    _op("gmem_luo_freeze", "kvm_gmem_luo_freeze", "guest_memfd", "luo_freeze", required=True,
+        ret={}, help="just before kexec, inside the blackout: resolves vm_token"),
+    _op("gmem_unpreserve", "kvm_gmem_luo_unpreserve", "guest_memfd", "unpreserve", required=True,
+        ret={}, help="cancel: unpreserve every folio, vfree, unfreeze"),
+    _op("gmem_retrieve", "kvm_gmem_luo_retrieve", "guest_memfd", "retrieve",
+        entry={}, ret={"a0": "new_inode"}, help="new kernel: rebuild the file from preserved folios"),
+    _op("gmem_finish", "kvm_gmem_luo_finish", "guest_memfd", "finish", entry={}, ret={},
+        help="new kernel: finish, or discard the folios of a file never retrieved"),
+    # memfd LUO handler (mainline mm/memfd_luo.c).
+    Probe("memfd_can_preserve", "memfd_luo_can_preserve", "memfd", "can_preserve",
+          help="shmem file with no links"),
+    _op("memfd_preserve", "memfd_luo_preserve", "memfd", "preserve", required=True,
+        help="inode_lock, shmem_freeze, pin and preserve every folio"),
+    Probe("memfd_shmem_freeze", "shmem_freeze", "memfd", "freeze_inode", kind="entry",
+          entry={"a0": "freeze"}, help="shmem inode freeze / unfreeze"),
+    Probe("memfd_preserve_folios", "memfd_luo_preserve_folios", "memfd", "walk",
+          entry={}, ret={"a0": "count"}, help="pins and preserves every folio; static, may be inlined"),
+    _op("memfd_luo_freeze", "memfd_luo_freeze", "memfd", "luo_freeze", ret={},
+        help="just before kexec"),
+    _op("memfd_unpreserve", "memfd_luo_unpreserve", "memfd", "unpreserve", required=True, ret={},
+        help="cancel"),
+    _op("memfd_retrieve", "memfd_luo_retrieve", "memfd", "retrieve", entry={}, ret={"a0": "new_inode"},
+        help="new kernel: rebuild the memfd"),
+    _op("memfd_finish", "memfd_luo_finish", "memfd", "finish", entry={}, ret={},
+        help="new kernel: finish or discard"),
+    # KHO core, lifecycle-level.
+    Probe("kho_preserve_vmalloc", "kho_preserve_vmalloc", "kho", "vmalloc", ret={},
+          help="preserves the handler's folio metadata array"),
+    Probe("kho_unpreserve_vmalloc", "kho_unpreserve_vmalloc", "kho", "unvmalloc", kind="entry",
+          help="releases the metadata array on cancel"),
+    # LUO core: sessions and the blackout.
+    Probe("luo_preserve_file", "luo_preserve_file", "luo", "session_preserve",
+          entry={"a0": "token", "a1": "fd", "a2": "session"},
+          help="ties a file (token, fd) to its session"),
+    Probe("luo_file_freeze", "luo_file_freeze", "luo", "session_freeze", entry={"a2": "session"},
+          help="freezes every file of a session just before kexec: the blackout"),
+    Probe("luo_unpreserve_files", "luo_file_unpreserve_files", "luo", "session_cancel", kind="entry",
+          entry={"a2": "session"}, help="session cancelled"),
+    Probe("luo_get_token", "liveupdate_get_token_outgoing", "luo", "token", ret={"a0": "token"},
+          help="vm_token lookup inside the guest_memfd freeze"),
+    # KHO core, per folio (folio and trace modes only).
+    Probe("kho_preserve_folio", "kho_preserve_folio", "kho", "folio_preserve", bpf_file="kho.c",
+          modes=("folio", "trace"), required=True, per_folio=True, ret={"a0": "pfn", "a1": "index"},
+          help="marks one folio for handover: count, latency histogram, errors, pfn 0"),
+    Probe("kho_unpreserve_folio", "kho_unpreserve_folio", "kho", "folio_unpreserve", kind="entry",
+          bpf_file="kho.c", modes=("folio", "trace"), per_folio=True, entry={"a0": "pfn"},
+          help="releases one folio (unwind or cancel)"),
+    Probe("kho_restore_folio", "kho_restore_folio", "kho", "folio_restore", kind="entry",
+          bpf_file="kho.c", modes=("folio", "trace"), per_folio=True, entry={"a0": "pfn"},
+          help="new kernel: takes one preserved folio back (retrieve or discard)"),
+    # guest_memfd population, through the real kernel's tracepoints.
+    Probe("pop_add", "filemap:mm_filemap_add_to_page_cache", "population", "pop_add",
+          kind="tracepoint", bpf_file="population.c", modes=("folio", "trace"), per_folio=True,
+          entry={"a0": "index", "a1": "pfn", "a2": "order"},
+          help="a folio enters a guest_memfd page cache; an event only when the inode is frozen"),
+    Probe("pop_delete", "filemap:mm_filemap_delete_from_page_cache", "population", "pop_delete",
+          kind="tracepoint", bpf_file="population.c", modes=("folio", "trace"), per_folio=True,
+          entry={"a0": "index", "a1": "pfn", "a2": "order"},
+          help="a folio leaves a guest_memfd page cache; an event only when the inode is frozen"),
+)
+
+PROBE_IDS: Dict[str, int] = {p.name: i for i, p in enumerate(PROBES)}
+BY_NAME: Dict[str, Probe] = {p.name: p for p in PROBES}
+BY_SYMBOL: Dict[str, Probe] = {p.symbol: p for p in PROBES}
+
+
+TRACEABLE = ("guest_memfd", "memfd", "population")
+
+
+def probes_for(mode: str, handlers: Optional[Iterable[str]] = None) -> List[Probe]:
+    """Probes attached in ``mode`` for ``handlers`` (default: all of TRACEABLE).
+
+    KHO and LUO core probes come with any file handler; guest_memfd population
+    comes with guest_memfd or alone (``population``).
+    """
+    want = set(TRACEABLE if handlers is None else handlers)
+    files = bool(want & {"guest_memfd", "memfd"})
+    out = []
+    for p in PROBES:
+        if mode not in p.modes:
+            continue
+        if p.handler in ("guest_memfd", "memfd") and p.handler not in want:
+            continue
+        if p.handler in ("kho", "luo") and not files:
+            continue
+        if p.handler == "population" and not want & {"guest_memfd", "population"}:
+            continue
+        out.append(p)
+    return out
+
+
+def bpf_defines() -> Dict[str, int]:
+    """Constants shared with the BPF C: probe ids, handler and role ids."""
+    d = {f"PROBE_{p.name}": i for i, p in enumerate(PROBES)}
+    d.update({f"HANDLER_{k.upper()}": v for k, v in HANDLERS.items()})
+    d.update({f"ROLE_{k.upper()}": v for k, v in ROLES.items()})
+    return d

@@ -1,0 +1,170 @@
+"""luotrace command line.  Each command parses its options and calls the
+library; errors are one line on stderr and a non-zero exit, never a traceback."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Dict, List, Optional, Tuple
+
+import click
+
+from . import __version__
+from .catalog import MODES, TRACEABLE
+from .errors import LuotraceError
+
+mode_option = click.option("--mode", type=click.Choice(MODES), default="folio", show_default=True,
+                           help="light: lifecycle events only; folio: + per-folio counts and latency "
+                                "histograms kept in BPF maps; trace: + per-folio events streamed")
+json_option = click.option("--json", "as_json", is_flag=True, help="print the report as JSON (schema luotrace.report/1)")
+
+
+def _emit(report: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        from exporters.text import render
+        click.echo(render(report), nl=False)
+
+
+def _labels(pairs: Tuple[str, ...]) -> Dict[str, str]:
+    out = {}
+    for p in pairs:
+        k, sep, v = p.partition("=")
+        if not sep or not k:
+            raise LuotraceError(f"bad --label '{p}'", "use --label key=value, e.g. --label patch=v3")
+        out[k] = v
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="luotrace")
+def cli() -> None:
+    """Trace Linux live-update preservation (LUO / KHO) with eBPF.
+
+    \b
+    luotrace doctor                      what works on this host, and why
+    luotrace demo                        the whole pipeline on real guest_memfds
+    luotrace record -o run.luo -- CMD    trace while CMD runs (or --duration, or Ctrl-C)
+    luotrace report run.luo [--json]     per-file timelines, anomalies, totals
+    """
+
+
+@cli.command()
+@click.option("--model", type=click.Path(), default=None, help="also plan uprobes on this reference model binary")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def doctor(model: Optional[str], as_json: bool) -> None:
+    """Check privileges, BTF, BCC, headers, tracefs, /dev/kvm, and the attach
+    strategy every catalog probe would get here (or why none).
+
+    Example: luotrace doctor --model workloads/model/luo_model
+    """
+    from . import doctor as doc
+    checks = doc.run(model)
+    if as_json:
+        click.echo(json.dumps([c.to_json() for c in checks], indent=2))
+    else:
+        for c in checks:
+            click.echo(f"{'ok  ' if c.ok else ('FAIL' if c.essential else 'no  ')} {c.name}: {c.detail}")
+    if not doc.essential_ok(checks):
+        raise LuotraceError("essential checks failed (marked FAIL above)", "fix those, then run doctor again")
+
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="recording file to write")
+@mode_option
+@click.option("--model", type=click.Path(), default=None,
+              help="trace the reference model binary with uprobes instead of the kernel")
+@click.option("--handler", "handlers", multiple=True, type=click.Choice(list(TRACEABLE)),
+              help="trace only these (repeatable; default: every handler found); 'population' alone "
+                   "traces guest_memfd population on any kernel")
+@click.option("--duration", type=click.FloatRange(min=0.1), default=None, help="stop after this many seconds")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="label stored in the recording (repeatable)")
+@click.option("--sample", type=click.IntRange(min=1), default=1, show_default=True,
+              help="trace mode: stream one per-folio event in N (counts stay exact)")
+@click.option("--ringbuf-pages", type=click.IntRange(min=1), default=256, show_default=True,
+              help="ring buffer size in 4 KiB pages (power of two)")
+@click.option("--quiet", is_flag=True, help="do not print the report at the end")
+@json_option
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def record(output: str, mode: str, model: Optional[str], handlers: Tuple[str, ...], duration: Optional[float],
+           labels: Tuple[str, ...], sample: int, ringbuf_pages: int, quiet: bool, as_json: bool,
+           command: Tuple[str, ...]) -> None:
+    """Attach, record events to OUTPUT until COMMAND exits, --duration passes or
+    Ctrl-C / SIGTERM; then detach and print the report.
+
+    \b
+    Example:
+      luotrace record -o run.luo --label patch=v3 -- ./my-update-step.sh
+      luotrace record -o m.luo --model workloads/model/luo_model -- \\
+          workloads/model/luo_model kexec:gmem:64M cancel:gmem:8M
+    """
+    from .loader import Options
+    from .session import run
+    opts = Options(mode=mode, model=model, handlers=list(handlers) or None, sample_every=sample,
+                   ringbuf_pages=ringbuf_pages)
+    res = run(opts, output, command=list(command) or None, duration=duration, labels=_labels(labels))
+    if not quiet:
+        _emit(res.report, as_json)
+    click.echo(f"luotrace: recording written to {output} ({res.stopped_by})", err=True)
+    if res.command_rc:
+        sys.exit(res.command_rc if 0 < res.command_rc < 128 else 1)
+
+
+@cli.command()
+@click.argument("recording", type=click.Path(dir_okay=False))
+@json_option
+def report(recording: str, as_json: bool) -> None:
+    """Print the report of a RECORDING: the same as the live run showed.
+
+    Example: luotrace report run.luo --json | jq '.anomalies'
+    """
+    from .session import replay
+    _emit(replay(recording), as_json)
+
+
+@cli.command()
+@mode_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="keep the recording here (default: a file in /tmp)")
+@json_option
+def demo(mode: str, output: Optional[str], as_json: bool) -> None:
+    """Run the reference model on real guest_memfds and memfds (a clean session
+    retrieved after a simulated kexec, a cancelled one, one failing on an
+    injected hwpoisoned folio), trace it live and print the report.
+
+    Example: luotrace demo --mode trace
+    """
+    from .demo import demo as run_demo
+    res, truth, diffs = run_demo(mode, output)
+    _emit(res.report, as_json)
+    if diffs:
+        raise LuotraceError("luotrace disagrees with the model's ground truth: " + "; ".join(diffs),
+                            "please report this as a bug")
+    click.echo(f"luotrace: checked against the model's ground truth: all {len(truth['files'])} files agree; "
+               f"recording in {res.recording}", err=True)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="luotrace", standalone_mode=False)
+    except LuotraceError as e:
+        click.echo(f"luotrace: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("luotrace: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        ctx_hint = "see luotrace --help"
+        if isinstance(e, click.UsageError) and e.ctx is not None:
+            ctx_hint = f"see {e.ctx.command_path} --help"
+        click.echo(f"luotrace: error: {e.format_message()}; {ctx_hint}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("luotrace: interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""What works on this host, and why not: privileges, BTF, BCC, headers,
+tracefs, /dev/kvm, and the strategy every catalog probe would get."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import List, Optional
+
+from . import catalog, kernel
+from .errors import LuotraceError
+from .loader import Options, plan
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    essential: bool = True
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "ok": self.ok, "detail": self.detail, "essential": self.essential}
+
+
+def _bcc() -> Check:
+    try:
+        import bcc  # noqa: F401
+        from bcc import BPF
+        ver = getattr(bcc, "__version__", "?")
+        kfunc = BPF.support_kfunc()
+        return Check("bcc", True, f"python3-bpfcc {ver} importable; fentry support reported: {'yes' if kfunc else 'no'}")
+    except ImportError as e:
+        return Check("bcc", False, f"cannot import bcc ({e}): run `make setup` (python3-bpfcc, venv with "
+                                   "--system-site-packages from /usr/bin/python3)")
+
+
+def _btf() -> Check:
+    path = kernel.btf_path()
+    if not os.path.exists(path):
+        return Check("btf", False, f"{path} missing: kernel offsets cannot be resolved (CONFIG_DEBUG_INFO_BTF)")
+    from .btf import BTF, BTFError
+    try:
+        b = BTF.from_file(path)
+    except BTFError as e:
+        return Check("btf", False, str(e))
+    return Check("btf", True, f"{path}: {len(b.structs)} structs, {len(b.functions)} functions")
+
+
+def _headers() -> Check:
+    build = f"/lib/modules/{kernel.release()}/build"
+    if os.path.exists(build):
+        return Check("headers", True, f"{build} -> {os.path.realpath(build)}")
+    if os.path.exists("/sys/kernel/kheaders.tar.xz"):
+        return Check("headers", True, "in-kernel headers (/sys/kernel/kheaders.tar.xz)")
+    return Check("headers", False, f"{build} missing: run `make setup` to link Debian's linux-headers tree")
+
+
+def _kvm() -> Check:
+    try:
+        from workloads.gmem import VM
+        with VM() as vm:
+            flags = vm.supported_flags()
+            f = vm.create_gmem(4096, flags & 3)
+            return Check("guest_memfd", True, f"/dev/kvm ok; guest_memfd flags supported {flags:#x}; "
+                                              f"superblock dev {f.dev >> 20}:{f.dev & 0xFFFFF}", essential=False)
+    except OSError as e:
+        return Check("guest_memfd", False, f"{e}: population tracing and the demo need /dev/kvm with "
+                                           "CONFIG_KVM_GUEST_MEMFD", essential=False)
+
+
+def run(model: Optional[str] = None) -> List[Check]:
+    checks: List[Check] = []
+    checks.append(Check("root", os.geteuid() == 0, "running as root" if os.geteuid() == 0
+                        else "not root: loading BPF needs root (sudo)"))
+    checks.append(Check("kernel", True, f"{kernel.release()}", essential=False))
+    checks.append(_btf())
+    checks.append(_bcc())
+    checks.append(_headers())
+    why = kernel.ensure_tracefs() if os.geteuid() == 0 else "not root"
+    checks.append(Check("tracefs", why is None, "debugfs and tracefs mounted" if why is None else why))
+    checks.append(Check("kprobes", kernel.kprobes_enabled(), "kprobe PMU present" if kernel.kprobes_enabled()
+                        else "no CONFIG_KPROBES: kernel probes can be verified but not attached", essential=False))
+    prev = kernel.set_bpf_stats(True)
+    kernel.restore_bpf_stats(prev)
+    checks.append(Check("bpf_stats", prev is not None, "kernel.bpf_stats_enabled writable: tracer cost is measured"
+                        if prev is not None else "kernel.bpf_stats_enabled not writable: no tracer cost figures",
+                        essential=False))
+    checks.append(_kvm())
+    for target, m in (("kernel", None), ("model", model)):
+        if target == "model" and not m:
+            continue
+        try:
+            statuses = plan(Options(mode="trace", model=m))
+        except LuotraceError as e:
+            checks.append(Check(f"probes ({target})", False, str(e), essential=False))
+            continue
+        for s in statuses:
+            ok = s.status == "planned"
+            detail = f"{s.strategy}" if ok else f"{s.status}: {s.reason}"
+            req = " [required]" if s.required else ""
+            checks.append(Check(f"{target}: {s.symbol}{req}", ok, detail, essential=False))
+    return checks
+
+
+def essential_ok(checks: List[Check]) -> bool:
+    return all(c.ok for c in checks if c.essential)
+
+
+def probe_table() -> str:
+    """The README's probe table, generated from the catalog."""
+    rows = ["| probe | symbol | handler | kind | modes | required | what it gives |", "|---|---|---|---|---|---|---|"]
+    for p in catalog.PROBES:
+        rows.append(f"| {p.name} | `{p.symbol}` | {p.handler} | {p.kind} | {', '.join(p.modes)} | "
+                    f"{'yes' if p.required else ''} | {p.help} |")
+    return "\n".join(rows)

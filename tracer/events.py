@@ -1,0 +1,60 @@
+"""The raw event record and its vectorised decoding.
+
+``EVENT_DTYPE`` mirrors ``struct luo_event`` in bpf/luotrace.h byte for byte;
+decoding a block of records is one ``np.frombuffer``, never a Python call per
+record.
+"""
+from __future__ import annotations
+
+import errno as _errno
+from typing import Dict, Optional
+
+import numpy as np
+
+from . import catalog
+
+EVENT_DTYPE = np.dtype([
+    ("ts", "<u8"), ("tgid", "<u4"), ("tid", "<u4"),
+    ("probe", "<u2"), ("kind", "u1"), ("flags", "u1"), ("ret", "<i4"),
+    ("ino", "<u8"), ("dev", "<u4"), ("handler", "<u4"),
+    ("a0", "<u8"), ("a1", "<u8"), ("a2", "<u8"),
+])
+EVENT_SIZE = EVENT_DTYPE.itemsize
+assert EVENT_SIZE == 64
+
+EV_ENTRY, EV_RETURN, EV_INSTANT = 0, 1, 2
+KIND_NAMES = {EV_ENTRY: "entry", EV_RETURN: "return", EV_INSTANT: "instant"}
+EVF_KEY_UNKNOWN, EVF_A0_UNKNOWN, EVF_A1_UNKNOWN = 1, 2, 4
+
+# Probe ids whose events are per folio (streamed only in trace mode).
+PER_FOLIO_IDS = np.array([i for i, p in enumerate(catalog.PROBES) if p.per_folio and p.kind != "tracepoint"],
+                         dtype=np.uint16)
+
+
+def decode(buf: bytes) -> np.ndarray:
+    """Whole records in ``buf`` as a structured array (a trailing partial record is ignored)."""
+    n = len(buf) // EVENT_SIZE
+    return np.frombuffer(buf, dtype=EVENT_DTYPE, count=n)
+
+
+# Linux errnos Python's errno module does not name
+# (include/uapi/asm-generic/errno.h, Linux 6.18).
+_LINUX_ERRNO = {133: "EHWPOISON", 132: "ERFKILL", 512: "ERESTARTSYS", 524: "ENOTSUPP"}
+
+
+def errno_name(ret: int) -> Optional[str]:
+    """-12 -> 'ENOMEM'; None for success; 'E<n>' for numbers nobody names."""
+    if ret >= 0:
+        return None
+    return _errno.errorcode.get(-ret) or _LINUX_ERRNO.get(-ret, f"E{-ret}")
+
+
+def fields(ev) -> Dict[str, int]:
+    """Named fields of one event, from the catalog (for display and debugging)."""
+    p = catalog.PROBES[int(ev["probe"])]
+    names = p.ret if int(ev["kind"]) == EV_RETURN else p.entry
+    out = {name: int(ev[slot]) for slot, name in names.items()}
+    if int(ev["kind"]) == EV_RETURN:
+        out["duration_ns"] = int(ev["a2"])
+        out["ret"] = int(ev["ret"])
+    return out

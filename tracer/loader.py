@@ -1,0 +1,310 @@
+"""Compiles the BPF programs for a target, picks an attach strategy per probe
+and attaches them, then hands events and map contents to the caller.
+
+Strategy per probe, chosen at run time and reported:
+- ``uprobe`` when tracing the reference model (``--model PATH``);
+- ``fentry`` is reported but not used yet (see README, "Attach strategies");
+- ``kprobe`` on a kernel symbol present in /proc/kallsyms;
+- ``tracepoint`` for guest_memfd population.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import os
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional
+
+from . import catalog, kernel
+from .catalog import Probe
+from .errors import LuotraceError
+from .layout import Layout
+
+BPF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf")
+
+COUNTER_NAMES = ("lost", "emitted", "sampled_out", "inflight_full", "unattributed")
+
+
+@dataclass
+class Options:
+    mode: str = "folio"
+    model: Optional[str] = None  # path of the reference model: uprobes
+    handlers: Optional[List[str]] = None  # subset of catalog.TRACEABLE; None = every handler found
+    ringbuf_pages: int = 256  # 1 MiB
+    sample_every: int = 1
+    max_files: int = 4096
+    max_inflight: int = 16384
+    max_threads: int = 4096
+    gmem_dev: Optional[int] = None  # population filter; None = find it through /dev/kvm
+
+
+@dataclass
+class ProbeStatus:
+    name: str
+    symbol: str
+    handler: str
+    required: bool
+    strategy: str  # uprobe | kprobe | tracepoint | none
+    status: str  # attached | skipped | missing | failed
+    reason: str = ""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def bpf_source(files: List[str]) -> str:
+    parts = []
+    for name in ["luotrace.h"] + files:
+        with open(os.path.join(BPF_DIR, name)) as f:
+            parts.append(f"/* ---- {name} ---- */\n" + f.read())
+    return "\n".join(parts)
+
+
+def cflags(opts: Options, layout: Layout) -> List[str]:
+    flags = [f"-D{k}={v}" for k, v in catalog.bpf_defines().items()]
+    flags += layout.cflags()
+    flags += [f"-DRINGBUF_PAGES={opts.ringbuf_pages}", f"-DSAMPLE_EVERY={max(1, opts.sample_every)}",
+              f"-DMAX_FILES={opts.max_files}", f"-DMAX_INFLIGHT={opts.max_inflight}",
+              f"-DMAX_THREADS={opts.max_threads}"]
+    if opts.model:
+        flags.append("-DLUO_USER=1")
+    if opts.mode in ("folio", "trace"):
+        flags.append("-DMODE_FOLIO=1")
+    if opts.mode == "trace":
+        flags.append("-DMODE_TRACE=1")
+    return flags
+
+
+def source_files(probes: List[Probe]) -> List[str]:
+    order = ["lifecycle.c", "kho.c", "population.c"]
+    used = {p.bpf_file for p in probes}
+    return [f for f in order if f in used]
+
+
+def _check_ringbuf_pages(n: int) -> None:
+    if n < 1 or n & (n - 1):
+        raise LuotraceError(f"--ringbuf-pages {n} is not a power of two", "use e.g. 64, 256 or 1024")
+
+
+def plan(opts: Options) -> List[ProbeStatus]:
+    """Decide, without loading anything, what each catalog probe would get here."""
+    if opts.mode not in catalog.MODES:
+        raise LuotraceError(f"unknown mode '{opts.mode}'", f"choose one of {', '.join(catalog.MODES)}")
+    out: List[ProbeStatus] = []
+    funcs = set() if opts.model else kernel.kallsyms_functions()
+    kprobes = opts.model is None and kernel.kprobes_enabled()
+    for p in catalog.probes_for(opts.mode, opts.handlers):
+        st = ProbeStatus(p.name, p.symbol, p.handler, p.required, "none", "missing")
+        if p.kind == "tracepoint":
+            cat, ev = p.tracepoint  # type: ignore[misc]
+            if kernel.tracepoint_exists(cat, ev):
+                st.strategy, st.status = "tracepoint", "planned"
+            else:
+                st.reason = f"tracepoint {p.symbol} not found (is tracefs mounted?)"
+        elif opts.model:
+            st.strategy, st.status = "uprobe", "planned"
+        elif p.symbol not in funcs:
+            st.reason = f"{p.symbol} not in /proc/kallsyms of {kernel.release()}"
+        elif not kprobes:
+            st.reason = "kernel built without CONFIG_KPROBES and fentry not available"
+            st.status = "unsupported"
+        else:
+            st.strategy, st.status = "kprobe", "planned"
+        out.append(st)
+    return out
+
+
+def _required_missing(statuses: List[ProbeStatus], opts: Options) -> Optional[ProbeStatus]:
+    for s in statuses:
+        if s.required and s.status not in ("planned", "attached"):
+            return s
+    return None
+
+
+def select_handlers(statuses: List[ProbeStatus], opts: Options) -> List[ProbeStatus]:
+    """Without --handler, trace every handler whose preserve entry point exists."""
+    if opts.handlers is not None:
+        return statuses
+    present = {s.handler for s in statuses if s.name.endswith("_preserve") and s.status == "planned"}
+    files = bool(present)
+    if not present:
+        syms = ", ".join(s.symbol for s in statuses if s.name in ("gmem_preserve", "memfd_preserve"))
+        where = f"model {opts.model}" if opts.model else f"kernel {kernel.release()}"
+        raise LuotraceError(f"no LUO file handler can be traced in {where}: {syms} not found or not attachable",
+                            "run on a kernel with CONFIG_LIVEUPDATE (and the guest_memfd LUO patch), "
+                            "or trace the reference model with --model workloads/model/luo_model")
+    keep = []
+    for s in statuses:
+        if s.handler in ("guest_memfd", "memfd") and s.handler not in present:
+            continue
+        if s.handler in ("kho", "luo") and not files:
+            continue
+        if s.handler == "population" and "guest_memfd" not in present:
+            continue
+        keep.append(s)
+    return keep
+
+
+class Tracer:
+    """Loaded and attached BPF programs for one run.  Use as a context manager:
+    leaving it detaches everything, whatever happened."""
+
+    def __init__(self, opts: Options, layout: Layout, on_bytes: Callable[[bytes], None]):
+        from bcc import BPF  # imported late: doctor and report work without BCC
+
+        _check_ringbuf_pages(opts.ringbuf_pages)
+        self.opts = opts
+        self.layout = layout
+        statuses = select_handlers(plan(opts), opts)
+        missing = _required_missing(statuses, opts)
+        if missing:
+            where = f"model {opts.model}" if opts.model else f"kernel {kernel.release()}"
+            raise LuotraceError(f"required probe {missing.symbol} ({missing.handler}) cannot be attached in {where}: "
+                                f"{missing.reason or missing.status}",
+                                "check `luotrace doctor`; pass --handler to trace fewer handlers")
+        self.statuses = statuses
+        probes = [catalog.BY_NAME[s.name] for s in statuses if s.status == "planned"]
+        self.population = any(p.kind == "tracepoint" for p in probes)
+        if self.population:
+            why = kernel.ensure_tracefs()
+            if why:
+                raise LuotraceError(f"tracefs is not usable: {why}", "mount debugfs and tracefs (run `make setup`)")
+        self.source = bpf_source(source_files(probes))
+        self.cflags = cflags(opts, layout)
+        self._on_bytes = on_bytes
+        self.bpf = BPF(text=self.source, cflags=self.cflags)
+        try:
+            self._attach(probes)
+            self._open_ringbuf()
+        except BaseException:
+            self.close()
+            raise
+
+    def _attach(self, probes: List[Probe]) -> None:
+        by_name = {s.name: s for s in self.statuses}
+        b = self.bpf
+        if self.population:
+            dev = self.opts.gmem_dev
+            if dev is None:
+                from workloads.gmem import GmemError, gmem_superblock_dev
+                try:
+                    dev = gmem_superblock_dev()
+                except (GmemError, OSError) as e:
+                    dev = None
+                    for p in probes:
+                        if p.kind == "tracepoint":
+                            by_name[p.name].status, by_name[p.name].reason = "skipped", f"no guest_memfd superblock: {e}"
+            if dev is not None:
+                b["watch_dev"][ct.c_uint32(dev)] = ct.c_uint8(1)
+            self.gmem_dev = dev
+        for p in probes:
+            st = by_name[p.name]
+            if p.kind == "tracepoint":
+                if st.status == "planned":
+                    st.status = "attached"  # BCC attaches TRACEPOINT_PROBE functions when loading
+                continue
+            try:
+                if st.strategy == "uprobe":
+                    b.attach_uprobe(name=self.opts.model, sym=p.symbol, fn_name=p.entry_fn)
+                    if p.return_fn:
+                        b.attach_uretprobe(name=self.opts.model, sym=p.symbol, fn_name=p.return_fn)
+                else:
+                    b.attach_kprobe(event=p.symbol, fn_name=p.entry_fn)
+                    if p.return_fn:
+                        b.attach_kretprobe(event=p.symbol, fn_name=p.return_fn)
+                st.status = "attached"
+            except Exception as e:  # BCC raises plain Exception
+                st.status, st.reason = "failed", str(e).splitlines()[0]
+                if p.required:
+                    raise LuotraceError(f"attaching {st.strategy} to {p.symbol} failed: {st.reason}",
+                                        "check `luotrace doctor`") from None
+        if not any(s.status == "attached" for s in self.statuses):
+            raise LuotraceError("no probe could be attached", "check `luotrace doctor`")
+
+    def _open_ringbuf(self) -> None:
+        def cb(_ctx, data, size):
+            self._on_bytes(ct.string_at(data, size))
+        self._cb = cb
+        self.bpf["events"].open_ring_buffer(cb)
+
+    def poll(self, timeout_ms: int = 100) -> None:
+        self.bpf.ring_buffer_poll(timeout_ms)
+
+    def drain(self) -> None:
+        self.bpf.ring_buffer_consume()
+
+    # ---- maps, read at the end (and by exporters at scrape) ----
+
+    def counters(self) -> Dict[str, int]:
+        t = self.bpf["luo_counters"]
+        out = {}
+        for i, name in enumerate(COUNTER_NAMES):
+            out[name] = int(sum(t[ct.c_int(i)]))
+        return out
+
+    def dump_maps(self) -> dict:
+        b = self.bpf
+        dump: dict = {"counters": self.counters(), "folio_stats": [], "folio_hist": [], "population": []}
+        tables = set(b.tables.keys()) if hasattr(b, "tables") else set()
+        names = {n.decode() if isinstance(n, bytes) else n for n in tables}
+        if "folio_stats" in names or self.opts.mode != "light":
+            try:
+                for k, v in b["folio_stats"].items():
+                    row = {"ino": k.ino, "dev": k.dev, "handler": k.handler}
+                    row.update({f: getattr(v, f) for f, _ in v._fields_})
+                    dump["folio_stats"].append(row)
+                for k, v in b["folio_preserve_duration_seconds"].items():
+                    dump["folio_hist"].append({"ino": k.key.ino, "dev": k.key.dev, "handler": k.key.handler,
+                                               "slot": k.slot, "count": v.value})
+            except KeyError:
+                pass
+        if self.population:
+            for k, v in b["population"].items():
+                row = {"ino": k.ino, "dev": k.dev, "handler": k.handler}
+                row.update({f: getattr(v, f) for f, _ in v._fields_})
+                dump["population"].append(row)
+        dump["population_attached"] = bool(self.population and getattr(self, "gmem_dev", None) is not None)
+        for key in ("folio_stats", "folio_hist", "population"):
+            dump[key].sort(key=lambda r: tuple(r.values()))
+        return dump
+
+    def prog_stats(self) -> Dict[str, Dict[str, int]]:
+        out = {}
+        for name, fn in getattr(self.bpf, "funcs", {}).items():
+            n = name.decode() if isinstance(name, bytes) else name
+            out[n] = kernel.prog_stats(fn.fd)
+        return out
+
+    def close(self) -> None:
+        b = getattr(self, "bpf", None)
+        if b is not None:
+            try:
+                b.cleanup()
+            finally:
+                self.bpf = None
+
+    def __enter__(self) -> "Tracer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def verify_kernel_programs(mode: str, layout: Layout) -> Dict[str, str]:
+    """Load every kernel-side program of ``mode`` through the real verifier
+    without attaching: proves they are valid on this kernel even where the
+    traced symbols or CONFIG_KPROBES are absent.  Returns program -> result."""
+    from bcc import BPF
+
+    opts = Options(mode=mode)
+    probes = [p for p in catalog.probes_for(mode) if p.kind != "tracepoint"]
+    b = BPF(text=bpf_source(source_files(probes)), cflags=cflags(opts, layout))
+    results = {}
+    try:
+        for p in probes:
+            for fn in (p.entry_fn, p.return_fn):
+                if fn:
+                    b.load_func(fn, BPF.KPROBE)
+                    results[fn] = "ok"
+    finally:
+        b.cleanup()
+    return results

@@ -1,0 +1,163 @@
+"""The recording file: a versioned header, then framed chunks of raw event
+records as they arrived, then the final BPF map dumps and a trailer.
+
+Layout (all little endian)::
+
+    "LUOTRACE" u16 version u16 0 u32 header_len  header (JSON, header_len bytes)
+    chunk*:  u32 type  u32 length  payload
+        1 EVENTS  length/64 raw struct luo_event records
+        2 MAPS    JSON map dumps (folio counters, histograms, population, counters)
+        3 END     JSON trailer (duration, BPF run time); its presence = closed cleanly
+
+A file cut short (SIGKILL, full disk) still reads: every whole record before
+the cut is recovered and the result says it was truncated.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import BinaryIO, Iterator, List, Optional
+
+import numpy as np
+
+from .errors import LuotraceError
+from .events import EVENT_DTYPE, EVENT_SIZE
+
+MAGIC = b"LUOTRACE"
+VERSION = 1
+PREAMBLE = struct.Struct("<8sHHI")
+CHUNK = struct.Struct("<II")
+CH_EVENTS, CH_MAPS, CH_END = 1, 2, 3
+MAX_HEADER = 16 << 20
+FLUSH_BYTES = 256 << 10
+
+
+class Writer:
+    """Appends chunks; events are buffered and flushed in blocks."""
+
+    def __init__(self, path: str, header: dict):
+        self.path = path
+        try:
+            self._f: BinaryIO = open(path, "wb")
+        except OSError as e:
+            raise LuotraceError(f"cannot write recording {path}: {e.strerror}", "choose a writable path with -o")
+        blob = json.dumps(header, sort_keys=True).encode()
+        self._f.write(PREAMBLE.pack(MAGIC, VERSION, 0, len(blob)) + blob)
+        self._buf: List[bytes] = []
+        self._buffered = 0
+        self.records = 0
+        self._f.flush()
+
+    def add(self, raw: bytes) -> None:
+        self._buf.append(raw)
+        self._buffered += len(raw)
+        if self._buffered >= FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buf:
+            payload = b"".join(self._buf)
+            payload = payload[: len(payload) - len(payload) % EVENT_SIZE]
+            self._f.write(CHUNK.pack(CH_EVENTS, len(payload)) + payload)
+            self.records += len(payload) // EVENT_SIZE
+            self._buf, self._buffered = [], 0
+        self._f.flush()
+
+    def _json_chunk(self, kind: int, obj: dict) -> None:
+        blob = json.dumps(obj, sort_keys=True).encode()
+        self._f.write(CHUNK.pack(kind, len(blob)) + blob)
+
+    def close(self, maps: dict, end: dict) -> None:
+        self.flush()
+        self._json_chunk(CH_MAPS, maps)
+        self._json_chunk(CH_END, end)
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+
+@dataclass
+class Recording:
+    header: dict
+    events: np.ndarray
+    maps: Optional[dict] = None
+    end: Optional[dict] = None
+    truncated: bool = False
+    truncated_reason: str = ""
+    chunks: List[np.ndarray] = field(default_factory=list)
+
+    def batches(self) -> Iterator[np.ndarray]:
+        yield from self.chunks
+
+
+def _bad(path: str, what: str) -> LuotraceError:
+    return LuotraceError(f"{path}: {what}", "pass a file written by `luotrace record`")
+
+
+def read(path: str) -> Recording:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except IsADirectoryError:
+        raise _bad(path, "is a directory") from None
+    except OSError as e:
+        raise LuotraceError(f"cannot read {path}: {e.strerror}", "check the path") from None
+    if len(data) < PREAMBLE.size or not data.startswith(MAGIC):
+        raise _bad(path, "not a luotrace recording (no LUOTRACE header)")
+    _magic, version, _r, hlen = PREAMBLE.unpack_from(data, 0)
+    if version > VERSION:
+        raise LuotraceError(f"{path}: recording format version {version} is newer than this luotrace reads "
+                            f"({VERSION})", "upgrade luotrace")
+    if version < 1:
+        raise _bad(path, f"unknown recording format version {version}")
+    if hlen > MAX_HEADER or PREAMBLE.size + hlen > len(data):
+        raise _bad(path, "header cut short or corrupt")
+    try:
+        header = json.loads(data[PREAMBLE.size: PREAMBLE.size + hlen])
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
+    except (ValueError, UnicodeDecodeError):
+        raise _bad(path, "header is corrupt (not JSON)") from None
+    pos = PREAMBLE.size + hlen
+    chunks: List[np.ndarray] = []
+    maps = end = None
+    truncated, reason = False, ""
+    while pos < len(data):
+        if pos + CHUNK.size > len(data):
+            truncated, reason = True, f"cut inside a chunk header at byte {pos}"
+            break
+        kind, length = CHUNK.unpack_from(data, pos)
+        body = data[pos + CHUNK.size: pos + CHUNK.size + length]
+        short = len(body) < length
+        if kind == CH_EVENTS:
+            if length % EVENT_SIZE and not short:
+                raise _bad(path, f"corrupt event chunk at byte {pos} (length {length} is not whole records)")
+            n = len(body) // EVENT_SIZE
+            if n:
+                chunks.append(np.frombuffer(body, dtype=EVENT_DTYPE, count=n))
+            if short:
+                truncated, reason = True, f"cut inside an event chunk at byte {len(data)}"
+                break
+        elif kind in (CH_MAPS, CH_END):
+            if short:
+                truncated, reason = True, f"cut inside the {'map dump' if kind == CH_MAPS else 'trailer'}"
+                break
+            try:
+                obj = json.loads(body)
+                if not isinstance(obj, dict):
+                    raise ValueError
+            except (ValueError, UnicodeDecodeError):
+                raise _bad(path, f"corrupt {'map dump' if kind == CH_MAPS else 'trailer'} at byte {pos}") from None
+            if kind == CH_MAPS:
+                maps = obj
+            else:
+                end = obj
+        else:
+            raise _bad(path, f"corrupt chunk type {kind} at byte {pos}")
+        pos += CHUNK.size + length
+    if end is None and not truncated:
+        truncated, reason = True, "no trailer: the recording was not closed (killed or still being written)"
+    events = np.concatenate(chunks) if chunks else np.zeros(0, dtype=EVENT_DTYPE)
+    return Recording(header, events, maps, end, truncated, reason, chunks)

@@ -1,0 +1,146 @@
+"""The report: per-file timelines, sessions, anomalies and totals, as one
+JSON-able dict with a versioned schema.  Renderers live in exporters/.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+from . import anomalies
+from .aggregator import PHASE_ORDER, Aggregator, FileState
+from .catalog import HANDLERS, SER_DEV
+from .events import errno_name
+
+SCHEMA = "luotrace.report/1"
+
+
+def _index(rows: List[dict]) -> Dict[Tuple[int, int, int], dict]:
+    return {(r["handler"], r["dev"], r["ino"]): r for r in rows}
+
+
+def _merge_ser_rows(agg: Aggregator, rows: List[dict]) -> Dict[Tuple[int, int, int], dict]:
+    """folio_stats rows keyed by a serialized-data handle (retrieve/finish) are
+    added to the file that handle belongs to."""
+    out: Dict[Tuple[int, int, int], dict] = {}
+    for r in rows:
+        key = (r["handler"], r["dev"], r["ino"])
+        if r["dev"] == SER_DEV:
+            key = agg.ser_map.get((r["handler"], r["ino"]), key)
+        cur = out.setdefault(key, {k: 0 for k in r if k not in ("handler", "dev", "ino")})
+        for k, v in r.items():
+            if k not in ("handler", "dev", "ino"):
+                cur[k] += v
+    return out
+
+
+def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optional[dict],
+               hist: Dict[int, int]) -> dict:
+    base = agg.base
+    folio_mode = agg.mode != "light"
+    phases = sorted(st.phases, key=lambda p: (p.start_ns, PHASE_ORDER.index(p.name)))
+    preserve = next((p for p in phases if p.name == "preserve"), None)
+    if folio_mode:
+        preserved = folio["preserved"] if folio is not None else 0
+    elif st.handler == "memfd" and st.failed_phase == "preserve":
+        preserved = None  # light mode: memfd_luo_preserve_folios reports no count on error
+    elif st.fill_count is not None:
+        preserved = st.fill_count  # light mode: pass 2's count
+    else:
+        preserved = 0 if st.count_pass is not None or st.result != "error" else None
+    d = {
+        "inode": st.key[2],
+        "dev": st.key[1],
+        "handler": st.handler,
+        "session": st.session,
+        "token": st.token,
+        "size_bytes": st.size,
+        "flags": st.flags,
+        "folios_populated": pop["added"] if pop else (0 if folio_mode and st.handler == "guest_memfd" and
+                                                      agg.maps.get("population_attached") else None),
+        "nr_folios": st.count_pass,
+        "folios_preserved": preserved if st.result != "none" else 0,
+        "folios_unpreserved": folio["unpreserved"] if folio_mode and folio else (0 if folio_mode else None),
+        "folios_restored": folio["restored"] if folio_mode and folio else (0 if folio_mode else None),
+        "folios_discarded": folio["discarded"] if folio_mode and folio else (0 if folio_mode else None),
+        "result": st.result,
+        "errno": st.errno,
+        "failed_phase": st.failed_phase,
+        "vm_token": st.vm_token,
+        "retrieved_inode": st.retrieved_inode,
+        "preserve": {"start_ns": preserve.start_ns - base, "duration_ns": preserve.duration_ns} if preserve else None,
+        "phases": [p.to_json(base) for p in phases],
+        "in_progress": sorted(st.open_calls),
+    }
+    if hist:
+        d["folio_latency_log2_ns"] = {str(k): v for k, v in sorted(hist.items())}
+    if st.streamed:
+        d["streamed_events"] = dict(sorted(st.streamed.items()))
+    d["anomalies"] = anomalies.check(anomalies.Facts(st, folio if folio_mode else None, pop))
+    return d
+
+
+def build(agg: Aggregator, header: dict, end: Optional[dict], truncated: bool = False,
+          truncated_reason: str = "") -> dict:
+    maps = agg.maps or {}
+    folio_rows = _merge_ser_rows(agg, maps.get("folio_stats", []))
+    pops = _index(maps.get("population", []))
+    hists: Dict[Tuple[int, int, int], Dict[int, int]] = {}
+    for r in maps.get("folio_hist", []):
+        hists.setdefault((r["handler"], r["dev"], r["ino"]), {})[r["slot"]] = r["count"]
+    retrieved_inodes = {st.retrieved_inode for st in agg.files.values() if st.retrieved_inode}
+    files = []
+    for key in agg.order:
+        st = agg.files[key]
+        if st.result == "none" and key[2] in retrieved_inodes:
+            continue  # the file a retrieve created: reported on its original's row
+        files.append(_file_json(st, agg, folio_rows.get(key), pops.get(key), hists.get(key, {})))
+    unattributed = folio_rows.get((HANDLERS["kho"], 0, 0))
+    all_anoms = [{"code": a["code"], "handler": f["handler"], "inode": f["inode"], "detail": a["detail"]}
+                 for f in files for a in f["anomalies"]]
+    sessions = []
+    for s in sorted(agg.sessions.values(), key=lambda s: s.id):
+        sessions.append({"id": s.id, "handle": s.handle, "files": [k[2] for k in s.files],
+                         "blackout_start_ns": None if s.freeze_start is None else s.freeze_start - agg.base,
+                         "blackout_ns": s.freeze_ns, "freeze_errno": errno_name(s.freeze_ret or 0),
+                         "cancelled": s.cancelled})
+    counters = maps.get("counters", {})
+    end = end or {}
+    bpf = end.get("bpf", {})
+    preserved = [f for f in files if f["result"] not in ("none",)]
+    totals = {
+        "files": len(preserved),
+        "files_by_result": _count(f["result"] for f in preserved),
+        "folios_preserved": sum(f["folios_preserved"] or 0 for f in preserved),
+        "bytes_preserved": sum((f["size_bytes"] or 0) for f in preserved if f["result"] in ("ok", "retrieved",
+                                                                                          "discarded")),
+        "anomalies": _count(a["code"] for a in all_anoms),
+        "unattributed_folio_calls": (unattributed or {}).get("preserved", 0),
+    }
+    return {
+        "schema": SCHEMA,
+        "recording": {k: header.get(k) for k in ("kernel", "hostname", "mode", "target", "labels", "started")},
+        "truncated": truncated,
+        "truncated_reason": truncated_reason or None,
+        "files": files,
+        "sessions": sessions,
+        "anomalies": all_anoms,
+        "anomalies_not_checked": list(anomalies.NEEDS_FOLIO_MODE) if agg.mode == "light" else [],
+        "totals": totals,
+        "probes": [{"symbol": p["symbol"], "name": p["name"], "handler": p["handler"],
+                    "strategy": p["strategy"], "status": p["status"], "reason": p.get("reason") or None}
+                   for p in header.get("probes", [])],
+        "layout_unknown": header.get("layout", {}).get("unknown", {}),
+        "events": {"received": agg.received, "lost": int(counters.get("lost", 0)),
+                   "sampled_out": int(counters.get("sampled_out", 0)),
+                   "inflight_dropped": int(counters.get("inflight_full", 0)),
+                   "unknown_key": agg.unknown_key},
+        "bpf": {"run_time_ns": int(bpf.get("run_time_ns", 0)), "run_cnt": int(bpf.get("run_cnt", 0)),
+                "stats_enabled": bool(bpf.get("stats_enabled", False))},
+        "duration_ns": end.get("duration_ns"),
+    }
+
+
+def _count(items) -> Dict[str, int]:
+    out: Dict[str, int] = {}
+    for i in items:
+        out[i] = out.get(i, 0) + 1
+    return dict(sorted(out.items()))

@@ -1,0 +1,1 @@
+"""Workloads luotrace traces: the guest_memfd driver and the reference model."""
