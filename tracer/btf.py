@@ -52,6 +52,8 @@ class BTF:
         if magic != BTF_MAGIC:
             raise BTFError("not a BTF blob (bad magic)")
         type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
+        if hdr_len < 24 or hdr_len + max(type_off + type_len, str_off + str_len) > len(data) or not str_len:
+            raise BTFError("BTF header is corrupt (sections outside the blob)")
         self._types = data[hdr_len + type_off: hdr_len + type_off + type_len]
         self._strs = data[hdr_len + str_off: hdr_len + str_off + str_len]
         # type id -> (kind, name_off, kind_flag, vlen, size_or_type, offset of extra data)
@@ -87,6 +89,8 @@ class BTF:
             elif name_off and kind == KIND_FUNC:
                 self.functions.add(self._name(name_off))
             pos += 12 + fixed + per * vlen
+        if pos != n:
+            raise BTFError("BTF type section is corrupt")
 
     def members(self, type_id: int) -> List[Member]:
         kind, _n, kflag, vlen, _s, extra = self._t[type_id]

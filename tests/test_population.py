@@ -1,0 +1,91 @@
+"""guest_memfd population seen through the kernel's real filemap tracepoints,
+checked against the driver's ground truth and against bpftrace counting the
+same tracepoint on the same run."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, load_json
+from tracer.loader import Options
+from tracer.session import replay, run
+from workloads.gmem import gmem_superblock_dev
+
+MiB = 1 << 20
+
+
+def populate_cmd(truth: str, *sizes: str, punch: bool = False):
+    return [sys.executable, "-m", "workloads.populate", "--json", truth, *sizes] + (["--punch"] if punch else [])
+
+
+@pytest.mark.parametrize("mode", ["folio", "trace"])
+def test_64mib_file_counted_exactly_and_files_kept_apart(mode, kvm, tmp_path):
+    truth_path = str(tmp_path / "truth.json")
+    res = run(Options(mode=mode, handlers=["population"]), str(tmp_path / "pop.luo"),
+              command=populate_cmd(truth_path, "64M", "16M"), progress=lambda s: None)
+    truth = load_json(truth_path)
+    big, small = truth["files"]
+    files = {f["inode"]: f for f in res.report["files"]}
+    assert files[big["inode"]]["folios_populated"] == 16384
+    assert files[small["inode"]]["folios_populated"] == 4096
+    # nothing else on the guest_memfd superblock was populated during the run
+    others = [f for i, f in files.items() if i not in (big["inode"], small["inode"])]
+    assert all(not f["folios_populated"] for f in others)
+    assert {p["strategy"] for p in res.report["probes"]} == {"tracepoint"}
+    assert res.report["events"]["lost"] == 0
+    assert replay(str(tmp_path / "pop.luo")) == res.report
+
+
+def test_light_mode_attaches_no_population_probe(kvm, tmp_path):
+    with pytest.raises(Exception) as e:
+        run(Options(mode="light", handlers=["population"]), str(tmp_path / "x.luo"),
+            command=populate_cmd(str(tmp_path / "t.json"), "4M"), progress=lambda s: None)
+    assert "no probe" in str(e.value)
+
+
+def _start_bpftrace(dev: int):
+    prog = ("tracepoint:filemap:mm_filemap_add_to_page_cache /args->s_dev == %d/ { @[args->i_ino] = count(); }"
+            % dev)
+    p = subprocess.Popen(["bpftrace", "-e", prog], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    while True:  # bpftrace may warn about RLIMIT_MEMLOCK before "Attaching 1 probe..."
+        line = p.stdout.readline()
+        seen.append(line)
+        assert line and len(seen) < 20, "".join(seen)
+        if "Attaching" in line:
+            break
+    time.sleep(0.5)
+    return p
+
+
+def test_bpftrace_side_by_side_counts_the_same(kvm, tmp_path):
+    dev = gmem_superblock_dev()
+    bt = _start_bpftrace(dev)
+    try:
+        truth_path = str(tmp_path / "truth.json")
+        res = run(Options(mode="folio", handlers=["population"]), str(tmp_path / "pop.luo"),
+                  command=populate_cmd(truth_path, "32M", "8M", "4M"), progress=lambda s: None)
+    finally:
+        bt.send_signal(signal.SIGINT)
+        out, _ = bt.communicate(timeout=30)
+    bpftrace_counts = {int(i): int(n) for i, n in re.findall(r"@\[(\d+)\]: (\d+)", out)}
+    truth = load_json(truth_path)
+    for t in truth["files"]:
+        ours = next(f for f in res.report["files"] if f["inode"] == t["inode"])["folios_populated"]
+        assert ours == bpftrace_counts[t["inode"]] == t["size_bytes"] // 4096
+
+
+def test_repopulated_page_counts_again(kvm, tmp_path):
+    """Punch + re-allocate: the page cache really gains a folio twice."""
+    truth_path = str(tmp_path / "truth.json")
+    res = run(Options(mode="folio", handlers=["population"]), str(tmp_path / "pop.luo"),
+              command=populate_cmd(truth_path, "1M", punch=True), progress=lambda s: None)
+    (t,) = load_json(truth_path)["files"]
+    f = next(f for f in res.report["files"] if f["inode"] == t["inode"])
+    assert f["folios_populated"] == 257
