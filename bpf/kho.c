@@ -112,7 +112,7 @@ int kho_preserve_folio_return(struct pt_regs *ctx)
 		e.a0 = v->a0;
 		e.a1 = v->a1;
 		e.a2 = delta;
-		emit(&e);
+		emit_folio(&e);
 	}
 #endif
 	inflight.delete(&id);
@@ -140,7 +140,7 @@ static __always_inline int folio_release(u16 probe, s64 pfn)
 		ev_init(&e, probe, EV_INSTANT);
 		ev_key(&e, &k);
 		e.a0 = (u64)pfn;
-		emit(&e);
+		emit_folio(&e);
 	}
 #endif
 	return 0;

@@ -8,7 +8,7 @@
  *                                     model's own layout; -1 = unknown, never read
  *   PFN_FROM_FIELD / VMEMMAP_BASE_PTR, PAGE_STRUCT_SIZE   how a folio pointer gives its pfn
  *   LUO_USER                          target is a userspace binary (uprobes)
- *   MODE_FOLIO, MODE_TRACE, SAMPLE_EVERY, RINGBUF_PAGES, MAX_*  mode and bounds
+ *   MODE_FOLIO, MODE_TRACE, SAMPLE_EVERY, [FOLIO_]RINGBUF_PAGES, MAX_*  mode and bounds
  * Kernel struct layouts from headers are never used: installed headers need
  * not match the running kernel.
  */
@@ -36,6 +36,8 @@
 #define CNT_INFLIGHT_FULL 3
 #define CNT_UNATTRIBUTED 4
 #define CNT_SAMPLE_TICK 5
+#define CNT_FOLIO_LOST 6
+#define CNT_FOLIO_EMITTED 7
 #define NR_COUNTERS 8
 
 /* The file identity: inode number and device, or a serialized-data handle
@@ -78,7 +80,12 @@ struct cur_v {
 	u32 depth;
 };
 
+/* Lifecycle events have their own ring buffer, so a flood of per-folio
+ * events (trace mode) can never push out a preserve or a freeze. */
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+#ifdef MODE_TRACE
+BPF_RINGBUF_OUTPUT(folio_events, FOLIO_RINGBUF_PAGES);
+#endif
 BPF_PERCPU_ARRAY(luo_counters, u64, NR_COUNTERS);
 BPF_HASH(inflight, u64, struct inflight_v, MAX_INFLIGHT);
 BPF_HASH(cur_file, u32, struct cur_v, MAX_THREADS);
@@ -98,6 +105,16 @@ static __always_inline void emit(struct luo_event *e)
 	else
 		count(CNT_EMITTED);
 }
+
+#ifdef MODE_TRACE
+static __always_inline void emit_folio(struct luo_event *e)
+{
+	if (folio_events.ringbuf_output(e, sizeof(*e), 0) < 0)
+		count(CNT_FOLIO_LOST);
+	else
+		count(CNT_FOLIO_EMITTED);
+}
+#endif
 
 static __always_inline void ev_init(struct luo_event *e, u16 probe, u8 kind)
 {

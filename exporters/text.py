@@ -99,6 +99,7 @@ def render(report: dict) -> str:
     ev = report.get("events", {})
     bpf = report.get("bpf", {})
     out.append(f"events: {ev.get('received', 0)} received, {ev.get('lost', 0)} lost"
+               + (f" ({ev['lost_lifecycle']} lifecycle)" if ev.get("lost_lifecycle") else "")
                + (f", {ev['sampled_out']} sampled out" if ev.get("sampled_out") else "")
                + (f", {ev['inflight_dropped']} calls untracked (inflight map full)" if ev.get("inflight_dropped") else ""))
     if bpf.get("run_cnt"):

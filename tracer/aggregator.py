@@ -106,6 +106,7 @@ class Aggregator:
         self.pending_session: Dict[int, Tuple[int, int, int]] = {}  # tid -> (session, token, fd)
         self.received = 0
         self.per_folio_received = 0
+        self.streamed: Dict[Tuple[int, int, int, int], int] = {}  # (handler, dev, ino, probe) -> records
         self.unknown_key = 0
         self.last_ts = 0
         self.maps: Optional[dict] = None
@@ -135,16 +136,16 @@ class Aggregator:
             self._count_streamed(seg[folio_mask[prev:]])
 
     def _count_streamed(self, rows: np.ndarray) -> None:
+        """Per-folio records arrive through their own ring buffer, so they may
+        overtake the lifecycle record of their file: count them by raw key and
+        attribute them at the end."""
         self.per_folio_received += len(rows)
         keys = np.stack([rows["handler"].astype(np.uint64), rows["dev"].astype(np.uint64), rows["ino"],
                          rows["probe"].astype(np.uint64)], axis=1)
         uniq, counts = np.unique(keys, axis=0, return_counts=True)
         for (h, dev, ino, probe), n in zip(uniq.tolist(), counts.tolist()):
-            st = self._resolve((int(h), int(dev), int(ino)))
-            if st is None:
-                continue
-            name = catalog.PROBES[int(probe)].name
-            st.streamed[name] = st.streamed.get(name, 0) + int(n)
+            k = (int(h), int(dev), int(ino), int(probe))
+            self.streamed[k] = self.streamed.get(k, 0) + int(n)
 
     def _file(self, key: Key, ts: int) -> FileState:
         st = self.files.get(key)
@@ -284,6 +285,11 @@ class Aggregator:
     def finish(self, maps: Optional[dict]) -> None:
         """Fold in the final map dumps (per-file folio counters, population)."""
         self.maps = maps or {}
+        for (h, dev, ino, probe), n in sorted(self.streamed.items()):
+            st = self._resolve((h, dev, ino), create=dev != SER_DEV and h in (1, 2))
+            if st is not None:
+                name = catalog.PROBES[probe].name
+                st.streamed[name] = st.streamed.get(name, 0) + n
         for row in self.maps.get("population", []):
             key = (row["handler"], row["dev"], row["ino"])
             self._file(key, 0)

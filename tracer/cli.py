@@ -81,8 +81,9 @@ def doctor(model: Optional[str], as_json: bool) -> None:
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="label stored in the recording (repeatable)")
 @click.option("--sample", type=click.IntRange(min=1), default=1, show_default=True,
               help="trace mode: stream one per-folio event in N (counts stay exact)")
-@click.option("--ringbuf-pages", type=click.IntRange(min=1), default=256, show_default=True,
-              help="ring buffer size in 4 KiB pages (power of two)")
+@click.option("--ringbuf-pages", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="trace mode: per-folio ring buffer size in 4 KiB pages (power of two); lifecycle "
+                   "events have their own buffer")
 @click.option("--quiet", is_flag=True, help="do not print the report at the end")
 @json_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
@@ -101,12 +102,12 @@ def record(output: str, mode: str, model: Optional[str], handlers: Tuple[str, ..
     from .loader import Options
     from .session import run
     opts = Options(mode=mode, model=model, handlers=list(handlers) or None, sample_every=sample,
-                   ringbuf_pages=ringbuf_pages)
+                   folio_ringbuf_pages=ringbuf_pages)
     res = run(opts, output, command=list(command) or None, duration=duration, labels=_labels(labels))
     if not quiet:
         _emit(res.report, as_json)
     click.echo(f"luotrace: recording written to {output} ({res.stopped_by})", err=True)
-    if res.command_rc:
+    if res.stopped_by == "command exited" and res.command_rc:
         sys.exit(res.command_rc if 0 < res.command_rc < 128 else 1)
 
 

@@ -21,7 +21,8 @@ from .layout import Layout
 
 BPF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf")
 
-COUNTER_NAMES = ("lost", "emitted", "sampled_out", "inflight_full", "unattributed")
+COUNTER_NAMES = ("lost", "emitted", "sampled_out", "inflight_full", "unattributed", "sample_tick",
+                 "folio_lost", "folio_emitted")
 
 
 @dataclass
@@ -29,7 +30,8 @@ class Options:
     mode: str = "folio"
     model: Optional[str] = None  # path of the reference model: uprobes
     handlers: Optional[List[str]] = None  # subset of catalog.TRACEABLE; None = every handler found
-    ringbuf_pages: int = 256  # 1 MiB
+    ringbuf_pages: int = 64  # lifecycle events: 256 KiB
+    folio_ringbuf_pages: int = 1024  # trace mode's per-folio events: 4 MiB
     sample_every: int = 1
     max_files: int = 4096
     max_inflight: int = 16384
@@ -62,7 +64,7 @@ def bpf_source(files: List[str]) -> str:
 def cflags(opts: Options, layout: Layout) -> List[str]:
     flags = [f"-D{k}={v}" for k, v in catalog.bpf_defines().items()]
     flags += layout.cflags()
-    flags += [f"-DRINGBUF_PAGES={opts.ringbuf_pages}", f"-DSAMPLE_EVERY={max(1, opts.sample_every)}",
+    flags += [f"-DRINGBUF_PAGES={opts.ringbuf_pages}", f"-DFOLIO_RINGBUF_PAGES={opts.folio_ringbuf_pages}", f"-DSAMPLE_EVERY={max(1, opts.sample_every)}",
               f"-DMAX_FILES={opts.max_files}", f"-DMAX_INFLIGHT={opts.max_inflight}",
               f"-DMAX_THREADS={opts.max_threads}"]
     if opts.model:
@@ -152,6 +154,7 @@ class Tracer:
         from bcc import BPF  # imported late: doctor and report work without BCC
 
         _check_ringbuf_pages(opts.ringbuf_pages)
+        _check_ringbuf_pages(opts.folio_ringbuf_pages)
         self.opts = opts
         self.layout = layout
         statuses = select_handlers(plan(opts), opts)
@@ -225,6 +228,8 @@ class Tracer:
             self._on_bytes(ct.string_at(data, size))
         self._cb = cb
         self.bpf["events"].open_ring_buffer(cb)
+        if self.opts.mode == "trace":
+            self.bpf["folio_events"].open_ring_buffer(cb)
 
     def poll(self, timeout_ms: int = 100) -> None:
         self.bpf.ring_buffer_poll(timeout_ms)

@@ -129,7 +129,10 @@ def build(agg: Aggregator, header: dict, end: Optional[dict], truncated: bool = 
                     "strategy": p["strategy"], "status": p["status"], "reason": p.get("reason") or None}
                    for p in header.get("probes", [])],
         "layout_unknown": header.get("layout", {}).get("unknown", {}),
-        "events": {"received": agg.received, "lost": int(counters.get("lost", 0)),
+        "events": {"received": agg.received,
+                   "lost": int(counters.get("lost", 0)) + int(counters.get("folio_lost", 0)),
+                   "lost_lifecycle": int(counters.get("lost", 0)),
+                   "lost_per_folio": int(counters.get("folio_lost", 0)),
                    "sampled_out": int(counters.get("sampled_out", 0)),
                    "inflight_dropped": int(counters.get("inflight_full", 0)),
                    "unknown_key": agg.unknown_key},

@@ -77,6 +77,7 @@ def make_header(opts: Options, tracer: Tracer, labels: Dict[str, str], base_ns: 
         "layout": tracer.layout.to_json(),
         "sample_every": opts.sample_every,
         "ringbuf_pages": opts.ringbuf_pages,
+        "folio_ringbuf_pages": opts.folio_ringbuf_pages,
         "event_size": EVENT_SIZE,
     }
 

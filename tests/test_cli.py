@@ -1,0 +1,124 @@
+"""Bad input gets one line on stderr, a non-zero exit and no traceback."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import MODEL, REPO, run_cli
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode != 0, r
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("luotrace: error: ")
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def as_nobody(*args: str) -> subprocess.CompletedProcess:
+    cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "tracer.cli", *args]
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+
+
+def test_not_root(model):
+    r = as_nobody("record", "-o", "/tmp/luotrace-nobody.luo", "--model", model, "--", "true")
+    assert_one_line_error(r, "needs root", "sudo")
+
+
+def test_no_btf(root, tmp_path):
+    r = run_cli("record", "-o", str(tmp_path / "x.luo"), "--duration", "1",
+                env=dict(os.environ, LUOTRACE_BTF=str(tmp_path / "missing-btf")))
+    assert_one_line_error(r, "no kernel BTF", "CONFIG_DEBUG_INFO_BTF")
+
+
+def test_unknown_mode(tmp_path):
+    r = run_cli("record", "-o", str(tmp_path / "x.luo"), "--mode", "turbo", "--", "true")
+    assert_one_line_error(r, "turbo", "--help")
+
+
+def test_unknown_flag():
+    r = run_cli("report", "--frobnicate", "x.luo")
+    assert_one_line_error(r, "--frobnicate")
+
+
+def test_model_path_missing(root, tmp_path):
+    r = run_cli("record", "-o", str(tmp_path / "x.luo"), "--model", str(tmp_path / "no-model"), "--", "true")
+    assert_one_line_error(r, "not found", "make model")
+
+
+def test_kernel_without_luo_names_symbol_and_kernel(root, tmp_path):
+    r = run_cli("record", "-o", str(tmp_path / "x.luo"), "--duration", "1")
+    assert_one_line_error(r, "kvm_gmem_luo_preserve", os.uname().release, "--model")
+
+
+def test_required_handler_missing_names_symbol(root, tmp_path):
+    r = run_cli("record", "-o", str(tmp_path / "x.luo"), "--handler", "memfd", "--duration", "1")
+    assert_one_line_error(r, "memfd_luo_preserve", os.uname().release)
+
+
+def test_not_a_recording(tmp_path):
+    p = tmp_path / "notes.txt"
+    p.write_text("hello, this is not a recording\n")
+    assert_one_line_error(run_cli("report", str(p)), "not a luotrace recording")
+
+
+def test_missing_recording(tmp_path):
+    assert_one_line_error(run_cli("report", str(tmp_path / "nope.luo")), "cannot read")
+
+
+def test_bad_label(model, tmp_path):
+    r = run_cli("record", "-o", str(tmp_path / "x.luo"), "--model", model, "--label", "oops", "--", "true")
+    assert_one_line_error(r, "--label")
+
+
+def test_bad_ringbuf_size(model, tmp_path):
+    r = run_cli("record", "-o", str(tmp_path / "x.luo"), "--model", model, "--ringbuf-pages", "3", "--", "true")
+    assert_one_line_error(r, "power of two")
+
+
+def test_doctor_as_root_passes_and_explains(root):
+    r = run_cli("doctor", "--model", MODEL)
+    assert r.returncode == 0, r.stderr
+    assert "kvm_gmem_luo_preserve [required]: missing" in r.stdout
+    assert "model: kho_preserve_folio [required]: ok" not in r.stdout
+    assert "ok   model: kho_preserve_folio [required]: uprobe" in r.stdout
+    assert "ok   kernel: filemap:mm_filemap_add_to_page_cache: tracepoint" in r.stdout
+
+
+def test_doctor_not_root_fails():
+    r = as_nobody("doctor")
+    assert r.returncode != 0
+    assert "FAIL root" in r.stdout
+    assert "Traceback" not in r.stderr
+
+
+def test_help_explains_every_command():
+    r = run_cli("--help", check=True)
+    for cmd in ("doctor", "record", "report", "demo"):
+        assert cmd in r.stdout
+        sub = run_cli(cmd, "--help", check=True)
+        assert "Example" in sub.stdout, cmd
+
+
+def test_record_report_roundtrip_json(model, tmp_path):
+    out = str(tmp_path / "r.luo")
+    r = run_cli("record", "-o", out, "--model", model, "--mode", "light", "--label", "patch=v3", "--json", "--",
+                model, "--json", str(tmp_path / "truth.json"), "kexec:gmem:1M")
+    assert r.returncode == 0, r.stderr
+    import json
+    live = json.loads(r.stdout)
+    again = json.loads(run_cli("report", out, "--json", check=True).stdout)
+    assert live == again
+    assert live["schema"] == "luotrace.report/1"
+    assert live["recording"]["labels"] == {"patch": "v3"}
+    (f,) = live["files"]
+    assert f["folios_preserved"] == 256 and f["result"] == "retrieved"
+    text = run_cli("report", out, check=True).stdout
+    assert "guest_memfd" in text and "retrieved" in text and "patch=v3" in text
