@@ -10,7 +10,7 @@ KREL := $(shell uname -r)
 APT_PACKAGES := python3-bpfcc bpfcc-tools bpftrace bpftool linux-headers-amd64 build-essential \
                 python3-venv prometheus util-linux
 
-.PHONY: setup apt headers mounts venv model demo test bench clean
+.PHONY: setup apt headers mounts venv model demo test bench docs clean
 
 setup: apt headers mounts venv model
 
@@ -61,6 +61,9 @@ test: setup
 
 bench: setup
 	$(PY) -m tests.bench
+
+docs: venv
+	$(PY) -m tracer.docs
 
 clean:
 	rm -rf $(VENV) $(MODEL) *.egg-info

@@ -3,9 +3,11 @@
  *
  * Only inodes on a watched superblock (the guest_memfd one, found by the
  * loader) count.  Per inode: folios added and removed, and how many were
- * large (order > 0: can_preserve refuses such a file).  A folio added to or
- * removed from an inode that a handler froze is the race the patch review
- * points at; each such change is streamed as an event with its evidence.
+ * large (order > 0: can_preserve refuses such a file).  A folio added to an
+ * inode that a handler froze is the race the patch review points at: each is
+ * streamed as an event with its evidence.  Removals from a frozen inode are
+ * only counted: a preserved file that is finally closed (its kexec never
+ * came) is truncated folio by folio, which is no race.
  */
 
 struct pop_v {
@@ -13,6 +15,7 @@ struct pop_v {
 	u64 deleted;
 	u64 large;
 	u64 max_order;
+	u64 deleted_frozen;
 };
 
 BPF_HASH(watch_dev, u32, u8, 16);
@@ -40,7 +43,12 @@ static __always_inline int pop_event(u16 probe, u64 ino, u32 dev, u64 index, u64
 			__sync_fetch_and_add(&p->deleted, 1);
 		}
 	}
-	if (frozen.lookup(&k)) {
+	if (!frozen.lookup(&k))
+		return 0;
+	if (probe != PROBE_pop_add) {
+		if (p)
+			__sync_fetch_and_add(&p->deleted_frozen, 1);
+	} else {
 		struct luo_event e;
 		ev_init(&e, probe, EV_INSTANT);
 		ev_key(&e, &k);

@@ -7,7 +7,7 @@ import re
 
 from tests.conftest import REPO
 from tracer import catalog
-from tracer.doctor import probe_table
+from tracer.docs import probe_table
 
 BPF = {n: open(os.path.join(REPO, "bpf", n)).read() for n in os.listdir(os.path.join(REPO, "bpf"))}
 

@@ -27,10 +27,9 @@ def folio_added_while_frozen(f: Facts) -> Optional[str]:
     adds = [c for c in f.st.frozen_changes if c[1] == "add"]
     if not adds:
         return None
-    dels = len(f.st.frozen_changes) - len(adds)
     _ts, _k, index, pfn, order = adds[0]
-    return (f"{len(adds)} folio(s) added to the page cache while the inode was frozen"
-            f"{f' ({dels} removed)' if dels else ''}; first at index {index} (pfn {pfn:#x}, order {order})")
+    return (f"{len(adds)} folio(s) added to the page cache while the inode was frozen; "
+            f"first at index {index} (pfn {pfn:#x}, order {order})")
 
 
 def pass_count_mismatch(f: Facts) -> Optional[str]:

@@ -150,7 +150,7 @@ PROBES: Tuple[Probe, ...] = (
     Probe("pop_delete", "filemap:mm_filemap_delete_from_page_cache", "population", "pop_delete",
           kind="tracepoint", bpf_file="population.c", modes=("folio", "trace"), per_folio=True,
           entry={"a0": "index", "a1": "pfn", "a2": "order"},
-          help="a folio leaves a guest_memfd page cache; an event only when the inode is frozen"),
+          help="a folio leaves a guest_memfd page cache; counted (also while frozen), no event"),
 )
 
 PROBE_IDS: Dict[str, int] = {p.name: i for i, p in enumerate(PROBES)}

@@ -104,12 +104,3 @@ def run(model: Optional[str] = None) -> List[Check]:
 
 def essential_ok(checks: List[Check]) -> bool:
     return all(c.ok for c in checks if c.essential)
-
-
-def probe_table() -> str:
-    """The README's probe table, generated from the catalog."""
-    rows = ["| probe | symbol | handler | kind | modes | required | what it gives |", "|---|---|---|---|---|---|---|"]
-    for p in catalog.PROBES:
-        rows.append(f"| {p.name} | `{p.symbol}` | {p.handler} | {p.kind} | {', '.join(p.modes)} | "
-                    f"{'yes' if p.required else ''} | {p.help} |")
-    return "\n".join(rows)
