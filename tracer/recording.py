@@ -104,6 +104,11 @@ def read(path: str) -> Recording:
         raise _bad(path, "is a directory") from None
     except OSError as e:
         raise LuotraceError(f"cannot read {path}: {e.strerror}", "check the path") from None
+    return parse(data, path)
+
+
+def parse(data: bytes, path: str = "<recording>") -> Recording:
+    """Decode a recording held in memory; see the module docstring for the layout."""
     if len(data) < PREAMBLE.size or not data.startswith(MAGIC):
         raise _bad(path, "not a luotrace recording (no LUOTRACE header)")
     _magic, version, _r, hlen = PREAMBLE.unpack_from(data, 0)

@@ -217,7 +217,18 @@ def run(opts: Options, output: Optional[str], command: Optional[List[str]] = Non
 
 def replay(path: str) -> dict:
     """The report of a recording: exactly what the live run showed."""
-    r = rec.read(path)
+    return report_of(rec.read(path))
+
+
+def report_of(r: rec.Recording) -> dict:
+    try:
+        return _report_of(r)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise LuotraceError(f"recording content is corrupt ({type(e).__name__}: {e})",
+                            "the file was damaged after it was written; record again") from None
+
+
+def _report_of(r: rec.Recording) -> dict:
     agg = Aggregator(r.header.get("mode", "folio"), r.header.get("clock", {}).get("base_monotonic_ns", 0))
     for batch in r.batches():
         agg.feed(batch)

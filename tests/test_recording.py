@@ -1,0 +1,127 @@
+"""Recordings: cut short anywhere, corrupt, foreign or from the future, they
+give a report or one clean error, never a traceback."""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tracer import recording as rec
+from tracer.demo import run_model
+from tracer.errors import LuotraceError
+from tracer.events import EVENT_SIZE
+from tracer.session import replay, report_of
+
+
+@pytest.fixture(scope="module")
+def real(model, kvm, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("rec") / "r.luo")
+    res, _truth = run_model("folio", ["kexec:gmem:1M,memfd:256K", "cancel:gmem:512K"], out, model=model,
+                            progress=lambda s: None)
+    with open(out, "rb") as f:
+        return res.report, f.read()
+
+
+def event_chunk_ends(data: bytes):
+    """(end offset of each whole record) for every record in the file."""
+    _m, _v, _r, hlen = rec.PREAMBLE.unpack_from(data, 0)
+    pos = rec.PREAMBLE.size + hlen
+    ends = []
+    while pos < len(data):
+        kind, length = rec.CHUNK.unpack_from(data, pos)
+        if kind == rec.CH_EVENTS:
+            start = pos + rec.CHUNK.size
+            ends += [start + EVENT_SIZE * (i + 1) for i in range(length // EVENT_SIZE)]
+        pos += rec.CHUNK.size + length
+    return ends
+
+
+def test_whole_file_replays_to_the_live_report(real):
+    report, data = real
+    r = rec.parse(data)
+    assert not r.truncated and r.end is not None and r.maps is not None
+    assert report_of(r) == report
+
+
+def test_cut_at_every_offset_of_the_last_4k(real):
+    report, data = real
+    ends = event_chunk_ends(data)
+    assert len(ends) == report["events"]["received"]
+    for cut in range(max(0, len(data) - 4096), len(data)):
+        try:
+            r = rec.parse(data[:cut])
+        except LuotraceError as e:
+            assert "\n" not in str(e)
+            continue
+        assert r.truncated
+        assert len(r.events) == sum(1 for e in ends if e <= cut)  # every whole record recovered
+        rep = report_of(r)
+        assert rep["truncated"] and rep["truncated_reason"]
+
+
+def test_cut_everywhere_in_the_header_is_a_clean_error(real):
+    _report, data = real
+    _m, _v, _r, hlen = rec.PREAMBLE.unpack_from(data, 0)
+    for cut in range(0, rec.PREAMBLE.size + hlen, 7):
+        with pytest.raises(LuotraceError):
+            rec.parse(data[:cut])
+
+
+def test_killed_recording_reports_truncated(real, tmp_path):
+    report, data = real
+    # a recording killed before its trailer: header + events only
+    ends = event_chunk_ends(data)
+    p = tmp_path / "killed.luo"
+    p.write_bytes(data[: ends[-1]])
+    rep = replay(str(p))
+    assert rep["truncated"] and "not closed" in rep["truncated_reason"]
+    assert rep["events"]["received"] == report["events"]["received"]
+    assert [f["inode"] for f in rep["files"]] == [f["inode"] for f in report["files"]]
+
+
+def test_newer_version_and_foreign_files(real):
+    _report, data = real
+    newer = bytearray(data)
+    struct.pack_into("<H", newer, 8, rec.VERSION + 1)
+    with pytest.raises(LuotraceError, match="newer"):
+        rec.parse(bytes(newer))
+    with pytest.raises(LuotraceError, match="not a luotrace recording"):
+        rec.parse(b"\x7fELF" + b"\0" * 100)
+    bad_json = rec.PREAMBLE.pack(rec.MAGIC, 1, 0, 5) + b"{oops"
+    with pytest.raises(LuotraceError, match="corrupt"):
+        rec.parse(bad_json)
+    bad_chunk = rec.PREAMBLE.pack(rec.MAGIC, 1, 0, 2) + b"{}" + rec.CHUNK.pack(9, 0)
+    with pytest.raises(LuotraceError, match="chunk type 9"):
+        rec.parse(bad_chunk)
+
+
+@pytest.mark.filterwarnings("ignore:Generating overly large repr")
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_mutated_recordings_give_reports_or_clean_errors(real, data):
+    _report, blob = real
+    b = bytearray(blob)
+    for _ in range(data.draw(st.integers(1, 8))):
+        i = data.draw(st.integers(0, len(b) - 1))
+        b[i] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        b = b[: data.draw(st.integers(0, len(b)))]
+    try:
+        rep = report_of(rec.parse(bytes(b)))
+    except LuotraceError as e:
+        assert "\n" not in str(e)
+        return
+    json.dumps(rep)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=2048))
+def test_random_bytes(blob):
+    try:
+        rep = report_of(rec.parse(rec.PREAMBLE.pack(rec.MAGIC, 1, 0, 2) + b"{}" + blob))
+    except LuotraceError:
+        return
+    json.dumps(rep)
