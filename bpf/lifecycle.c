@@ -92,12 +92,7 @@ static __always_inline int inode_freeze_entry(struct pt_regs *ctx, u16 probe, u3
 	e.a0 = on;
 	if (!(e.flags & EVF_KEY_UNKNOWN)) {
 		k.handler = HANDLER_GUEST_MEMFD;   /* population keys are guest_memfd's */
-		if (on) {
-			u64 one = 1;
-			frozen.update(&k, &one);
-		} else {
-			frozen.delete(&k);
-		}
+		frozen_set(&k, on);
 	}
 	emit(&e);
 	return 0;

@@ -90,6 +90,27 @@ BPF_PERCPU_ARRAY(luo_counters, u64, NR_COUNTERS);
 BPF_HASH(inflight, u64, struct inflight_v, MAX_INFLIGHT);
 BPF_HASH(cur_file, u32, struct cur_v, MAX_THREADS);
 BPF_HASH(frozen, struct fkey, u64, MAX_FILES);
+BPF_ARRAY(nr_frozen, s64, 1);   /* entries in `frozen`: the population hot path skips the hash when 0 */
+
+static __always_inline int any_frozen(void)
+{
+	int zero = 0;
+	s64 *n = nr_frozen.lookup(&zero);
+	return n && *n > 0;
+}
+
+static __always_inline void frozen_set(struct fkey *k, int on)
+{
+	int zero = 0;
+	s64 *n = nr_frozen.lookup(&zero);
+	if (on) {
+		u64 one = 1;
+		if (frozen.lookup(k) == 0 && frozen.update(k, &one) == 0 && n)
+			__sync_fetch_and_add(n, 1);
+	} else if (frozen.delete(k) == 0 && n) {
+		__sync_fetch_and_add(n, -1);
+	}
+}
 
 static __always_inline void count(int idx)
 {

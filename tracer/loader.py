@@ -171,8 +171,9 @@ class Tracer:
             why = kernel.ensure_tracefs()
             if why:
                 raise LuotraceError(f"tracefs is not usable: {why}", "mount debugfs and tracefs (run `make setup`)")
+        self.gmem_dev = self._gmem_dev(statuses) if self.population else None
         self.source = bpf_source(source_files(probes))
-        self.cflags = cflags(opts, layout)
+        self.cflags = cflags(opts, layout) + [f"-DGMEM_DEV={self.gmem_dev if self.gmem_dev is not None else 0xFFFFFFFF}"]
         self._on_bytes = on_bytes
         self.bpf = BPF(text=self.source, cflags=self.cflags)
         try:
@@ -182,28 +183,30 @@ class Tracer:
             self.close()
             raise
 
+    def _gmem_dev(self, statuses: List[ProbeStatus]) -> Optional[int]:
+        """The guest_memfd superblock's dev_t, compiled into the population
+        filter; found by creating a guest_memfd."""
+        if self.opts.gmem_dev is not None:
+            return self.opts.gmem_dev
+        from workloads.gmem import GmemError, gmem_superblock_dev
+        try:
+            return gmem_superblock_dev()
+        except (GmemError, OSError) as e:
+            for s in statuses:
+                if s.handler == "population" and s.status == "planned":
+                    s.status, s.reason = "skipped", f"no guest_memfd superblock: {e}"
+            return None
+
     def _attach(self, probes: List[Probe]) -> None:
         by_name = {s.name: s for s in self.statuses}
         b = self.bpf
-        if self.population:
-            dev = self.opts.gmem_dev
-            if dev is None:
-                from workloads.gmem import GmemError, gmem_superblock_dev
-                try:
-                    dev = gmem_superblock_dev()
-                except (GmemError, OSError) as e:
-                    dev = None
-                    for p in probes:
-                        if p.kind == "tracepoint":
-                            by_name[p.name].status, by_name[p.name].reason = "skipped", f"no guest_memfd superblock: {e}"
-            if dev is not None:
-                b["watch_dev"][ct.c_uint32(dev)] = ct.c_uint8(1)
-            self.gmem_dev = dev
         for p in probes:
             st = by_name[p.name]
             if p.kind == "tracepoint":
                 if st.status == "planned":
                     st.status = "attached"  # BCC attaches TRACEPOINT_PROBE functions when loading
+                else:
+                    b.detach_tracepoint(f"{p.tracepoint[0]}:{p.tracepoint[1]}")
                 continue
             try:
                 if st.strategy == "uprobe":
@@ -263,11 +266,23 @@ class Tracer:
             except KeyError:
                 pass
         if self.population:
+            rows: Dict[tuple, dict] = {}
+
+            def add(k, v) -> None:
+                key = (k.ino, k.dev, k.handler)
+                row = rows.setdefault(key, {"ino": k.ino, "dev": k.dev, "handler": k.handler,
+                                            **{f: 0 for f, _ in v._fields_}})
+                for f, _ in v._fields_:
+                    val = getattr(v, f)
+                    row[f] = max(row[f], val) if f == "max_order" else row[f] + val
+
             for k, v in b["population"].items():
-                row = {"ino": k.ino, "dev": k.dev, "handler": k.handler}
-                row.update({f: getattr(v, f) for f, _ in v._fields_})
-                dump["population"].append(row)
-        dump["population_attached"] = bool(self.population and getattr(self, "gmem_dev", None) is not None)
+                add(k, v)
+            for c in b["pop_cache"][ct.c_int(0)]:  # per-CPU counts not yet folded in
+                if c.key.ino or c.key.dev:
+                    add(c.key, c.v)
+            dump["population"] = [r for r in rows.values() if r["added"] or r["deleted"]]
+        dump["population_attached"] = bool(self.population and self.gmem_dev is not None)
         for key in ("folio_stats", "folio_hist", "population"):
             dump[key].sort(key=lambda r: tuple(r.values()))
         return dump

@@ -899,6 +899,8 @@ int main(int argc, char **argv)
 	for (i = 0; i < nfiles; i++)
 		open_file(&files[i]);
 
+	struct timespec t0, t1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
 	for (int s = 0; s < nsessions; s++) {
 		struct luo_file_set *set = &sets[s];
 		struct session_spec *sp = &sessions[s];
@@ -920,10 +922,13 @@ int main(int argc, char **argv)
 			retrieve_and_finish(set, false);
 	}
 
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+
 	FILE *o = stdout;
 	if (json_path && !(o = fopen(json_path, "w")))
 		die("open %s: %s", json_path, strerror(errno));
-	fprintf(o, "{\"model\": \"luo_model\", \"files\": [\n");
+	fprintf(o, "{\"model\": \"luo_model\", \"sessions_ns\": %lld, \"files\": [\n",
+		(long long)(t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec));
 	for (int s = 0; s < nsessions; s++)
 		for (i = sessions[s].first; i < sessions[s].first + sessions[s].n; i++)
 			json_file(o, &files[i], s + 1, sessions[s].outcome,

@@ -1,0 +1,163 @@
+"""Overhead benchmarks (`make bench`): every figure is a ratio against an
+untraced baseline measured in the same run, on the same machine.
+
+1. guest_memfd population, 1 GiB (262,144 folios, fallocate): untraced; luotrace
+   in light mode (tracing the model's lifecycle, nothing on population), folio
+   and trace modes (population tracepoints, in-kernel aggregation); bpftrace
+   doing the same per-inode count.
+2. Reference model, 64 MiB preserve (16,384 folios): untraced and traced in each
+   mode through uprobes.  Uprobes cost microseconds a hit, so these ratios
+   measure the uprobe mechanism; the BPF programs' own cost per run
+   (kernel.bpf_stats) is printed too: it is what a kprobe/fentry deployment adds
+   per call, plus the attach mechanism's own cost.
+
+Runs are interleaved and repeated (each population run populates 5 times);
+medians are reported.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List
+
+from tracer import kernel
+from tracer.loader import Options
+from tracer.session import run
+from workloads.gmem import gmem_superblock_dev
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = os.path.join(REPO, "workloads", "model", "luo_model")
+REPS = int(os.environ.get("LUOTRACE_BENCH_REPS", "3"))
+INNER = ["--repeat", "5"]  # populations per traced session (median): compile cost stays out of the figure
+quiet = lambda s: None  # noqa: E731
+
+
+def populate(tmp: str, size: str = "1G") -> int:
+    out = os.path.join(tmp, "pop.json")
+    subprocess.run([sys.executable, "-m", "workloads.populate", "--json", out, *INNER, size], check=True, cwd=REPO)
+    return json.load(open(out))["populate_ns"]
+
+
+def populate_traced(tmp: str, mode: str, size: str = "1G"):
+    out = os.path.join(tmp, "pop.json")
+    opts = Options(mode=mode, handlers=["population"]) if mode != "light" else Options(mode="light", model=MODEL)
+    res = run(opts, None, command=[sys.executable, "-m", "workloads.populate", "--json", out, *INNER, size],
+              progress=quiet)
+    return json.load(open(out))["populate_ns"], res.report["bpf"]
+
+
+def _progs() -> Dict[int, dict]:
+    out = subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True).stdout
+    return {p["id"]: p for p in json.loads(out or "[]")}
+
+
+def _new_prog_stats(before: Dict[int, dict]) -> dict:
+    tot = {"run_time_ns": 0, "run_cnt": 0}
+    for pid, p in _progs().items():
+        if pid not in before:
+            tot["run_time_ns"] += p.get("run_time_ns", 0)
+            tot["run_cnt"] += p.get("run_cnt", 0)
+    return tot
+
+
+def populate_bpftrace(tmp: str, dev: int, size: str = "1G"):
+    """bpftrace doing the same per-inode count, its programs' cost read the same way (bpf_stats)."""
+    prog = "tracepoint:filemap:mm_filemap_add_to_page_cache /args->s_dev == %d/ { @[args->i_ino] = count(); }" % dev
+    prev = kernel.set_bpf_stats(True)
+    before = _progs()
+    bt = subprocess.Popen(["bpftrace", "-e", prog], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        while "Attaching" not in (bt.stdout.readline() or "Attaching"):
+            pass
+        time.sleep(0.3)
+        ns = populate(tmp, size)
+        return ns, _new_prog_stats(before)
+    finally:
+        kernel.restore_bpf_stats(prev)
+        bt.send_signal(signal.SIGINT)
+        bt.communicate(timeout=30)
+
+
+def model_run(tmp: str, mode: str = "", size: str = "64M"):
+    truth = os.path.join(tmp, "m.json")
+    cmd = [MODEL, "--json", truth, f"keep:gmem:{size}"]
+    bpf = {}
+    if mode:
+        res = run(Options(mode=mode, model=MODEL), None, command=cmd, progress=quiet)
+        bpf = res.report["bpf"]
+    else:
+        subprocess.run(cmd, check=True)
+    return json.load(open(truth))["sessions_ns"], bpf
+
+
+def median_of(fn: Callable[[], float]) -> float:
+    return statistics.median(fn() for _ in range(REPS))
+
+
+def main() -> None:
+    if os.geteuid() != 0:
+        sys.exit("bench: run as root (make bench)")
+    dev = gmem_superblock_dev()
+    rows: List[str] = []
+    with tempfile.TemporaryDirectory(prefix="luotrace-bench-") as tmp:
+        print(f"luotrace bench: {REPS} interleaved runs per configuration, medians; kernel {os.uname().release}, "
+              f"{os.cpu_count()} CPUs", flush=True)
+        # 1. population
+        samples: Dict[str, List[float]] = {k: [] for k in ("baseline", "light", "folio", "trace", "bpftrace")}
+        cost: Dict[str, dict] = {}
+        rng = random.Random(7)
+        for i in range(REPS):
+            order = list(samples)
+            rng.shuffle(order)  # no configuration always runs first after a free
+            for k in order:
+                if k == "baseline":
+                    samples[k].append(populate(tmp))
+                elif k == "bpftrace":
+                    ns, cost[k] = populate_bpftrace(tmp, dev)
+                    samples[k].append(ns)
+                else:
+                    ns, cost[k] = populate_traced(tmp, k)
+                    samples[k].append(ns)
+            print(f"  population round {i + 1}/{REPS} done", file=sys.stderr, flush=True)
+        base = statistics.median(samples["baseline"])
+        spread = (max(samples["baseline"]) - min(samples["baseline"])) / base
+        per_folio = base / 262144
+        rows.append(f"gmem population 1 GiB (262,144 folios): baseline {base / 1e6:.1f} ms median "
+                    f"({per_folio:.0f} ns/folio); run-to-run spread of the baseline {100 * spread:.0f} %")
+        rows.append("  config    median     wall ratio   BPF ns/folio   BPF cost / baseline folio cost")
+        for k in ("light", "folio", "trace", "bpftrace"):
+            m = statistics.median(samples[k])
+            c = cost.get(k, {})
+            per = c["run_time_ns"] / c["run_cnt"] if c.get("run_cnt") else 0.0
+            rows.append(f"  {k:<9} {m / 1e6:7.1f} ms   {m / base:6.3f}      {per:6.0f}         "
+                        f"{100 * per / per_folio:5.1f} %")
+        # 2. model
+        msamples: Dict[str, List[float]] = {k: [] for k in ("baseline", "light", "folio", "trace")}
+        mcost: Dict[str, dict] = {}
+        for i in range(REPS):
+            msamples["baseline"].append(model_run(tmp)[0])
+            for mode in ("light", "folio", "trace"):
+                ns, bpf = model_run(tmp, mode)
+                msamples[mode].append(ns)
+                mcost[mode] = bpf
+            print(f"  model round {i + 1}/{REPS} done", file=sys.stderr, flush=True)
+        mbase = statistics.median(msamples["baseline"])
+        rows.append(f"model preserve 64 MiB (16,384 folios, uprobes): baseline {mbase / 1e6:.2f} ms")
+        for k in ("light", "folio", "trace"):
+            m = statistics.median(msamples[k])
+            c = mcost[k]
+            per = c["run_time_ns"] / c["run_cnt"] if c.get("run_cnt") else 0
+            rows.append(f"  {k:<9} {m / 1e6:8.2f} ms  ratio {m / mbase:.2f}  (BPF {per:.0f} ns/run, {c.get('run_cnt', 0)} runs:"
+                        f" {c.get('run_time_ns', 0) / mbase:.3f} x baseline spent in BPF itself)")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
