@@ -122,3 +122,18 @@ def test_record_report_roundtrip_json(model, tmp_path):
     assert f["folios_preserved"] == 256 and f["result"] == "retrieved"
     text = run_cli("report", out, check=True).stdout
     assert "guest_memfd" in text and "retrieved" in text and "patch=v3" in text
+
+
+def test_truncated_recording_reports_with_a_warning(model, tmp_path):
+    out = str(tmp_path / "r.luo")
+    run_cli("record", "-o", out, "--model", model, "--quiet", "--", model, "--json", str(tmp_path / "t.json"),
+            "keep:gmem:1M", check=True)
+    data = open(out, "rb").read()
+    cut = tmp_path / "cut.luo"
+    cut.write_bytes(data[: len(data) - 100])
+    r = run_cli("report", str(cut))
+    assert r.returncode == 0 and "WARNING: recording truncated" in r.stdout
+    assert r.stderr.count("\n") == 1 and "truncated" in r.stderr and "Traceback" not in r.stderr
+    head = tmp_path / "head.luo"
+    head.write_bytes(data[:30])
+    assert_one_line_error(run_cli("report", str(head)), "header cut short")

@@ -213,10 +213,7 @@ class Aggregator:
             if not st.can_preserve:
                 st.result = "rejected"
         elif role == "preserve":
-            st.phases.append(Phase("preserve", start, dur, ret))
-            if ret < 0:
-                st.fail("preserve", ret)
-            else:
+            if self._op_phase(st, "preserve", start, dur, ret):
                 st.result = "ok"
                 st.ser = int(ev["a0"])
                 self.ser_map[(st.key[0], st.ser)] = st.key
@@ -231,9 +228,7 @@ class Aggregator:
         elif role == "vmalloc":
             st.phases.append(Phase("vmalloc", start, dur, ret, parent="preserve"))
         elif role == "luo_freeze":
-            st.phases.append(Phase("luo_freeze", start, dur, ret))
-            if ret < 0:
-                st.fail("luo_freeze", ret)
+            self._op_phase(st, "luo_freeze", start, dur, ret)
         elif role == "token":
             if ret == 0:
                 st.vm_token = int(ev["a0"])
@@ -242,10 +237,7 @@ class Aggregator:
             if st.result != "error":
                 st.result = "cancelled"
         elif role == "retrieve":
-            st.phases.append(Phase("retrieve", start, dur, ret))
-            if ret < 0:
-                st.fail("retrieve", ret)
-            else:
+            if self._op_phase(st, "retrieve", start, dur, ret):
                 st.retrieved = True
                 st.retrieved_inode = int(ev["a0"]) or None
                 st.result = "retrieved"
@@ -253,6 +245,15 @@ class Aggregator:
             st.phases.append(Phase("finish", start, dur))
             if not st.retrieved and st.result != "error":
                 st.result = "discarded"
+
+    @staticmethod
+    def _op_phase(st: FileState, name: str, start: int, dur: int, ret: int) -> bool:
+        """Record a handler op's phase; a negative return fails the file. True if it succeeded."""
+        st.phases.append(Phase(name, start, dur, ret))
+        if ret < 0:
+            st.fail(name, ret)
+            return False
+        return True
 
     def _session(self, handle: int) -> Session:
         s = self.sessions.get(handle)

@@ -120,7 +120,11 @@ def report(recording: str, as_json: bool) -> None:
     Example: luotrace report run.luo --json | jq '.anomalies'
     """
     from .session import replay
-    _emit(replay(recording), as_json)
+    rep = replay(recording)
+    _emit(rep, as_json)
+    if rep["truncated"]:
+        click.echo(f"luotrace: warning: {recording} is truncated ({rep['truncated_reason']}); "
+                   "the report covers every complete record", err=True)
 
 
 @cli.command()
