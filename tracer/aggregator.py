@@ -284,8 +284,11 @@ class Aggregator:
     # ---- the end ----
 
     def finish(self, maps: Optional[dict]) -> None:
-        """Fold in the final map dumps (per-file folio counters, population)."""
+        """Fold in map dumps (per-file folio counters, population).  Idempotent:
+        a live scrape calls it with each fresh dump, the end with the final one."""
         self.maps = maps or {}
+        for st in self.files.values():
+            st.streamed = {}
         for (h, dev, ino, probe), n in sorted(self.streamed.items()):
             st = self._resolve((h, dev, ino), create=dev != SER_DEV and h in (1, 2))
             if st is not None:

@@ -149,6 +149,57 @@ def demo(mode: str, output: Optional[str], as_json: bool) -> None:
                f"recording in {res.recording}", err=True)
 
 
+@cli.command()
+@click.option("--listen", default="127.0.0.1:9477", show_default=True,
+              help="HOST:PORT for /metrics; localhost unless you say otherwise")
+@click.option("--replay", "replay_path", type=click.Path(dir_okay=False), default=None,
+              help="serve the final state of this recording instead of tracing")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="also record to this file")
+@mode_option
+@click.option("--model", type=click.Path(), default=None, help="trace the reference model binary with uprobes")
+@click.option("--handler", "handlers", multiple=True, type=click.Choice(list(TRACEABLE)),
+              help="trace only these (repeatable)")
+@click.option("--duration", type=click.FloatRange(min=0.1), default=None,
+              help="trace this many seconds, then keep serving the final state")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="label stored in the recording")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def serve(listen: str, replay_path: Optional[str], output: Optional[str], mode: str, model: Optional[str],
+          handlers: Tuple[str, ...], duration: Optional[float], labels: Tuple[str, ...],
+          command: Tuple[str, ...]) -> None:
+    """Export metrics for Prometheus at http://LISTEN/metrics, read from the
+    BPF maps at scrape time.  With COMMAND or --duration, keeps serving the
+    final state after it ends, until Ctrl-C / SIGTERM.
+
+    \b
+    Example:
+      luotrace serve                                  # live, on 127.0.0.1:9477
+      luotrace serve --listen 0.0.0.0:9477            # explicit opt-in beyond localhost
+      luotrace serve --replay run.luo                 # what a recording would have exported
+      luotrace serve --model workloads/model/luo_model -- workloads/model/luo_model kexec:gmem:64M
+    """
+    from .serve import serve_live, serve_replay
+    if replay_path:
+        serve_replay(replay_path, listen)
+        return
+    from .loader import Options
+    opts = Options(mode=mode, model=model, handlers=list(handlers) or None)
+    serve_live(opts, listen, output, list(command) or None, duration, _labels(labels))
+
+
+@cli.command()
+@click.argument("recording", type=click.Path(dir_okay=False))
+@click.option("--textfile", type=click.Path(dir_okay=False), required=True,
+              help="write metrics here in node_exporter textfile-collector format")
+def export(recording: str, textfile: str) -> None:
+    """Write the metrics of a RECORDING for node_exporter's textfile collector.
+
+    Example: luotrace export run.luo --textfile /var/lib/node_exporter/luotrace.prom
+    """
+    from .serve import export_textfile
+    export_textfile(recording, textfile)
+    click.echo(f"luotrace: metrics written to {textfile}", err=True)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     try:
         cli.main(args=argv, prog_name="luotrace", standalone_mode=False)

@@ -72,6 +72,7 @@ def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optio
     }
     if hist:
         d["folio_latency_log2_ns"] = {str(k): v for k, v in sorted(hist.items())}
+        d["folio_preserve_ns_total"] = folio["preserve_ns"] if folio else None
     if st.streamed:
         d["streamed_events"] = dict(sorted(st.streamed.items()))
     d["anomalies"] = anomalies.check(anomalies.Facts(st, folio if folio_mode else None, pop))
@@ -126,6 +127,7 @@ def build(agg: Aggregator, header: dict, end: Optional[dict], truncated: bool = 
         "anomalies_not_checked": list(anomalies.NEEDS_FOLIO_MODE) if agg.mode == "light" else [],
         "totals": totals,
         "probes": [{"symbol": p["symbol"], "name": p["name"], "handler": p["handler"],
+                    "required": bool(p.get("required")),
                     "strategy": p["strategy"], "status": p["status"], "reason": p.get("reason") or None}
                    for p in header.get("probes", [])],
         "layout_unknown": header.get("layout", {}).get("unknown", {}),
@@ -137,7 +139,9 @@ def build(agg: Aggregator, header: dict, end: Optional[dict], truncated: bool = 
                    "inflight_dropped": int(counters.get("inflight_full", 0)),
                    "unknown_key": agg.unknown_key},
         "bpf": {"run_time_ns": int(bpf.get("run_time_ns", 0)), "run_cnt": int(bpf.get("run_cnt", 0)),
-                "stats_enabled": bool(bpf.get("stats_enabled", False))},
+                "stats_enabled": bool(bpf.get("stats_enabled", False)),
+                "programs": {k: {"run_time_ns": int(v.get("run_time_ns", 0)), "run_cnt": int(v.get("run_cnt", 0))}
+                             for k, v in sorted((bpf.get("programs") or {}).items())}},
         "duration_ns": end.get("duration_ns"),
     }
 

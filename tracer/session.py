@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -103,115 +104,182 @@ class _Stop:
         for sig in self._old:
             signal.signal(sig, signal.SIG_IGN)
 
+    def arm(self) -> None:
+        """Listen again (lingering after cleanup)."""
+        for sig in self._old:
+            signal.signal(sig, self._handler)
+
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)  # type: ignore[arg-type]
 
 
+class LiveSession:
+    """One live tracing run.  The poll loop feeds the aggregator; ``snapshot``
+    may be called from another thread (a metrics scrape) at any time."""
+
+    def __init__(self, opts: Options, output: Optional[str], labels: Optional[Dict[str, str]] = None):
+        check_environment(opts)
+        self.opts = opts
+        self.output = output
+        self.layout = resolve_layout(opts)
+        self.labels = labels or {}
+        self.agg = Aggregator(opts.mode)
+        self.lock = threading.Lock()
+        self._pending: List[bytes] = []
+        self.writer: Optional[rec.Writer] = None
+        self.tracer: Optional[Tracer] = None
+        self.header: dict = {}
+        self.final: Optional[dict] = None
+        self.prev_stats: Optional[int] = None
+
+    def _on_bytes(self, raw: bytes) -> None:
+        self._pending.append(raw)
+
+    def pump(self) -> None:
+        if not self._pending:
+            return
+        raw = b"".join(self._pending)
+        self._pending.clear()
+        with self.lock:
+            if self.writer is not None:
+                self.writer.add(raw)
+            self.agg.feed(decode(raw))
+
+    def start(self) -> None:
+        base_ns, real_ns = time.monotonic_ns(), time.time_ns()
+        self.agg.base = base_ns
+        self.prev_stats = kernel.set_bpf_stats(True)
+        try:
+            self.tracer = Tracer(self.opts, self.layout, self._on_bytes)
+        except LuotraceError:
+            raise
+        except Exception as e:  # BCC compile or load failure
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise LuotraceError(f"loading the BPF programs failed: {first}",
+                                "run `luotrace doctor`; `make setup` installs headers and BCC") from None
+        self.header = make_header(self.opts, self.tracer, self.labels, base_ns, real_ns)
+        if self.output:
+            self.writer = rec.Writer(self.output, self.header)
+
+    def attached(self) -> int:
+        return sum(1 for s in self.tracer.statuses if s.status == "attached") if self.tracer else 0
+
+    def poll(self, timeout_ms: int = 100) -> None:
+        self.tracer.poll(timeout_ms)
+        self.pump()
+
+    def _end(self, progs: Dict[str, Dict[str, int]], stopped_by: str) -> dict:
+        return {
+            "stopped_by": stopped_by,
+            "duration_ns": time.monotonic_ns() - self.agg.base,
+            "bpf": {"run_time_ns": sum(p["run_time_ns"] for p in progs.values()),
+                    "run_cnt": sum(p["run_cnt"] for p in progs.values()),
+                    "stats_enabled": self.prev_stats is not None, "programs": progs},
+            "records": self.agg.received,
+        }
+
+    def snapshot(self) -> dict:
+        """The report as of now (maps read now); after stop, the final report."""
+        with self.lock:
+            if self.final is not None:
+                return self.final
+            maps = self.tracer.dump_maps()
+            progs = self.tracer.prog_stats()
+            self.agg.finish(maps)
+            return build(self.agg, self.header, self._end(progs, "running"))
+
+    def stop(self, stopped_by: str) -> dict:
+        """Drain, read the maps, detach, close the recording; returns the final report."""
+        tracer = self.tracer
+        try:
+            tracer.drain()
+            self.pump()
+            maps = tracer.dump_maps()
+            progs = tracer.prog_stats()
+        finally:
+            tracer.close()
+            kernel.restore_bpf_stats(self.prev_stats)
+        end = self._end(progs, stopped_by)
+        with self.lock:
+            if self.writer is not None:
+                self.writer.close(maps, end)
+                self.writer = None
+            self.agg.finish(maps)
+            self.final = build(self.agg, self.header, end)
+        return self.final
+
+    def abort(self) -> None:
+        """Error path: detach and keep what was recorded."""
+        if self.tracer is not None:
+            self.tracer.close()
+        kernel.restore_bpf_stats(self.prev_stats)
+        if self.writer is not None:
+            self.writer.flush()
+
+
 def run(opts: Options, output: Optional[str], command: Optional[List[str]] = None,
         duration: Optional[float] = None, labels: Optional[Dict[str, str]] = None,
         progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
-        ready: Optional[Callable[[], None]] = None) -> RunResult:
-    check_environment(opts)
-    layout = resolve_layout(opts)
-    labels = labels or {}
-    agg = Aggregator(opts.mode)
-    pending: List[bytes] = []
-    writer: Optional[rec.Writer] = None
-
-    def on_bytes(raw: bytes) -> None:
-        pending.append(raw)
-
-    def pump() -> None:
-        if not pending:
-            return
-        raw = b"".join(pending)
-        pending.clear()
-        if writer is not None:
-            writer.add(raw)
-        agg.feed(decode(raw))
-
-    base_ns = time.monotonic_ns()
-    real_ns = time.time_ns()
-    agg.base = base_ns
-    prev_stats = kernel.set_bpf_stats(True)
+        on_started: Optional[Callable[[LiveSession], None]] = None,
+        linger: bool = False) -> RunResult:
+    """Trace until COMMAND exits, DURATION passes or SIGINT/SIGTERM.  With
+    ``linger`` the session stays up after the command exits (serving its final
+    state through ``on_started``'s hooks) until a signal."""
+    sess = LiveSession(opts, output, labels)
     child: Optional[subprocess.Popen] = None
     stopped_by = ""
     with _Stop() as stop:
         try:
-            try:
-                tracer = Tracer(opts, layout, on_bytes)
-            except LuotraceError:
-                raise
-            except Exception as e:  # BCC compile or load failure
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise LuotraceError(f"loading the BPF programs failed: {first}",
-                                    "run `luotrace doctor`; `make setup` installs headers and BCC") from None
-            with tracer:
-                header = make_header(opts, tracer, labels, base_ns, real_ns)
-                if output:
-                    writer = rec.Writer(output, header)
-                attached = sum(1 for s in tracer.statuses if s.status == "attached")
-                progress(f"luotrace: tracing {attached} probes in {opts.mode} mode"
-                         f"{' on ' + opts.model if opts.model else ''}; Ctrl-C to stop")
-                if ready:
-                    ready()
-                if command:
-                    try:
-                        child = subprocess.Popen(command)
-                    except OSError as e:
-                        raise LuotraceError(f"cannot run {command[0]}: {e.strerror}", "check the command after --")
-                deadline = time.monotonic() + duration if duration else None
-                last_note = time.monotonic()
-                while True:
-                    tracer.poll(100)
-                    pump()
-                    if stop.reason:
-                        stopped_by = stop.reason
-                        break
-                    if child is not None and child.poll() is not None:
-                        stopped_by = "command exited"
-                        break
-                    if deadline and time.monotonic() >= deadline:
-                        stopped_by = "duration"
-                        break
-                    if time.monotonic() - last_note >= 10:
-                        last_note = time.monotonic()
-                        progress(f"luotrace: {agg.received} events so far, "
-                                 f"{tracer.counters()['lost']} lost")
-                stop.quiet()
-                if child is not None and child.poll() is None:
-                    child.send_signal(signal.SIGTERM if stopped_by == "SIGTERM" else signal.SIGINT)
-                    try:
-                        child.wait(5)
-                    except subprocess.TimeoutExpired:
-                        child.kill()
-                        child.wait()
-                tracer.drain()
-                pump()
-                maps = tracer.dump_maps()
-                progs = tracer.prog_stats()
-                progress("luotrace: detaching...")
-            end = {
-                "stopped_by": stopped_by,
-                "duration_ns": time.monotonic_ns() - base_ns,
-                "bpf": {"run_time_ns": sum(p["run_time_ns"] for p in progs.values()),
-                        "run_cnt": sum(p["run_cnt"] for p in progs.values()),
-                        "stats_enabled": prev_stats is not None, "programs": progs},
-                "records": agg.received,
-            }
-            if writer is not None:
-                writer.close(maps, end)
-                writer = None
+            sess.start()
+            progress(f"luotrace: tracing {sess.attached()} probes in {opts.mode} mode"
+                     f"{' on ' + opts.model if opts.model else ''}; Ctrl-C to stop")
+            if on_started:
+                on_started(sess)
+            if command:
+                try:
+                    child = subprocess.Popen(command)
+                except OSError as e:
+                    raise LuotraceError(f"cannot run {command[0]}: {e.strerror}", "check the command after --")
+            deadline = time.monotonic() + duration if duration else None
+            last_note = time.monotonic()
+            while True:
+                sess.poll(100)
+                if stop.reason:
+                    stopped_by = stop.reason
+                    break
+                if child is not None and child.poll() is not None:
+                    stopped_by = "command exited"
+                    break
+                if deadline and time.monotonic() >= deadline:
+                    stopped_by = "duration"
+                    break
+                if time.monotonic() - last_note >= 10:
+                    last_note = time.monotonic()
+                    progress(f"luotrace: {sess.agg.received} events so far, "
+                             f"{sess.tracer.counters()['lost']} lost")
+            stop.quiet()
+            if child is not None and child.poll() is None:
+                child.send_signal(signal.SIGTERM if stopped_by == "SIGTERM" else signal.SIGINT)
+                try:
+                    child.wait(5)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+            progress("luotrace: detaching...")
+            report = sess.stop(stopped_by)
+        except BaseException:
+            sess.abort()
+            raise
         finally:
-            kernel.restore_bpf_stats(prev_stats)
             if child is not None and child.poll() is None:
                 child.kill()
                 child.wait()
-            if writer is not None:  # error path: keep what was recorded
-                writer.flush()
-    agg.finish(maps)
-    report = build(agg, header, end)
+        if linger and not stop.reason:
+            stop.arm()
+            progress("luotrace: probes detached; serving the final state until Ctrl-C")
+            while not stop.reason:
+                time.sleep(0.2)
     return RunResult(report, output, child.returncode if child else None, stopped_by)
 
 
