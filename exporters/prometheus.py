@@ -243,3 +243,27 @@ def families(rep: dict) -> List:
             dur.add_metric([f["handler"], str(f["inode"])], f["preserve"]["duration_ns"] / 1e9)
     out += [size, dur]
     return out
+
+
+def exposition(rep: dict) -> str:
+    """The text exposition `luotrace serve` would give for this report."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    registry = CollectorRegistry(auto_describe=False)
+    LuotraceCollector(lambda: rep, registry=registry)
+    return generate_latest(registry).decode()
+
+
+SUMMARY_SKIP = ("_bucket", "luotrace_bpf_", "luotrace_probe_attached", "luotrace_file_", "luotrace_phase_")
+
+
+def summary(rep: dict) -> str:
+    """The headline samples of the exposition, for the terminal (no buckets,
+    per-program or per-probe series, nothing that is zero)."""
+    lines = []
+    for line in exposition(rep).splitlines():
+        if not line or line.startswith("#") or any(s in line for s in SUMMARY_SKIP):
+            continue
+        if line.rsplit(" ", 1)[-1] in ("0.0", "0"):
+            continue
+        lines.append(line)
+    return "\n".join(lines) + "\n"

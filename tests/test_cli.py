@@ -137,3 +137,11 @@ def test_truncated_recording_reports_with_a_warning(model, tmp_path):
     head = tmp_path / "head.luo"
     head.write_bytes(data[:30])
     assert_one_line_error(run_cli("report", str(head)), "header cut short")
+
+
+def test_demo_shows_report_and_metrics_and_agrees_with_the_model(model, kvm, tmp_path):
+    r = run_cli("demo", "-o", str(tmp_path / "demo.luo"))
+    assert r.returncode == 0, r.stderr
+    assert "all 4 files agree" in r.stderr
+    assert "luotrace report" in r.stdout and "error EHWPOISON" in r.stdout and "cancelled" in r.stdout
+    assert 'luotrace_preserve_errors_total{errno="EHWPOISON",handler="guest_memfd"} 1.0' in r.stdout

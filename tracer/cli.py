@@ -135,13 +135,18 @@ def report(recording: str, as_json: bool) -> None:
 def demo(mode: str, output: Optional[str], as_json: bool) -> None:
     """Run the reference model on real guest_memfds and memfds (a clean session
     retrieved after a simulated kexec, a cancelled one, one failing on an
-    injected hwpoisoned folio), trace it live and print the report.
+    injected hwpoisoned folio), trace it live and print the report and the
+    headline metrics.
 
     Example: luotrace demo --mode trace
     """
     from .demo import demo as run_demo
     res, truth, diffs = run_demo(mode, output)
     _emit(res.report, as_json)
+    if not as_json:
+        from exporters.prometheus import summary
+        click.echo("\nmetrics (as `luotrace serve` exports them; buckets and per-probe series omitted):")
+        click.echo(summary(res.report), nl=False)
     if diffs:
         raise LuotraceError("luotrace disagrees with the model's ground truth: " + "; ".join(diffs),
                             "please report this as a bug")
