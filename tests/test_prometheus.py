@@ -239,3 +239,19 @@ def test_series_stay_bounded_with_10000_files():
     small, big = series(100), series(10_000)
     assert big == small  # top-16 files, bounded labels: independent of the number of files
     assert big < 1000
+
+
+def test_default_listen_is_localhost(stack):
+    """No --listen: bound to 127.0.0.1 only (0100007F in /proc/net/tcp)."""
+    _p, _report, _lport, rec = stack
+    s = subprocess.Popen(LUOTRACE + ["serve", "--replay", rec], cwd=REPO, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: "serving" in s.stderr.readline(), 30, "replay server")
+        with open("/proc/net/tcp") as f:
+            listening = [l.split()[1] for l in f.readlines()[1:] if l.split()[3] == "0A"]
+        assert f"0100007F:{9477:04X}" in listening  # 127.0.0.1:9477
+        assert f"00000000:{9477:04X}" not in listening
+    finally:
+        s.terminate()
+        s.communicate(timeout=30)

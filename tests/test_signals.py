@@ -89,3 +89,31 @@ def test_lost_events_counted_and_shown(model, kvm, tmp_path):
     from exporters.text import render
     assert f"{ev['lost']} lost" in render(report)
     assert replay(out) == report
+
+
+def test_sigkill_leaves_a_readable_recording(model, kvm, tmp_path):
+    """SIGKILL cannot be caught: the recording has no trailer, but every
+    record flushed before the kill is recovered and the report says so."""
+    out = str(tmp_path / "killed.luo")
+    cmd = LUOTRACE + ["record", "-o", out, "--model", model, "--", model, "--json", str(tmp_path / "t.json"),
+                      "--pause-ms", "200"] + ["kexec:gmem:1M"] * 10
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "tracing" in p.stderr.readline()
+    # wait until blocks of events reached the file (flushed at least every second)
+    from tracer import recording as rec
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        time.sleep(0.3)
+        try:
+            if len(rec.read(out).events) >= 20:
+                break
+        except Exception:
+            pass
+    p.kill()
+    p.communicate(timeout=30)
+    rep = replay(out)
+    assert rep["truncated"] and "not closed" in rep["truncated_reason"]
+    assert rep["events"]["received"] > 0 and rep["files"]
+    # the kernel dropped our programs with the process
+    r = subprocess.run(LUOTRACE + ["report", out], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0 and "WARNING: recording truncated" in r.stdout

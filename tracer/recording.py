@@ -5,7 +5,7 @@ Layout (all little endian)::
 
     "LUOTRACE" u16 version u16 0 u32 header_len  header (JSON, header_len bytes)
     chunk*:  u32 type  u32 length  payload
-        1 EVENTS  length/64 raw struct luo_event records
+        1 EVENTS  length/64 raw struct luo_event records (a block: 256 KiB or 1 s)
         2 MAPS    JSON map dumps (folio counters, histograms, population, counters)
         3 END     JSON trailer (duration, BPF run time); its presence = closed cleanly
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator, List, Optional
 
@@ -32,6 +33,7 @@ CHUNK = struct.Struct("<II")
 CH_EVENTS, CH_MAPS, CH_END = 1, 2, 3
 MAX_HEADER = 16 << 20
 FLUSH_BYTES = 256 << 10
+FLUSH_SECONDS = 1.0  # a crash loses at most this much of a quiet stream
 
 
 class Writer:
@@ -48,6 +50,7 @@ class Writer:
         self._buf: List[bytes] = []
         self._buffered = 0
         self.records = 0
+        self._last_flush = time.monotonic()
         self._f.flush()
 
     def add(self, raw: bytes) -> None:
@@ -56,7 +59,13 @@ class Writer:
         if self._buffered >= FLUSH_BYTES:
             self.flush()
 
+    def maybe_flush(self) -> None:
+        """Flush a block that has waited FLUSH_SECONDS, however small."""
+        if self._buf and time.monotonic() - self._last_flush >= FLUSH_SECONDS:
+            self.flush()
+
     def flush(self) -> None:
+        self._last_flush = time.monotonic()
         if self._buf:
             payload = b"".join(self._buf)
             payload = payload[: len(payload) - len(payload) % EVENT_SIZE]

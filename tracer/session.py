@@ -168,6 +168,9 @@ class LiveSession:
     def poll(self, timeout_ms: int = 100) -> None:
         self.tracer.poll(timeout_ms)
         self.pump()
+        if self.writer is not None:
+            with self.lock:
+                self.writer.maybe_flush()
 
     def _end(self, progs: Dict[str, Dict[str, int]], stopped_by: str) -> dict:
         return {

@@ -1,0 +1,108 @@
+"""A recording as a timeline for the Perfetto UI (or chrome://tracing), in
+Chrome's JSON trace-event format.
+
+One process per LUO session, one track (thread) per preserved file, phases as
+slices, the session's LUO freeze (the blackout) on its own track, anomalies
+and errors as instant events carrying their evidence, and per-file folio
+progress as a counter.  Downsampling keeps the file openable whatever the
+recording's size: a file's folio counter gets at most MAX_POINTS samples
+(per-folio records are binned over equal time steps, vectorised); slices and
+instants are per phase and per anomaly, so they stay few.
+"""
+from __future__ import annotations
+
+import json
+from typing import Dict, List
+
+import numpy as np
+
+from tracer import catalog
+from tracer.recording import Recording
+
+MAX_POINTS = 500
+NO_SESSION = 0
+
+
+def _us(ns: int) -> float:
+    return ns / 1000.0
+
+
+def build(rec: Recording, report: dict) -> dict:
+    base = rec.header.get("clock", {}).get("base_monotonic_ns", 0)
+    ev: List[dict] = []
+    sessions = {s["id"]: s for s in report.get("sessions", [])}
+    tids: Dict[int, int] = {}
+    for pid in sorted({f["session"] or NO_SESSION for f in report["files"] if f["result"] != "none"}):
+        name = f"LUO session {pid}" if pid else "files outside a session"
+        ev.append({"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": name}})
+        ev.append({"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0, "args": {"sort_index": pid}})
+        s = sessions.get(pid)
+        if s and s.get("blackout_ns") is not None and s.get("blackout_start_ns") is not None:
+            ev.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": 1, "args": {"name": "blackout (LUO freeze)"}})
+            ev.append({"ph": "X", "name": "blackout: luo_file_freeze", "pid": pid, "tid": 1,
+                       "ts": _us(s["blackout_start_ns"]), "dur": _us(s["blackout_ns"]),
+                       "args": {"files": len(s["files"]), "errno": s.get("freeze_errno")}})
+    folio_rows = _folio_rows(rec)
+    for n, f in enumerate(f for f in report["files"] if f["result"] != "none"):
+        pid, tid = f["session"] or NO_SESSION, 100 + n
+        tids[f["inode"]] = tid
+        ev.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid,
+                   "args": {"name": f"{f['handler']} inode {f['inode']}"}})
+        ev.append({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": tid, "args": {"sort_index": tid}})
+        for p in f["phases"]:
+            args = {k: p[k] for k in ("errno", "count") if k in p}
+            ev.append({"ph": "X", "name": p["name"], "cat": "phase", "pid": pid, "tid": tid,
+                       "ts": _us(p["start_ns"]), "dur": _us(p["duration_ns"]), "args": args})
+        end = max((p["start_ns"] + p["duration_ns"] for p in f["phases"]), default=0)
+        if f["errno"]:
+            ev.append({"ph": "i", "s": "t", "name": f"error {f['errno']} in {f['failed_phase']}", "cat": "error",
+                       "pid": pid, "tid": tid, "ts": _us(end), "args": {"result": f["result"]}})
+        for a in f["anomalies"]:
+            ev.append({"ph": "i", "s": "t", "name": a["code"], "cat": "anomaly", "pid": pid, "tid": tid,
+                       "ts": _us(end), "args": {"detail": a["detail"]}})
+        ev += _folio_counter(f, pid, folio_rows.get(f["inode"]), base)
+    return {"traceEvents": ev, "displayTimeUnit": "ns",
+            "metadata": {"luotrace": report.get("recording", {}), "downsampling":
+                         f"folio counters: at most {MAX_POINTS} samples per file"}}
+
+
+def _folio_rows(rec: Recording) -> Dict[int, np.ndarray]:
+    """Timestamps of streamed kho_preserve_folio records, per inode (trace mode)."""
+    e = rec.events
+    if not len(e):
+        return {}
+    sel = e[e["probe"] == catalog.PROBE_IDS["kho_preserve_folio"]]
+    out: Dict[int, np.ndarray] = {}
+    if not len(sel):
+        return out
+    order = np.argsort(sel["ino"], kind="stable")
+    inos, starts = np.unique(sel["ino"][order], return_index=True)
+    ts = sel["ts"][order]
+    bounds = list(starts[1:]) + [len(order)]
+    for ino, s, t in zip(inos.tolist(), starts.tolist(), bounds):
+        out[int(ino)] = np.sort(ts[s:t])
+    return out
+
+
+def _folio_counter(f: dict, pid: int, ts: np.ndarray, base: int) -> List[dict]:
+    name = "folios preserved"
+    if ts is not None and len(ts):
+        # bin over equal time steps: cumulative count at each bin's end
+        edges = np.linspace(float(ts[0]), float(ts[-1]) + 1, min(MAX_POINTS, len(ts)) + 1)
+        cum = np.searchsorted(ts.astype(np.float64), edges[1:], side="left")
+        return [{"ph": "C", "name": name, "pid": pid, "tid": 0, "ts": _us(int(x) - base),
+                 "args": {f"inode {f['inode']}": int(c)}} for x, c in zip(edges[1:], cum)]
+    fill = next((p for p in f["phases"] if p["name"] in ("fill_pass", "preserve_folios")), None)
+    if fill is None or f.get("folios_preserved") is None:
+        return []
+    return [{"ph": "C", "name": name, "pid": pid, "tid": 0, "ts": _us(fill["start_ns"]),
+             "args": {f"inode {f['inode']}": 0}},
+            {"ph": "C", "name": name, "pid": pid, "tid": 0, "ts": _us(fill["start_ns"] + fill["duration_ns"]),
+             "args": {f"inode {f['inode']}": f["folios_preserved"]}}]
+
+
+def write(rec: Recording, report: dict, out: str) -> int:
+    doc = build(rec, report)
+    with open(out, "w") as fh:
+        json.dump(doc, fh)
+    return len(doc["traceEvents"])
