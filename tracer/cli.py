@@ -46,6 +46,9 @@ def cli() -> None:
     luotrace demo                        the whole pipeline on real guest_memfds
     luotrace record -o run.luo -- CMD    trace while CMD runs (or --duration, or Ctrl-C)
     luotrace report run.luo [--json]     per-file timelines, anomalies, totals
+    luotrace serve                       Prometheus metrics on 127.0.0.1:9477
+    luotrace compare v2.luo v3.luo       which phase got slower, with confidence intervals
+    luotrace timeline run.luo -o run.json   open in ui.perfetto.dev
     """
 
 
@@ -203,6 +206,90 @@ def export(recording: str, textfile: str) -> None:
     from .serve import export_textfile
     export_textfile(recording, textfile)
     click.echo(f"luotrace: metrics written to {textfile}", err=True)
+
+
+@cli.command()
+@click.argument("recording", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
+              help="trace file to write (Chrome JSON trace events: open it in ui.perfetto.dev)")
+def timeline(recording: str, output: str) -> None:
+    """Write a RECORDING as a timeline: one track per preserved file, phases as
+    slices, the session blackout marked, anomalies and errors as instants,
+    folio progress as counters (at most 500 samples per file).
+
+    Example: luotrace timeline v3.luo -o v3.json   # then open in ui.perfetto.dev
+    """
+    from exporters.timeline import write
+    from . import recording as rec_mod
+    from .session import report_of
+    r = rec_mod.read(recording)
+    n = write(r, report_of(r), output)
+    click.echo(f"luotrace: {n} trace events written to {output}", err=True)
+
+
+@cli.command()
+@click.argument("recordings", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--by", default=None, metavar="LABEL",
+              help="group the recordings into two sides by this label (e.g. patch)")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="also write a PNG of the distributions")
+@click.option("--seed", type=int, default=0, show_default=True, help="bootstrap random seed")
+@json_option
+def compare(recordings: Tuple[str, ...], by: Optional[str], plot: Optional[str], seed: int, as_json: bool) -> None:
+    """Compare phase durations between two recordings, or two groups of
+    recordings (--by LABEL): median, p90, p99, delta, bootstrap 95 % CI of the
+    median delta, Mann-Whitney p.  A change is claimed only when the interval
+    excludes zero (Holm-corrected over the phases).
+
+    \b
+    Example:
+      luotrace compare v2.luo v3.luo
+      luotrace compare runs/*.luo --by patch --plot cmp.png --json
+    """
+    from . import compare as cmp
+    a, b = cmp.load_sides(list(recordings), by)
+    res = cmp.compare(a, b, seed=seed)
+    click.echo(json.dumps(res, indent=2) if as_json else cmp.render(res), nl=not as_json)
+    if plot:
+        cmp.plot(a, b, plot)
+        click.echo(f"luotrace: plot written to {plot}", err=True)
+
+
+@cli.command()
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="recording to write")
+@click.option("--files", type=click.IntRange(min=1, max=100_000), default=4, show_default=True)
+@click.option("--size", default="1G", show_default=True, help="total guest memory, split over the files (e.g. 1TiB)")
+@mode_option
+@click.option("--folio-ns", type=click.FloatRange(min=1), default=250.0, show_default=True,
+              help="median kho_preserve_folio latency")
+@click.option("--slow", "slow", multiple=True, metavar="PHASE=FACTOR",
+              help="scale a phase's duration, e.g. --slow fill_pass=1.1 (repeatable)")
+@click.option("--errors", type=click.IntRange(min=0), default=0, help="files failing with EHWPOISON")
+@click.option("--anomaly", "anomalies", multiple=True,
+              type=click.Choice(["holes", "folio_added_while_frozen", "pass_count_mismatch", "pfn_zero",
+                                 "large_folios"]), help="inject this anomaly on one file (repeatable)")
+@click.option("--lost", type=click.IntRange(min=0), default=0, help="lost per-folio events to report")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="label stored in the recording")
+def simulate(output: str, files: int, size: str, mode: str, folio_ns: float, slow: Tuple[str, ...], errors: int,
+             anomalies: Tuple[str, ...], lost: int, seed: int, labels: Tuple[str, ...]) -> None:
+    """Write a synthetic recording of a preservation run at any scale (same
+    format as `record`), for load tests of everything downstream.
+
+    Example: luotrace simulate --files 64 --size 1TiB -o big.luo && luotrace report big.luo
+    """
+    from .simulate import SimSpec, parse_size, simulate as sim
+    scales = {}
+    for item in slow:
+        k, sep, v = item.partition("=")
+        try:
+            scales[k] = float(v)
+        except ValueError:
+            sep = ""
+        if not sep or not k:
+            raise LuotraceError(f"bad --slow '{item}'", "use PHASE=FACTOR, e.g. --slow fill_pass=1.1")
+    spec = SimSpec(files=files, size=parse_size(size), mode=mode, folio_ns=folio_ns, phase_scale=scales,
+                   errors=errors, anomalies=list(anomalies), lost=lost, seed=seed, labels=_labels(labels))
+    sim(spec, output, progress=lambda s: click.echo(s, err=True))
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -69,12 +69,13 @@ def load_sides(paths: Sequence[str], by: Optional[str]) -> Tuple[Side, Side]:
 
 
 def bootstrap_median_delta(a: np.ndarray, b: np.ndarray, rng: np.random.Generator,
-                           n: int = BOOT) -> Tuple[float, float]:
-    """Percentile 95 % interval of median(b) - median(a), vectorised."""
+                           n: int = BOOT, level: float = 0.95) -> Tuple[float, float]:
+    """Percentile bootstrap interval of median(b) - median(a), vectorised."""
     ia = rng.integers(0, len(a), size=(n, len(a)))
     ib = rng.integers(0, len(b), size=(n, len(b)))
     d = np.median(b[ib], axis=1) - np.median(a[ia], axis=1)
-    lo, hi = np.percentile(d, [2.5, 97.5])
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(d, [tail, 100 - tail])
     return float(lo), float(hi)
 
 
@@ -98,18 +99,27 @@ def compare(a: Side, b: Side, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     sa, sb = a.samples(), b.samples()
     rows = []
-    for key in sorted(set(sa) & set(sb), key=lambda k: (k[0], ("preserve",) + LEAF_PHASES).index(k[1])
-                      if k[1] in ("preserve",) + LEAF_PHASES else 99):
+    order = ("preserve",) + LEAF_PHASES
+    keys = sorted(set(sa) & set(sb), key=lambda k: (k[0], order.index(k[1])))
+    # Holm-Bonferroni over the leaf phases: the family-wise false-claim rate stays <= ALPHA
+    leaf = [k for k in keys if k[1] != "preserve"]
+    pvals = {k: mann_whitney_p(sa[k], sb[k]) for k in keys}
+    m = max(1, len(leaf))
+    level: Dict[Tuple[str, str], float] = {}
+    for rank, k in enumerate(sorted(leaf, key=lambda k: pvals[k])):
+        level[k] = ALPHA / (m - rank)
+    for key in keys:
         x, y = sa[key], sb[key]
         ma, mb = float(np.median(x)), float(np.median(y))
         lo, hi = bootstrap_median_delta(x, y, rng)
-        p = mann_whitney_p(x, y)
-        total = key[1] == "preserve"
-        if total:
+        p = pvals[key]
+        a_k = level.get(key, ALPHA)
+        clo, chi = bootstrap_median_delta(x, y, rng, level=1 - a_k) if key in level else (lo, hi)
+        if key[1] == "preserve":
             verdict = "(total)"
-        elif lo > 0 and p < ALPHA:
+        elif clo > 0 and p < a_k:
             verdict = "slower"
-        elif hi < 0 and p < ALPHA:
+        elif chi < 0 and p < a_k:
             verdict = "faster"
         else:
             verdict = "~"
@@ -157,12 +167,14 @@ def plot(a: Side, b: Side, out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     sa, sb = a.samples(), b.samples()
-    keys = [k for k in sorted(set(sa) & set(sb)) if k[1] != "preserve"]
+    keys = [k for k in sorted(set(sa) & set(sb), key=lambda k: (k[0], LEAF_PHASES.index(k[1])
+                                                                if k[1] in LEAF_PHASES else -1))
+            if k[1] != "preserve"]
     if not keys:
         raise LuotraceError("no phase is present on both sides", "check the recordings")
     fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 4), squeeze=False)
     for ax, k in zip(axes[0], keys):
-        ax.boxplot([sa[k] / 1e3, sb[k] / 1e3], labels=["A", "B"], showfliers=False)
+        ax.boxplot([sa[k] / 1e3, sb[k] / 1e3], tick_labels=["A", "B"], showfliers=False)
         ax.set_title(f"{k[0]}\n{k[1]}", fontsize=9)
         ax.set_ylabel("µs")
     fig.suptitle(f"A = {a.name}   B = {b.name}", fontsize=10)
