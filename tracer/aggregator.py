@@ -140,11 +140,20 @@ class Aggregator:
         overtake the lifecycle record of their file: count them by raw key and
         attribute them at the end."""
         self.per_folio_received += len(rows)
-        keys = np.stack([rows["handler"].astype(np.uint64), rows["dev"].astype(np.uint64), rows["ino"],
-                         rows["probe"].astype(np.uint64)], axis=1)
-        uniq, counts = np.unique(keys, axis=0, return_counts=True)
-        for (h, dev, ino, probe), n in zip(uniq.tolist(), counts.tolist()):
-            k = (int(h), int(dev), int(ino), int(probe))
+        ino = rows["ino"]
+        # handler (8 bits), probe (16) and dev (32) packed beside the inode number
+        key2 = (rows["handler"].astype(np.uint64) << np.uint64(48)) | \
+            (rows["probe"].astype(np.uint64) << np.uint64(32)) | rows["dev"].astype(np.uint64)
+        if (ino == ino[0]).all() and (key2 == key2[0]).all():  # the usual block: one file's folios
+            groups = [(int(ino[0]), int(key2[0]), len(rows))]
+        else:
+            order = np.lexsort((key2, ino))
+            i_s, k_s = ino[order], key2[order]
+            starts = np.r_[0, np.flatnonzero((i_s[1:] != i_s[:-1]) | (k_s[1:] != k_s[:-1])) + 1]
+            counts = np.diff(np.r_[starts, len(rows)])
+            groups = list(zip(i_s[starts].tolist(), k_s[starts].tolist(), counts.tolist()))
+        for i, k2, n in groups:
+            k = (int(k2 >> 48), int(k2 & 0xFFFFFFFF), int(i), int((k2 >> 32) & 0xFFFF))
             self.streamed[k] = self.streamed.get(k, 0) + int(n)
 
     def _file(self, key: Key, ts: int) -> FileState:

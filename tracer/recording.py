@@ -15,6 +15,7 @@ the cut is recovered and the result says it was truncated.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import time
@@ -90,12 +91,19 @@ class Writer:
 @dataclass
 class Recording:
     header: dict
-    events: np.ndarray
+    chunks: List[np.ndarray]
     maps: Optional[dict] = None
     end: Optional[dict] = None
     truncated: bool = False
     truncated_reason: str = ""
-    chunks: List[np.ndarray] = field(default_factory=list)
+    _events: Optional[np.ndarray] = field(default=None, repr=False)
+
+    @property
+    def events(self) -> np.ndarray:
+        """All records as one array (a copy: replay itself walks ``batches``)."""
+        if self._events is None:
+            self._events = np.concatenate(self.chunks) if self.chunks else np.zeros(0, dtype=EVENT_DTYPE)
+        return self._events
 
     def batches(self) -> Iterator[np.ndarray]:
         yield from self.chunks
@@ -106,9 +114,12 @@ def _bad(path: str, what: str) -> LuotraceError:
 
 
 def read(path: str) -> Recording:
+    """Map the file (no copy: records are decoded in place, pages load as the
+    replay walks them) and parse it."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            size = os.fstat(f.fileno()).st_size
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
     except IsADirectoryError:
         raise _bad(path, "is a directory") from None
     except OSError as e:
@@ -116,9 +127,11 @@ def read(path: str) -> Recording:
     return parse(data, path)
 
 
-def parse(data: bytes, path: str = "<recording>") -> Recording:
-    """Decode a recording held in memory; see the module docstring for the layout."""
-    if len(data) < PREAMBLE.size or not data.startswith(MAGIC):
+def parse(data, path: str = "<recording>") -> Recording:
+    """Decode a recording held in memory (bytes or a mapping); see the module
+    docstring for the layout.  Event records are numpy views, not copies."""
+    view = memoryview(data)
+    if len(data) < PREAMBLE.size or bytes(view[: len(MAGIC)]) != MAGIC:
         raise _bad(path, "not a luotrace recording (no LUOTRACE header)")
     _magic, version, _r, hlen = PREAMBLE.unpack_from(data, 0)
     if version > VERSION:
@@ -129,7 +142,7 @@ def parse(data: bytes, path: str = "<recording>") -> Recording:
     if hlen > MAX_HEADER or PREAMBLE.size + hlen > len(data):
         raise _bad(path, "header cut short or corrupt")
     try:
-        header = json.loads(data[PREAMBLE.size: PREAMBLE.size + hlen])
+        header = json.loads(bytes(view[PREAMBLE.size: PREAMBLE.size + hlen]))
         if not isinstance(header, dict):
             raise ValueError("header is not an object")
     except (ValueError, UnicodeDecodeError):
@@ -143,7 +156,7 @@ def parse(data: bytes, path: str = "<recording>") -> Recording:
             truncated, reason = True, f"cut inside a chunk header at byte {pos}"
             break
         kind, length = CHUNK.unpack_from(data, pos)
-        body = data[pos + CHUNK.size: pos + CHUNK.size + length]
+        body = view[pos + CHUNK.size: pos + CHUNK.size + length]
         short = len(body) < length
         if kind == CH_EVENTS:
             if length % EVENT_SIZE and not short:
@@ -159,7 +172,7 @@ def parse(data: bytes, path: str = "<recording>") -> Recording:
                 truncated, reason = True, f"cut inside the {'map dump' if kind == CH_MAPS else 'trailer'}"
                 break
             try:
-                obj = json.loads(body)
+                obj = json.loads(bytes(body))
                 if not isinstance(obj, dict):
                     raise ValueError
             except (ValueError, UnicodeDecodeError):
@@ -173,5 +186,4 @@ def parse(data: bytes, path: str = "<recording>") -> Recording:
         pos += CHUNK.size + length
     if end is None and not truncated:
         truncated, reason = True, "no trailer: the recording was not closed (killed or still being written)"
-    events = np.concatenate(chunks) if chunks else np.zeros(0, dtype=EVENT_DTYPE)
-    return Recording(header, events, maps, end, truncated, reason, chunks)
+    return Recording(header, chunks, maps, end, truncated, reason)
