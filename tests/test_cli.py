@@ -101,7 +101,7 @@ def test_doctor_not_root_fails():
 
 def test_help_explains_every_command():
     r = run_cli("--help", check=True)
-    for cmd in ("doctor", "record", "report", "demo"):
+    for cmd in ("doctor", "record", "report", "demo", "serve", "export", "timeline", "compare", "simulate"):
         assert cmd in r.stdout
         sub = run_cli(cmd, "--help", check=True)
         assert "Example" in sub.stdout, cmd
@@ -145,3 +145,9 @@ def test_demo_shows_report_and_metrics_and_agrees_with_the_model(model, kvm, tmp
     assert "all 4 files agree" in r.stderr
     assert "luotrace report" in r.stdout and "error EHWPOISON" in r.stdout and "cancelled" in r.stdout
     assert 'luotrace_preserve_errors_total{errno="EHWPOISON",handler="guest_memfd"} 1.0' in r.stdout
+
+
+def test_print_bpf_shows_final_text_with_resolved_offsets(model):
+    r = run_cli("record", "-o", "/dev/null", "--model", model, "--print-bpf", check=True)
+    assert "-DLUO_USER=1" in r.stdout and "-DOFF_ARGS_FILE=16" in r.stdout
+    assert "int kho_preserve_folio_entry(struct pt_regs *ctx)" in r.stdout

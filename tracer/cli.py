@@ -88,10 +88,11 @@ def doctor(model: Optional[str], as_json: bool) -> None:
               help="trace mode: per-folio ring buffer size in 4 KiB pages (power of two); lifecycle "
                    "events have their own buffer")
 @click.option("--quiet", is_flag=True, help="do not print the report at the end")
+@click.option("--print-bpf", is_flag=True, help="print the final BPF C text and compiler flags, then exit")
 @json_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(output: str, mode: str, model: Optional[str], handlers: Tuple[str, ...], duration: Optional[float],
-           labels: Tuple[str, ...], sample: int, ringbuf_pages: int, quiet: bool, as_json: bool,
+           labels: Tuple[str, ...], sample: int, ringbuf_pages: int, quiet: bool, print_bpf: bool, as_json: bool,
            command: Tuple[str, ...]) -> None:
     """Attach, record events to OUTPUT until COMMAND exits, --duration passes or
     Ctrl-C / SIGTERM; then detach and print the report.
@@ -106,6 +107,10 @@ def record(output: str, mode: str, model: Optional[str], handlers: Tuple[str, ..
     from .session import run
     opts = Options(mode=mode, model=model, handlers=list(handlers) or None, sample_every=sample,
                    folio_ringbuf_pages=ringbuf_pages)
+    if print_bpf:
+        from .loader import final_source
+        click.echo(final_source(opts), nl=False)
+        return
     res = run(opts, output, command=list(command) or None, duration=duration, labels=_labels(labels))
     if not quiet:
         _emit(res.report, as_json)

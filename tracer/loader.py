@@ -328,3 +328,12 @@ def verify_kernel_programs(mode: str, layout: Layout) -> Dict[str, str]:
     finally:
         b.cleanup()
     return results
+
+
+def final_source(opts: Options) -> str:
+    """The BPF text and flags a run with ``opts`` would compile (``--print-bpf``)."""
+    from .session import resolve_layout
+    layout = resolve_layout(opts)
+    probes = [p for p in catalog.probes_for(opts.mode, opts.handlers)]
+    flags = cflags(opts, layout) + ["-DGMEM_DEV=<found at start>"]
+    return "/* cflags: " + " ".join(flags) + " */\n" + bpf_source(source_files(probes))
