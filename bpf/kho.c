@@ -27,7 +27,10 @@ BPF_HASH(folio_preserve_duration_seconds, struct hist_key, u64, MAX_FILES * 64);
 static __always_inline struct folio_stats_v *stats_for(struct fkey *k)
 {
 	struct folio_stats_v zero = {};
-	return folio_stats.lookup_or_try_init(k, &zero);
+	struct folio_stats_v *s = folio_stats.lookup_or_try_init(k, &zero);
+	if (!s)
+		count(CNT_MAP_FULL);
+	return s;
 }
 
 static __always_inline int current_file(struct fkey *k, u32 *role)

@@ -38,7 +38,8 @@
 #define CNT_SAMPLE_TICK 5
 #define CNT_FOLIO_LOST 6
 #define CNT_FOLIO_EMITTED 7
-#define NR_COUNTERS 8
+#define CNT_MAP_FULL 8          /* a per-file map was full: that file's counts are incomplete */
+#define NR_COUNTERS 10
 
 /* The file identity: inode number and device, or a serialized-data handle
  * (dev == SER_DEV) on the retrieve side where no file exists yet. */

@@ -36,6 +36,8 @@ static __always_inline void pop_flush(struct pop_cache_v *c)
 	if (!c->key.ino && !c->key.dev)
 		return;
 	p = population.lookup_or_try_init(&c->key, &zero);
+	if (!p)
+		count(CNT_MAP_FULL);
 	if (p) {
 		__sync_fetch_and_add(&p->added, c->v.added);
 		__sync_fetch_and_add(&p->deleted, c->v.deleted);

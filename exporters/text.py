@@ -101,7 +101,8 @@ def render(report: dict) -> str:
     out.append(f"events: {ev.get('received', 0)} received, {ev.get('lost', 0)} lost"
                + (f" ({ev['lost_lifecycle']} lifecycle)" if ev.get("lost_lifecycle") else "")
                + (f", {ev['sampled_out']} sampled out" if ev.get("sampled_out") else "")
-               + (f", {ev['inflight_dropped']} calls untracked (inflight map full)" if ev.get("inflight_dropped") else ""))
+               + (f", {ev['inflight_dropped']} calls untracked (inflight map full)" if ev.get("inflight_dropped") else "")
+               + (f", {ev['map_full']} per-file updates dropped (map full: raise the bound)" if ev.get("map_full") else ""))
     if bpf.get("run_cnt"):
         out.append(f"tracer cost: {bpf['run_cnt']} BPF runs, {fmt_ns(bpf['run_time_ns'])} total, "
                    f"{bpf['run_time_ns'] / bpf['run_cnt']:.0f}ns each")

@@ -22,7 +22,7 @@ from .layout import Layout
 BPF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf")
 
 COUNTER_NAMES = ("lost", "emitted", "sampled_out", "inflight_full", "unattributed", "sample_tick",
-                 "folio_lost", "folio_emitted")
+                 "folio_lost", "folio_emitted", "map_full")
 
 
 @dataclass

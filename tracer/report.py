@@ -137,6 +137,7 @@ def build(agg: Aggregator, header: dict, end: Optional[dict], truncated: bool = 
                    "lost_per_folio": int(counters.get("folio_lost", 0)),
                    "sampled_out": int(counters.get("sampled_out", 0)),
                    "inflight_dropped": int(counters.get("inflight_full", 0)),
+                   "map_full": int(counters.get("map_full", 0)),
                    "unknown_key": agg.unknown_key},
         "bpf": {"run_time_ns": int(bpf.get("run_time_ns", 0)), "run_cnt": int(bpf.get("run_cnt", 0)),
                 "stats_enabled": bool(bpf.get("stats_enabled", False)),
