@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 from tracer import kernel
 from tracer.loader import Options

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
-import pytest
 
 from tests.conftest import MODEL, REPO, run_cli
 

@@ -3,7 +3,6 @@ checked against the driver's ground truth and against bpftrace counting the
 same tracepoint on the same run."""
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, load_json
+from tests.conftest import load_json
 from tracer.loader import Options
 from tracer.session import replay, run
 from workloads.gmem import gmem_superblock_dev

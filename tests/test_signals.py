@@ -7,13 +7,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from tests.conftest import LUOTRACE, REPO
-from tracer.demo import run_model
 from tracer.session import replay
 
 

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from tests.conftest import run_cli
-from tracer import catalog
 from tracer.demo import DEFAULT_SESSIONS, run_model
 from tracer.simulate import SimSpec, simulate
 
@@ -30,7 +28,7 @@ def test_demo_timeline_one_track_per_file_phases_in_order(model, kvm, tmp_path):
     files = [f for f in res.report["files"] if f["result"] != "none"]
     file_tracks = {k: v for k, v in tracks.items() if "inode" in v}
     assert sorted(file_tracks.values()) == sorted(f"{f['handler']} inode {f['inode']}" for f in files)
-    for (pid, tid), name in file_tracks.items():
+    for pid, tid in file_tracks:
         slices = sorted((e for e in ev if e.get("ph") == "X" and e["pid"] == pid and e["tid"] == tid),
                         key=lambda e: e["ts"])
         names = [e["name"] for e in slices]

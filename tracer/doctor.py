@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional
 
-from . import catalog, kernel
+from . import kernel
 from .errors import LuotraceError
 from .loader import Options, plan
 
