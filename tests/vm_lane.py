@@ -1,0 +1,59 @@
+"""Host-side checks of `make vmtest` (not part of `make test`): luotrace ran
+inside a VM booted on a real Linux 7.2 LUO kernel; its results are files in
+LUOTRACE_VM_OUT."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+OUT = os.environ.get("LUOTRACE_VM_OUT", "/tmp/luotrace-vmtest")
+
+
+def load(name):
+    path = os.path.join(OUT, name)
+    if not os.path.exists(path) or not os.path.getsize(path):
+        log = open(os.path.join(OUT, "log.txt")).read() if os.path.exists(os.path.join(OUT, "log.txt")) else ""
+        pytest.fail(f"{name} missing from the VM run; guest log:\n{log[-3000:]}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_booted_a_luo_kernel():
+    info = load("info.json")
+    assert info["kernel"].startswith("7.2") and info["liveupdate"] and info["btf"]
+
+
+@pytest.mark.parametrize("mode", ["light", "folio"])
+def test_real_attach_on_real_symbols(mode):
+    rep = load(f"report-{mode}.json")
+    strat = {p["symbol"]: (p["strategy"], p["status"]) for p in rep["probes"]}
+    assert strat["memfd_luo_preserve"] == ("kprobe", "attached")
+    assert strat["luo_preserve_file"] == ("kprobe", "attached")
+    if mode == "folio":
+        assert strat["kho_preserve_folio"] == ("kprobe", "attached")
+
+
+@pytest.mark.parametrize("mode", ["light", "folio"])
+def test_memfds_preserved_with_holes_filled(mode):
+    rep, truth = load(f"report-{mode}.json"), load(f"truth-{mode}.json")
+    files = {f["inode"]: f for f in rep["files"]}
+    for t in truth["files"]:
+        f = files[t["inode"]]
+        assert f["handler"] == "memfd"
+        if t["outcome"] == "cancel":
+            assert any(p["name"] == "unpreserve" for p in f["phases"])
+            if mode == "folio":
+                assert f["folios_unpreserved"] == f["folios_preserved"] == t["pages"]
+        elif mode == "folio" or f["folios_preserved"] is not None:
+            assert f["folios_preserved"] == t["pages"]
+        assert f["anomalies"] == []
+
+
+def test_error_cases_show_errno_and_no_preservation():
+    rep, truth = load("report-folio.json"), load("truth-folio.json")
+    assert truth["errors"] and all(e["errno"] for e in truth["errors"])
+    preserved = {f["inode"] for f in rep["files"] if f["result"] in ("ok", "cancelled")}
+    for e in truth["errors"]:
+        assert e.get("inode") not in preserved

@@ -1,0 +1,1 @@
+"""The real-kernel lane: a Linux 7.2 LUO kernel under QEMU (TCG), luotrace inside."""
