@@ -10,7 +10,7 @@ KREL := $(shell uname -r)
 APT_PACKAGES := python3-bpfcc bpfcc-tools bpftrace bpftool linux-headers-amd64 build-essential \
                 python3-venv prometheus util-linux
 
-.PHONY: setup apt headers mounts venv model demo test bench docs clean
+.PHONY: setup apt headers mounts venv model demo test bench docs clean vm-deps vm-kernel vmtest
 
 setup: apt headers mounts venv model
 
@@ -61,6 +61,20 @@ test: setup
 
 bench: setup
 	$(PY) -m tests.bench
+
+# Real-kernel lane (Linux 7.2 with LUO under QEMU TCG); not part of `make test`.
+VM_PACKAGES := flex bison bc libelf-dev libssl-dev dwarves cpio rsync qemu-system-x86 kmod
+
+vm-deps: setup
+	@missing=""; for p in $(VM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; fi
+	@$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[vm]'
+
+vm-kernel: vm-deps
+	bash workloads/vm/build-kernel.sh
+
+vmtest: vm-kernel
+	bash workloads/vm/vmtest.sh
 
 docs: venv
 	$(PY) -m tracer.docs
