@@ -57,3 +57,8 @@ def test_error_cases_show_errno_and_no_preservation():
     preserved = {f["inode"] for f in rep["files"] if f["result"] in ("ok", "cancelled")}
     for e in truth["errors"]:
         assert e.get("inode") not in preserved
+
+
+def test_luo_selftest_passes_with_and_without_luotrace():
+    res = load("selftests.json")
+    assert res["untraced_rc"] == 0 and res["traced_rc"] == 0

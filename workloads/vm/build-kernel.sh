@@ -38,7 +38,19 @@ fi
 frag="$src/tools/testing/selftests/liveupdate/config"
 hash=$(cat "$here/luo.config" "$frag" "$src/kernel/configs/kvm_guest.config" | sha256sum | cut -c1-12)
 out="$cache/kernel-$version-$hash"
+
+# The kernel's own LUO selftests, built against this tree's uapi headers.
+selftests() {
+  [ -x "$out/selftests/liveupdate" ] && return 0
+  note "building tools/testing/selftests/liveupdate"
+  make -s -C "$src" O="$out/build" headers_install
+  mkdir -p "$out/selftests"
+  make -s -C "$src/tools/testing/selftests/liveupdate" OUTPUT="$out/selftests" \
+    KHDR_INCLUDES="-isystem $out/build/usr/include" >&2
+}
+
 if [ -f "$out/bzImage" ]; then
+  selftests
   note "cached: $out/bzImage"
   echo "$out"
   exit 0
@@ -61,4 +73,5 @@ fi
 cp "$out/build/arch/x86/boot/bzImage" "$out/bzImage"
 cp "$out/build/.config" "$out/config"
 note "built in $(( $(date +%s) - start )) s: $out/bzImage"
+selftests
 echo "$out"

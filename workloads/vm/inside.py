@@ -2,7 +2,7 @@
 Linux 7.2 kernel.  Everything it learns is written as files into OUT (a
 directory shared with the host), where tests/vm_lane.py asserts on it.
 
-    python -m workloads.vm.inside OUT
+    python -m workloads.vm.inside OUT [KERNEL_CACHE_DIR]
 """
 from __future__ import annotations
 
@@ -26,6 +26,16 @@ def sh(cmd, out_path=None, **kw) -> int:
     return r.returncode
 
 
+def selftests(kdir: str) -> None:
+    """The kernel's own LUO selftest (kselftest harness), without and with luotrace attached."""
+    st = os.path.join(kdir, "selftests", "liveupdate")
+    rc = sh([st], os.path.join(OUT, "selftest-untraced.txt"))
+    rc2 = sh([PY, "-m", "tracer.cli", "record", "--mode", "folio", "--handler", "memfd", "--quiet", "-o",
+              os.path.join(OUT, "selftest.luo"), "--", st], os.path.join(OUT, "selftest-traced.txt"))
+    with open(os.path.join(OUT, "selftests.json"), "w") as f:
+        json.dump({"untraced_rc": rc, "traced_rc": rc2}, f)
+
+
 def main() -> None:
     info = {"kernel": platform.release(), "liveupdate": os.path.exists("/dev/liveupdate"),
             "kheaders": os.path.exists("/sys/kernel/kheaders.tar.xz"), "btf": os.path.exists("/sys/kernel/btf/vmlinux")}
@@ -37,6 +47,8 @@ def main() -> None:
             os.path.join(OUT, f"{mode}.luo"), "--json", "--", PY, *DRIVER[:2], "--json",
             os.path.join(OUT, f"truth-{mode}.json"), *DRIVER[2:]], os.path.join(OUT, f"report-{mode}.json"))
     sh([PY, *DRIVER[:2], "--json", os.path.join(OUT, "truth-untraced.json"), *DRIVER[2:]])
+    if len(sys.argv) > 2:
+        selftests(sys.argv[2])
 
 
 if __name__ == "__main__":

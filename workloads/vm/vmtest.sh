@@ -11,6 +11,6 @@ start=$(date +%s)
 # Nested KVM fails on these machines ("KVM internal error"): software emulation.
 "$repo/.venv/bin/vng" --run "$kdir/bzImage" --disable-kvm --cpus 2 --memory 4G --user root \
   --rwdir "$out" --qemu-opts "-cpu max" \
-  --exec "cd $repo && $repo/.venv/bin/python -m workloads.vm.inside $out" || true
+  --exec "cd $repo && $repo/.venv/bin/python -m workloads.vm.inside $out $kdir" || true
 echo "vmtest: guest run took $(( $(date +%s) - start )) s" >&2
 LUOTRACE_VM_OUT="$out" "$repo/.venv/bin/pytest" -q "$repo/tests/vm_lane.py"
