@@ -64,9 +64,9 @@ static __always_inline int sampled(void)
 	return 1;
 }
 
-int kho_preserve_folio_entry(struct pt_regs *ctx)
+static __always_inline int kho_preserve_folio_entry_body(u64 *a)
 {
-	u64 folio = PT_REGS_PARM1(ctx);
+	u64 folio = a[0];
 	struct fkey k = {};
 	u32 role;
 	s64 pfn = folio_pfn(folio);
@@ -78,14 +78,14 @@ int kho_preserve_folio_entry(struct pt_regs *ctx)
 	return 0;
 }
 
-int kho_preserve_folio_return(struct pt_regs *ctx)
+static __always_inline int kho_preserve_folio_return_body(u64 rc)
 {
 	u64 id = inflight_id(PROBE_kho_preserve_folio);
 	struct inflight_v *v = inflight.lookup(&id);
 	struct folio_stats_v *s;
 	struct hist_key hk = {};
 	u64 now = bpf_ktime_get_ns(), delta;
-	int ret = (int)PT_REGS_RC(ctx);
+	int ret = (int)rc;
 	if (!v)
 		return 0;
 	delta = now - v->ts;
@@ -149,13 +149,13 @@ static __always_inline int folio_release(u16 probe, s64 pfn)
 	return 0;
 }
 
-int kho_unpreserve_folio_entry(struct pt_regs *ctx)
+static __always_inline int kho_unpreserve_folio_entry_body(u64 *a)
 {
-	return folio_release(PROBE_kho_unpreserve_folio, folio_pfn(PT_REGS_PARM1(ctx)));
+	return folio_release(PROBE_kho_unpreserve_folio, folio_pfn(a[0]));
 }
 
-int kho_restore_folio_entry(struct pt_regs *ctx)
+static __always_inline int kho_restore_folio_entry_body(u64 *a)
 {
 	/* kho_restore_folio(phys_addr_t phys) */
-	return folio_release(PROBE_kho_restore_folio, (s64)(PT_REGS_PARM1(ctx) >> 12));
+	return folio_release(PROBE_kho_restore_folio, (s64)(a[0] >> 12));
 }

@@ -5,13 +5,13 @@
 
 /* Common return: emits ret, the call's duration in a2 and the key saved at
  * entry; `a0` is filled by the caller from return-time state. */
-static __always_inline int op_return(struct pt_regs *ctx, u16 probe, int clear_cur, int ret_kind)
+static __always_inline int op_return(u64 rc, u16 probe, int clear_cur, int ret_kind)
 {
 	u64 id = inflight_id(probe);
 	struct inflight_v *v = inflight.lookup(&id);
 	struct luo_event e;
 	ev_init(&e, probe, EV_RETURN);
-	e.ret = (s32)PT_REGS_RC(ctx);
+	e.ret = (s32)rc;
 	if (v) {
 		ev_key(&e, &v->key);
 		e.a2 = e.ts - v->ts;
@@ -33,9 +33,9 @@ static __always_inline int op_return(struct pt_regs *ctx, u16 probe, int clear_c
 
 /* An op taking struct liveupdate_file_op_args *: the file is args->file, or
  * the serialized-data handle when there is no file yet (retrieve, finish). */
-static __always_inline int args_op_entry(struct pt_regs *ctx, u16 probe, u32 handler, u32 role, int by_ser)
+static __always_inline int args_op_entry(u64 *a, u16 probe, u32 handler, u32 role, int by_ser)
 {
-	u64 args = PT_REGS_PARM1(ctx);
+	u64 args = a[0];
 	struct luo_event e;
 	struct fkey k = {};
 	ev_init(&e, probe, EV_ENTRY);
@@ -66,12 +66,12 @@ static __always_inline int args_op_entry(struct pt_regs *ctx, u16 probe, u32 han
 }
 
 /* can_preserve(handler, file) */
-static __always_inline int file_arg2_entry(struct pt_regs *ctx, u16 probe, u32 handler)
+static __always_inline int file_arg2_entry(u64 *a, u16 probe, u32 handler)
 {
 	struct luo_event e;
 	struct fkey k = {};
 	ev_init(&e, probe, EV_ENTRY);
-	if (key_from_inode(inode_of_file(PT_REGS_PARM2(ctx)), &k, handler))
+	if (key_from_inode(inode_of_file(a[1]), &k, handler))
 		e.flags |= EVF_KEY_UNKNOWN;
 	ev_key(&e, &k);
 	inflight_put(probe, &k, 0, 0, 0, e.ts);
@@ -80,13 +80,13 @@ static __always_inline int file_arg2_entry(struct pt_regs *ctx, u16 probe, u32 h
 }
 
 /* freeze(inode, bool): records the freeze state the population tracepoint checks. */
-static __always_inline int inode_freeze_entry(struct pt_regs *ctx, u16 probe, u32 handler)
+static __always_inline int inode_freeze_entry(u64 *a, u16 probe, u32 handler)
 {
 	struct luo_event e;
 	struct fkey k = {};
-	u64 on = PT_REGS_PARM2(ctx) & 0xff;
+	u64 on = a[1] & 0xff;
 	ev_init(&e, probe, EV_INSTANT);
-	if (key_from_inode(PT_REGS_PARM1(ctx), &k, handler))
+	if (key_from_inode(a[0], &k, handler))
 		e.flags |= EVF_KEY_UNKNOWN;
 	ev_key(&e, &k);
 	e.a0 = on;
@@ -99,7 +99,7 @@ static __always_inline int inode_freeze_entry(struct pt_regs *ctx, u16 probe, u3
 }
 
 /* A call attributed to the file whose handler op runs on this thread. */
-static __always_inline int attributed_entry(struct pt_regs *ctx, u16 probe, u64 ptr, u64 a0, u64 a1, u64 a2, u8 kind)
+static __always_inline int attributed_entry(u16 probe, u64 ptr, u64 a0, u64 a1, u64 a2, u8 kind)
 {
 	u32 tid = (u32)bpf_get_current_pid_tgid();
 	struct cur_v *c = cur_file.lookup(&tid);
@@ -120,65 +120,55 @@ static __always_inline int attributed_entry(struct pt_regs *ctx, u16 probe, u64 
 	return 0;
 }
 
+/* Handlers: NAME_entry_body(args) and NAME_return_body(return value).  The
+ * loader wraps each for the attach type it chose (kprobe/uprobe: struct
+ * pt_regs; fentry/fexit: the u64 argument array), see tracer/loader.py. */
 #define ARGS_OP(NAME, HANDLER, ROLE, BY_SER, RET_KIND)                                   \
-	int NAME##_entry(struct pt_regs *ctx)                                            \
-	{ return args_op_entry(ctx, PROBE_##NAME, HANDLER, ROLE, BY_SER); }              \
-	int NAME##_return(struct pt_regs *ctx)                                           \
-	{ return op_return(ctx, PROBE_##NAME, 1, RET_KIND); }
+	static __always_inline int NAME##_entry_body(u64 *a)                              \
+	{ return args_op_entry(a, PROBE_##NAME, HANDLER, ROLE, BY_SER); }                \
+	static __always_inline int NAME##_return_body(u64 rc)                             \
+	{ return op_return(rc, PROBE_##NAME, 1, RET_KIND); }
+#define BODY_ENTRY(NAME) static __always_inline int NAME##_entry_body(u64 *a)
+#define BODY_RETURN(NAME, CLEAR, KIND)                                                   \
+	static __always_inline int NAME##_return_body(u64 rc) { return op_return(rc, PROBE_##NAME, CLEAR, KIND); }
 
 /* guest_memfd handler */
-int gmem_can_preserve_entry(struct pt_regs *ctx) { return file_arg2_entry(ctx, PROBE_gmem_can_preserve, HANDLER_GUEST_MEMFD); }
-int gmem_can_preserve_return(struct pt_regs *ctx) { return op_return(ctx, PROBE_gmem_can_preserve, 0, 0); }
+BODY_ENTRY(gmem_can_preserve) { return file_arg2_entry(a, PROBE_gmem_can_preserve, HANDLER_GUEST_MEMFD); }
+BODY_RETURN(gmem_can_preserve, 0, 0)
 ARGS_OP(gmem_preserve, HANDLER_GUEST_MEMFD, ROLE_PRESERVE, 0, 1)
-int gmem_freeze_inode_entry(struct pt_regs *ctx) { return inode_freeze_entry(ctx, PROBE_gmem_freeze_inode, HANDLER_GUEST_MEMFD); }
-int gmem_walk_entry(struct pt_regs *ctx)
-{
-	/* walk(mapping, end_index, folios_ser, out_count): keep out_count for the return */
-	u64 fill = PT_REGS_PARM3(ctx) ? 1 : 0;
-	return attributed_entry(ctx, PROBE_gmem_walk, PT_REGS_PARM4(ctx), PT_REGS_PARM2(ctx), fill, 0, EV_ENTRY);
-}
-int gmem_walk_return(struct pt_regs *ctx) { return op_return(ctx, PROBE_gmem_walk, 0, 2); }
+BODY_ENTRY(gmem_freeze_inode) { return inode_freeze_entry(a, PROBE_gmem_freeze_inode, HANDLER_GUEST_MEMFD); }
+/* walk(mapping, end_index, folios_ser, out_count): keep out_count for the return */
+BODY_ENTRY(gmem_walk) { return attributed_entry(PROBE_gmem_walk, a[3], a[1], a[2] ? 1 : 0, 0, EV_ENTRY); }
+BODY_RETURN(gmem_walk, 0, 2)
 ARGS_OP(gmem_luo_freeze, HANDLER_GUEST_MEMFD, ROLE_LUO_FREEZE, 0, 0)
 ARGS_OP(gmem_unpreserve, HANDLER_GUEST_MEMFD, ROLE_UNPRESERVE, 0, 0)
 ARGS_OP(gmem_retrieve, HANDLER_GUEST_MEMFD, ROLE_RETRIEVE, 1, 3)
 ARGS_OP(gmem_finish, HANDLER_GUEST_MEMFD, ROLE_FINISH, 1, 0)
 
 /* memfd handler */
-int memfd_can_preserve_entry(struct pt_regs *ctx) { return file_arg2_entry(ctx, PROBE_memfd_can_preserve, HANDLER_MEMFD); }
-int memfd_can_preserve_return(struct pt_regs *ctx) { return op_return(ctx, PROBE_memfd_can_preserve, 0, 0); }
+BODY_ENTRY(memfd_can_preserve) { return file_arg2_entry(a, PROBE_memfd_can_preserve, HANDLER_MEMFD); }
+BODY_RETURN(memfd_can_preserve, 0, 0)
 ARGS_OP(memfd_preserve, HANDLER_MEMFD, ROLE_PRESERVE, 0, 1)
-int memfd_shmem_freeze_entry(struct pt_regs *ctx) { return inode_freeze_entry(ctx, PROBE_memfd_shmem_freeze, HANDLER_MEMFD); }
-int memfd_preserve_folios_entry(struct pt_regs *ctx)
-{
-	/* preserve_folios(file, kv, out, nr_foliosp) */
-	return attributed_entry(ctx, PROBE_memfd_preserve_folios, PT_REGS_PARM4(ctx), 0, 1, 0, EV_ENTRY);
-}
-int memfd_preserve_folios_return(struct pt_regs *ctx) { return op_return(ctx, PROBE_memfd_preserve_folios, 0, 2); }
+BODY_ENTRY(memfd_shmem_freeze) { return inode_freeze_entry(a, PROBE_memfd_shmem_freeze, HANDLER_MEMFD); }
+/* preserve_folios(file, kv, out, nr_foliosp) */
+BODY_ENTRY(memfd_preserve_folios) { return attributed_entry(PROBE_memfd_preserve_folios, a[3], 0, 1, 0, EV_ENTRY); }
+BODY_RETURN(memfd_preserve_folios, 0, 2)
 ARGS_OP(memfd_luo_freeze, HANDLER_MEMFD, ROLE_LUO_FREEZE, 0, 0)
 ARGS_OP(memfd_unpreserve, HANDLER_MEMFD, ROLE_UNPRESERVE, 0, 0)
 ARGS_OP(memfd_retrieve, HANDLER_MEMFD, ROLE_RETRIEVE, 1, 3)
 ARGS_OP(memfd_finish, HANDLER_MEMFD, ROLE_FINISH, 1, 0)
 
 /* KHO metadata */
-int kho_preserve_vmalloc_entry(struct pt_regs *ctx)
-{ return attributed_entry(ctx, PROBE_kho_preserve_vmalloc, 0, 0, 0, 0, EV_ENTRY); }
-int kho_preserve_vmalloc_return(struct pt_regs *ctx) { return op_return(ctx, PROBE_kho_preserve_vmalloc, 0, 0); }
-int kho_unpreserve_vmalloc_entry(struct pt_regs *ctx)
-{ return attributed_entry(ctx, PROBE_kho_unpreserve_vmalloc, 0, 0, 0, 0, EV_INSTANT); }
+BODY_ENTRY(kho_preserve_vmalloc) { return attributed_entry(PROBE_kho_preserve_vmalloc, 0, 0, 0, 0, EV_ENTRY); }
+BODY_RETURN(kho_preserve_vmalloc, 0, 0)
+BODY_ENTRY(kho_unpreserve_vmalloc) { return attributed_entry(PROBE_kho_unpreserve_vmalloc, 0, 0, 0, 0, EV_INSTANT); }
 
-/* LUO sessions */
-int luo_preserve_file_entry(struct pt_regs *ctx)
-{
-	/* luo_preserve_file(set, token, fd) */
-	return attributed_entry(ctx, PROBE_luo_preserve_file, 0, PT_REGS_PARM2(ctx),
-				PT_REGS_PARM3(ctx) & 0xffffffff, PT_REGS_PARM1(ctx), EV_ENTRY);
-}
-int luo_preserve_file_return(struct pt_regs *ctx) { return op_return(ctx, PROBE_luo_preserve_file, 0, 0); }
-int luo_file_freeze_entry(struct pt_regs *ctx)
-{ return attributed_entry(ctx, PROBE_luo_file_freeze, 0, 0, 0, PT_REGS_PARM1(ctx), EV_ENTRY); }
-int luo_file_freeze_return(struct pt_regs *ctx) { return op_return(ctx, PROBE_luo_file_freeze, 0, 0); }
-int luo_unpreserve_files_entry(struct pt_regs *ctx)
-{ return attributed_entry(ctx, PROBE_luo_unpreserve_files, 0, 0, 0, PT_REGS_PARM1(ctx), EV_INSTANT); }
-int luo_get_token_entry(struct pt_regs *ctx)
-{ return attributed_entry(ctx, PROBE_luo_get_token, PT_REGS_PARM3(ctx), 0, 0, 0, EV_ENTRY); }
-int luo_get_token_return(struct pt_regs *ctx) { return op_return(ctx, PROBE_luo_get_token, 0, 2); }
+/* LUO sessions: luo_preserve_file(set, token, fd) */
+BODY_ENTRY(luo_preserve_file)
+{ return attributed_entry(PROBE_luo_preserve_file, 0, a[1], a[2] & 0xffffffff, a[0], EV_ENTRY); }
+BODY_RETURN(luo_preserve_file, 0, 0)
+BODY_ENTRY(luo_file_freeze) { return attributed_entry(PROBE_luo_file_freeze, 0, 0, 0, a[0], EV_ENTRY); }
+BODY_RETURN(luo_file_freeze, 0, 0)
+BODY_ENTRY(luo_unpreserve_files) { return attributed_entry(PROBE_luo_unpreserve_files, 0, 0, 0, a[0], EV_INSTANT); }
+BODY_ENTRY(luo_get_token) { return attributed_entry(PROBE_luo_get_token, a[2], 0, 0, 0, EV_ENTRY); }
+BODY_RETURN(luo_get_token, 0, 2)

@@ -13,26 +13,44 @@ BPF = {n: open(os.path.join(REPO, "bpf", n)).read() for n in os.listdir(os.path.
 
 
 def defined_functions(text):
-    names = set(re.findall(r"^int (\w+)\(struct pt_regs \*ctx\)", text, re.M))
+    """Handler bodies and tracepoint programs defined in one BPF file."""
+    names = set(re.findall(r"^static __always_inline int (\w+_(?:entry|return)_body)\(", text, re.M))
     for name in re.findall(r"^ARGS_OP\((\w+),", text, re.M):
-        names |= {f"{name}_entry", f"{name}_return"}
+        names |= {f"{name}_entry_body", f"{name}_return_body"}
+    names |= {f"{n}_entry_body" for n in re.findall(r"^BODY_ENTRY\((\w+)\)", text, re.M)}
+    names |= {f"{n}_return_body" for n in re.findall(r"^BODY_RETURN\((\w+),", text, re.M)}
     for cat, ev in re.findall(r"^TRACEPOINT_PROBE\((\w+), (\w+)\)", text, re.M):
         names.add(f"tracepoint__{cat}__{ev}")
     return names
 
 
+def expected(p):
+    if p.kind == "tracepoint":
+        return {p.entry_fn}
+    return {f"{p.name}_entry_body"} | ({f"{p.name}_return_body"} if p.return_fn else set())
+
+
 def test_every_probe_has_its_handlers_in_its_file():
     for p in catalog.PROBES:
-        fns = defined_functions(BPF[p.bpf_file])
-        assert p.entry_fn in fns, (p.name, p.bpf_file)
-        if p.return_fn:
-            assert p.return_fn in fns, p.name
+        assert expected(p) <= defined_functions(BPF[p.bpf_file]), (p.name, p.bpf_file)
 
 
-def test_every_bpf_program_belongs_to_a_probe():
-    known = {p.entry_fn for p in catalog.PROBES} | {p.return_fn for p in catalog.PROBES if p.return_fn}
+def test_every_bpf_handler_belongs_to_a_probe():
+    known = set().union(*(expected(p) for p in catalog.PROBES))
     for name, text in BPF.items():
         assert defined_functions(text) <= known, name
+
+
+def test_generated_entry_points_for_each_attach_type():
+    from tracer.loader import wrappers
+    probes = [catalog.BY_NAME["gmem_preserve"], catalog.BY_NAME["gmem_unpreserve"]]
+    k = wrappers(probes, {}, {})
+    assert "int gmem_preserve_entry(struct pt_regs *ctx)" in k and "PT_REGS_RC(ctx)" in k
+    f = wrappers(probes, {"gmem_preserve": "fentry", "gmem_unpreserve": "fentry"},
+                 {"kvm_gmem_luo_preserve": (1, False), "kvm_gmem_luo_unpreserve": (1, True)})
+    assert "int kfunc__kvm_gmem_luo_preserve(u64 *ctx) { u64 a[4] = {}; a[0] = ctx[0];" in f
+    assert "gmem_preserve_return_body(ctx[1])" in f  # fexit: return value after the argument
+    assert "gmem_unpreserve_return_body(0)" in f  # void function
 
 
 def test_names_ids_and_modes():

@@ -60,6 +60,7 @@ class BTF:
         self._t: List[Tuple[int, int, int, int, int, int]] = [(0, 0, 0, 0, 0, 0)]
         self.structs: Dict[str, int] = {}
         self.functions: Set[str] = set()
+        self._func_ids: Dict[str, int] = {}
         self._index()
 
     @classmethod
@@ -87,10 +88,24 @@ class BTF:
             if name_off and kind in (KIND_STRUCT, KIND_UNION):
                 self.structs.setdefault(self._name(name_off), len(self._t) - 1)
             elif name_off and kind == KIND_FUNC:
-                self.functions.add(self._name(name_off))
+                fname = self._name(name_off)
+                self.functions.add(fname)
+                self._func_ids.setdefault(fname, len(self._t) - 1)
             pos += 12 + fixed + per * vlen
         if pos != n:
             raise BTFError("BTF type section is corrupt")
+
+    def func_signature(self, name: str) -> Optional[Tuple[int, bool]]:
+        """(number of arguments, returns void) of a kernel function, for fentry/fexit:
+        an fexit program finds the return value after the arguments."""
+        fid = self._func_ids.get(name)
+        if fid is None:
+            return None
+        proto = self._t[fid][4]
+        kind, _n, _kf, vlen, ret_type, _x = self._t[proto]
+        if kind != KIND_FUNC_PROTO:
+            return None
+        return vlen, ret_type == 0
 
     def members(self, type_id: int) -> List[Member]:
         kind, _n, kflag, vlen, _s, extra = self._t[type_id]

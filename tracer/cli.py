@@ -89,11 +89,14 @@ def doctor(model: Optional[str], as_json: bool) -> None:
                    "events have their own buffer")
 @click.option("--quiet", is_flag=True, help="do not print the report at the end")
 @click.option("--print-bpf", is_flag=True, help="print the final BPF C text and compiler flags, then exit")
+@click.option("--strategy", type=click.Choice(["auto", "fentry", "kprobe"]), default="auto", show_default=True,
+              help="kernel attach strategy: fentry/fexit where BTF and trampolines allow, else kprobe; "
+                   "'kprobe' forces the fallback")
 @json_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(output: str, mode: str, model: Optional[str], handlers: Tuple[str, ...], duration: Optional[float],
-           labels: Tuple[str, ...], sample: int, ringbuf_pages: int, quiet: bool, print_bpf: bool, as_json: bool,
-           command: Tuple[str, ...]) -> None:
+           labels: Tuple[str, ...], sample: int, ringbuf_pages: int, quiet: bool, print_bpf: bool, strategy: str,
+           as_json: bool, command: Tuple[str, ...]) -> None:
     """Attach, record events to OUTPUT until COMMAND exits, --duration passes or
     Ctrl-C / SIGTERM; then detach and print the report.
 
@@ -106,7 +109,7 @@ def record(output: str, mode: str, model: Optional[str], handlers: Tuple[str, ..
     from .loader import Options
     from .session import run
     opts = Options(mode=mode, model=model, handlers=list(handlers) or None, sample_every=sample,
-                   folio_ringbuf_pages=ringbuf_pages)
+                   folio_ringbuf_pages=ringbuf_pages, strategy=strategy)
     if print_bpf:
         from .loader import final_source
         click.echo(final_source(opts), nl=False)

@@ -3,9 +3,14 @@ and attaches them, then hands events and map contents to the caller.
 
 Strategy per probe, chosen at run time and reported:
 - ``uprobe`` when tracing the reference model (``--model PATH``);
-- ``fentry`` is reported but not used yet (see README, "Attach strategies");
-- ``kprobe`` on a kernel symbol present in /proc/kallsyms;
+- ``fentry`` (fentry/fexit) on a kernel function in BTF when BPF trampolines
+  are supported; if loading them fails, every probe falls back to kprobe and
+  the reason is kept;
+- ``kprobe`` (kprobe/kretprobe) on a kernel symbol present in /proc/kallsyms;
 - ``tracepoint`` for guest_memfd population.
+``--strategy kprobe`` forces the fallback.  The handlers in bpf/ are written
+once (``NAME_entry_body(args)``, ``NAME_return_body(ret)``); ``wrappers``
+generates the entry points for the attach type chosen.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ class Options:
     max_inflight: int = 16384
     max_threads: int = 4096
     gmem_dev: Optional[int] = None  # population filter; None = find it through /dev/kvm
+    strategy: str = "auto"  # auto | fentry | kprobe (kernel targets)
 
 
 @dataclass
@@ -91,9 +97,12 @@ def plan(opts: Options) -> List[ProbeStatus]:
     """Decide, without loading anything, what each catalog probe would get here."""
     if opts.mode not in catalog.MODES:
         raise LuotraceError(f"unknown mode '{opts.mode}'", f"choose one of {', '.join(catalog.MODES)}")
+    if opts.strategy not in STRATEGIES:
+        raise LuotraceError(f"unknown strategy '{opts.strategy}'", f"choose one of {', '.join(STRATEGIES)}")
     out: List[ProbeStatus] = []
     funcs = set() if opts.model else kernel.kallsyms_functions()
     kprobes = opts.model is None and kernel.kprobes_enabled()
+    btf_funcs, fentry_why = (set(), "tracing the model") if opts.model else _fentry_support()
     for p in catalog.probes_for(opts.mode, opts.handlers):
         st = ProbeStatus(p.name, p.symbol, p.handler, p.required, "none", "missing")
         if p.kind == "tracepoint":
@@ -106,13 +115,68 @@ def plan(opts: Options) -> List[ProbeStatus]:
             st.strategy, st.status = "uprobe", "planned"
         elif p.symbol not in funcs:
             st.reason = f"{p.symbol} not in /proc/kallsyms of {kernel.release()}"
+        elif opts.strategy != "kprobe" and not fentry_why and p.symbol in btf_funcs:
+            st.strategy, st.status = "fentry", "planned"
+        elif opts.strategy == "fentry":
+            st.reason = f"fentry forced but unavailable: {fentry_why or f'{p.symbol} not in BTF'}"
         elif not kprobes:
-            st.reason = "kernel built without CONFIG_KPROBES and fentry not available"
+            st.reason = f"kernel built without CONFIG_KPROBES and fentry unavailable ({fentry_why or 'not in BTF'})"
             st.status = "unsupported"
         else:
             st.strategy, st.status = "kprobe", "planned"
         out.append(st)
     return out
+
+
+STRATEGIES = ("auto", "fentry", "kprobe")
+
+
+def _fentry_support():
+    """(functions in BTF, why fentry cannot be used or '')."""
+    try:
+        from bcc import BPF
+        if not BPF.support_kfunc():
+            return set(), "no BPF trampoline support"
+    except ImportError:
+        return set(), "bcc not importable"
+    from .btf import BTF, BTFError
+    try:
+        return BTF.from_file(kernel.btf_path()).functions, ""
+    except BTFError as e:
+        return set(), str(e)
+
+
+def wrappers(probes: List[Probe], strategy: Dict[str, str], signatures: Dict[str, tuple]) -> str:
+    """Entry points for each probe's handler bodies, per attach type:
+    kprobe/uprobe programs read struct pt_regs; fentry/fexit programs get the
+    arguments as a u64 array and the return value after them."""
+    out = ["/* ---- generated entry points (tracer/loader.py: wrappers) ---- */"]
+    for p in probes:
+        if p.kind == "tracepoint":
+            continue
+        if strategy.get(p.name) == "fentry":
+            nargs, void = signatures[p.symbol]
+            fill = "".join(f" a[{i}] = ctx[{i}];" for i in range(min(nargs, 4)))
+            out.append(f"int kfunc__{p.symbol}(u64 *ctx) {{ u64 a[4] = {{}};{fill} return {p.name}_entry_body(a); }}")
+            if p.return_fn:
+                rc = "0" if void else f"ctx[{nargs}]"
+                out.append(f"int kretfunc__{p.symbol}(u64 *ctx) {{ return {p.name}_return_body({rc}); }}")
+        else:
+            out.append(f"int {p.entry_fn}(struct pt_regs *ctx) {{ u64 a[4] = {{PT_REGS_PARM1(ctx), "
+                       f"PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx), PT_REGS_PARM4(ctx)}}; "
+                       f"return {p.name}_entry_body(a); }}")
+            if p.return_fn:
+                out.append(f"int {p.return_fn}(struct pt_regs *ctx) {{ return {p.name}_return_body(PT_REGS_RC(ctx)); }}")
+    return "\n".join(out) + "\n"
+
+
+def _signatures(probes: List[Probe], strategy: Dict[str, str]) -> Dict[str, tuple]:
+    need = [p.symbol for p in probes if strategy.get(p.name) == "fentry"]
+    if not need:
+        return {}
+    from .btf import BTF
+    btf = BTF.from_file(kernel.btf_path())
+    return {s: btf.func_signature(s) or (4, False) for s in need}
 
 
 def _required_missing(statuses: List[ProbeStatus], opts: Options) -> Optional[ProbeStatus]:
@@ -172,16 +236,33 @@ class Tracer:
             if why:
                 raise LuotraceError(f"tracefs is not usable: {why}", "mount debugfs and tracefs (run `make setup`)")
         self.gmem_dev = self._gmem_dev(statuses) if self.population else None
-        self.source = bpf_source(source_files(probes))
         self.cflags = cflags(opts, layout) + [f"-DGMEM_DEV={self.gmem_dev if self.gmem_dev is not None else 0xFFFFFFFF}"]
         self._on_bytes = on_bytes
-        self.bpf = BPF(text=self.source, cflags=self.cflags)
+        self.bpf = self._compile(BPF, probes)
         try:
             self._attach(probes)
             self._open_ringbuf()
         except BaseException:
             self.close()
             raise
+
+    def _compile(self, BPF, probes: List[Probe]):
+        """Compile and load; fentry programs attach while loading, so a kernel
+        that refuses them makes every fentry probe fall back to kprobe."""
+        strategy = {s.name: s.strategy for s in self.statuses}
+        self.source = bpf_source(source_files(probes)) + wrappers(probes, strategy, _signatures(probes, strategy))
+        try:
+            return BPF(text=self.source, cflags=self.cflags)
+        except Exception as e:
+            fentry = [s for s in self.statuses if s.strategy == "fentry"]
+            if not fentry or self.opts.strategy == "fentry" or not kernel.kprobes_enabled():
+                raise
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            for s in fentry:
+                s.strategy, s.reason = "kprobe", f"fentry failed ({why}); fell back to kprobe"
+            strategy = {s.name: s.strategy for s in self.statuses}
+            self.source = bpf_source(source_files(probes)) + wrappers(probes, strategy, {})
+            return BPF(text=self.source, cflags=self.cflags)
 
     def _gmem_dev(self, statuses: List[ProbeStatus]) -> Optional[int]:
         """The guest_memfd superblock's dev_t, compiled into the population
@@ -207,6 +288,9 @@ class Tracer:
                     st.status = "attached"  # BCC attaches TRACEPOINT_PROBE functions when loading
                 else:
                     b.detach_tracepoint(f"{p.tracepoint[0]}:{p.tracepoint[1]}")
+                continue
+            if st.strategy == "fentry":
+                st.status = "attached"  # BCC attaches kfunc__/kretfunc__ programs when loading
                 continue
             try:
                 if st.strategy == "uprobe":
@@ -317,7 +401,7 @@ def verify_kernel_programs(mode: str, layout: Layout) -> Dict[str, str]:
 
     opts = Options(mode=mode)
     probes = [p for p in catalog.probes_for(mode) if p.kind != "tracepoint"]
-    b = BPF(text=bpf_source(source_files(probes)), cflags=cflags(opts, layout))
+    b = BPF(text=bpf_source(source_files(probes)) + wrappers(probes, {}, {}), cflags=cflags(opts, layout))
     results = {}
     try:
         for p in probes:
@@ -336,4 +420,7 @@ def final_source(opts: Options) -> str:
     layout = resolve_layout(opts)
     probes = [p for p in catalog.probes_for(opts.mode, opts.handlers)]
     flags = cflags(opts, layout) + ["-DGMEM_DEV=<found at start>"]
-    return "/* cflags: " + " ".join(flags) + " */\n" + bpf_source(source_files(probes))
+    statuses = plan(opts)
+    strategy = {s.name: s.strategy for s in statuses}
+    return ("/* cflags: " + " ".join(flags) + " */\n" + bpf_source(source_files(probes))
+            + wrappers(probes, strategy, _signatures(probes, strategy)))
