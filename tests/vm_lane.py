@@ -25,17 +25,16 @@ def test_booted_a_luo_kernel():
     assert info["kernel"].startswith("7.2") and info["liveupdate"] and info["btf"]
 
 
-@pytest.mark.parametrize("mode", ["light", "folio"])
-def test_real_attach_on_real_symbols(mode):
-    rep = load(f"report-{mode}.json")
+@pytest.mark.parametrize("tag", ["light", "folio", "folio-kprobe"])
+def test_real_attach_on_real_symbols(tag):
+    rep = load(f"report-{tag}.json")
     strat = {p["symbol"]: (p["strategy"], p["status"]) for p in rep["probes"]}
-    assert strat["memfd_luo_preserve"] == ("kprobe", "attached")
-    assert strat["luo_preserve_file"] == ("kprobe", "attached")
-    if mode == "folio":
-        assert strat["kho_preserve_folio"] == ("kprobe", "attached")
+    allowed = {"kprobe"} if tag.endswith("kprobe") else {"kprobe", "fentry"}
+    for sym in ("memfd_luo_preserve", "luo_preserve_file") + (("kho_preserve_folio",) if tag != "light" else ()):
+        assert strat[sym][1] == "attached" and strat[sym][0] in allowed, (sym, strat[sym])
 
 
-@pytest.mark.parametrize("mode", ["light", "folio"])
+@pytest.mark.parametrize("mode", ["light", "folio", "folio-kprobe"])
 def test_memfds_preserved_with_holes_filled(mode):
     rep, truth = load(f"report-{mode}.json"), load(f"truth-{mode}.json")
     files = {f["inode"]: f for f in rep["files"]}
@@ -44,9 +43,9 @@ def test_memfds_preserved_with_holes_filled(mode):
         assert f["handler"] == "memfd"
         if t["outcome"] == "cancel":
             assert any(p["name"] == "unpreserve" for p in f["phases"])
-            if mode == "folio":
+            if mode != "light":
                 assert f["folios_unpreserved"] == f["folios_preserved"] == t["pages"]
-        elif mode == "folio" or f["folios_preserved"] is not None:
+        elif mode != "light" or f["folios_preserved"] is not None:
             assert f["folios_preserved"] == t["pages"]
         assert f["anomalies"] == []
 

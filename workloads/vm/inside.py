@@ -42,10 +42,11 @@ def main() -> None:
     with open(os.path.join(OUT, "info.json"), "w") as f:
         json.dump(info, f)
     sh([PY, "-m", "tracer.cli", "doctor", "--json"], os.path.join(OUT, "doctor.json"))
-    for mode in ("light", "folio"):
-        sh([PY, "-m", "tracer.cli", "record", "--mode", mode, "--handler", "memfd", "-o",
-            os.path.join(OUT, f"{mode}.luo"), "--json", "--", PY, *DRIVER[:2], "--json",
-            os.path.join(OUT, f"truth-{mode}.json"), *DRIVER[2:]], os.path.join(OUT, f"report-{mode}.json"))
+    for mode, strategy in (("light", "auto"), ("folio", "auto"), ("folio", "kprobe")):
+        tag = mode if strategy == "auto" else f"{mode}-{strategy}"
+        sh([PY, "-m", "tracer.cli", "record", "--mode", mode, "--strategy", strategy, "--handler", "memfd", "-o",
+            os.path.join(OUT, f"{tag}.luo"), "--json", "--", PY, *DRIVER[:2], "--json",
+            os.path.join(OUT, f"truth-{tag}.json"), *DRIVER[2:]], os.path.join(OUT, f"report-{tag}.json"))
     sh([PY, *DRIVER[:2], "--json", os.path.join(OUT, "truth-untraced.json"), *DRIVER[2:]])
     if len(sys.argv) > 2:
         selftests(sys.argv[2])
