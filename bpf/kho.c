@@ -14,6 +14,8 @@ struct folio_stats_v {
 	u64 pfn_zero;
 	u64 preserve_ns;      /* exact sum for the histogram's _sum */
 	u64 pfn_unknown;
+	u64 meta_preserved;   /* KHO's own metadata pages (kho_alloc_preserve) */
+	u64 meta_unpreserved;
 };
 
 struct hist_key {
@@ -33,7 +35,7 @@ static __always_inline struct folio_stats_v *stats_for(struct fkey *k)
 	return s;
 }
 
-static __always_inline int current_file(struct fkey *k, u32 *role)
+static __always_inline int current_file(struct fkey *k, u32 *role, u32 *meta)
 {
 	u32 tid = (u32)bpf_get_current_pid_tgid();
 	struct cur_v *c = cur_file.lookup(&tid);
@@ -41,10 +43,12 @@ static __always_inline int current_file(struct fkey *k, u32 *role)
 		k->handler = HANDLER_KHO;       /* a caller luotrace does not trace */
 		count(CNT_UNATTRIBUTED);
 		*role = 0;
+		*meta = 0;
 		return -1;
 	}
 	*k = c->key;
 	*role = c->role;
+	*meta = c->meta;
 	return 0;
 }
 
@@ -68,13 +72,17 @@ static __always_inline int kho_preserve_folio_entry_body(u64 *a)
 {
 	u64 folio = a[0];
 	struct fkey k = {};
-	u32 role;
+	u32 role, meta;
 	s64 pfn = folio_pfn(folio);
-	u64 index = 0;
-	current_file(&k, &role);
+	u64 index = 0, id = inflight_id(PROBE_kho_preserve_folio);
+	struct inflight_v *v;
+	current_file(&k, &role, &meta);
 	if (OFF_FOLIO_INDEX >= 0)
 		index = read_ptr(folio, OFF_FOLIO_INDEX);
 	inflight_put(PROBE_kho_preserve_folio, &k, folio, (u64)pfn, index, bpf_ktime_get_ns());
+	v = inflight.lookup(&id);
+	if (v)
+		v->meta = meta;
 	return 0;
 }
 
@@ -90,6 +98,12 @@ static __always_inline int kho_preserve_folio_return_body(u64 rc)
 		return 0;
 	delta = now - v->ts;
 	s = stats_for(&v->key);
+	if (v->meta) {
+		if (s && !ret)
+			__sync_fetch_and_add(&s->meta_preserved, 1);
+		inflight.delete(&id);
+		return 0;
+	}
 	if (s) {
 		if (ret) {
 			__sync_fetch_and_add(&s->preserve_errors, 1);
@@ -125,10 +139,15 @@ static __always_inline int kho_preserve_folio_return_body(u64 rc)
 static __always_inline int folio_release(u16 probe, s64 pfn)
 {
 	struct fkey k = {};
-	u32 role;
+	u32 role, meta;
 	struct folio_stats_v *s;
-	current_file(&k, &role);
+	current_file(&k, &role, &meta);
 	s = stats_for(&k);
+	if (s && meta) {
+		if (probe == PROBE_kho_unpreserve_folio)
+			__sync_fetch_and_add(&s->meta_unpreserved, 1);
+		return 0;
+	}
 	if (s) {
 		if (probe == PROBE_kho_unpreserve_folio)
 			__sync_fetch_and_add(&s->unpreserved, 1);

@@ -162,6 +162,10 @@ ARGS_OP(memfd_finish, HANDLER_MEMFD, ROLE_FINISH, 1, 0)
 BODY_ENTRY(kho_preserve_vmalloc) { return attributed_entry(PROBE_kho_preserve_vmalloc, 0, 0, 0, 0, EV_ENTRY); }
 BODY_RETURN(kho_preserve_vmalloc, 0, 0)
 BODY_ENTRY(kho_unpreserve_vmalloc) { return attributed_entry(PROBE_kho_unpreserve_vmalloc, 0, 0, 0, 0, EV_INSTANT); }
+BODY_ENTRY(kho_alloc_preserve) { cur_meta(1); return attributed_entry(PROBE_kho_alloc_preserve, 0, a[0], 0, 0, EV_ENTRY); }
+static __always_inline int kho_alloc_preserve_return_body(u64 rc) { cur_meta(-1); return op_return(rc, PROBE_kho_alloc_preserve, 0, 0); }
+BODY_ENTRY(kho_unpreserve_free) { cur_meta(1); return attributed_entry(PROBE_kho_unpreserve_free, 0, 0, 0, 0, EV_ENTRY); }
+static __always_inline int kho_unpreserve_free_return_body(u64 rc) { cur_meta(-1); return op_return(rc, PROBE_kho_unpreserve_free, 0, 0); }
 
 /* LUO sessions: luo_preserve_file(set, token, fd) */
 BODY_ENTRY(luo_preserve_file)

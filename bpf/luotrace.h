@@ -73,12 +73,13 @@ struct inflight_v {
 	u64 ptr;
 	u64 a0;
 	u64 a1;
+	u64 meta;
 };
 
 struct cur_v {
 	struct fkey key;
 	u32 role;
-	u32 depth;
+	u32 meta;       /* > 0 inside kho_alloc_preserve / kho_unpreserve_free: metadata, not data */
 };
 
 /* Lifecycle events have their own ring buffer, so a flood of per-folio
@@ -221,6 +222,16 @@ static __always_inline void cur_set(struct fkey *k, u32 role)
 	v.key = *k;
 	v.role = role;
 	cur_file.update(&tid, &v);
+}
+
+/* KHO preserves its own metadata pages with kho_preserve_folio too
+ * (kho_alloc_preserve, Linux 7.2): count those apart from the file's data. */
+static __always_inline void cur_meta(int delta)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	struct cur_v *c = cur_file.lookup(&tid);
+	if (c)
+		c->meta += delta;
 }
 
 static __always_inline void cur_clear(void)

@@ -48,9 +48,9 @@ def test_generated_entry_points_for_each_attach_type():
     assert "int gmem_preserve_entry(struct pt_regs *ctx)" in k and "PT_REGS_RC(ctx)" in k
     f = wrappers(probes, {"gmem_preserve": "fentry", "gmem_unpreserve": "fentry"},
                  {"kvm_gmem_luo_preserve": (1, False), "kvm_gmem_luo_unpreserve": (1, True)})
-    assert "int kfunc__kvm_gmem_luo_preserve(u64 *ctx) { u64 a[4] = {}; a[0] = ctx[0];" in f
-    assert "gmem_preserve_return_body(ctx[1])" in f  # fexit: return value after the argument
-    assert "gmem_unpreserve_return_body(0)" in f  # void function
+    assert "int kfunc__kvm_gmem_luo_preserve(u64 *ctx) { u64 a[4] = {}; bpf_probe_read_kernel(&a[0], 8, &ctx[0]);" in f
+    assert "bpf_probe_read_kernel(&rc, 8, &ctx[1]);" in f  # fexit: return value after the argument
+    assert "int kretfunc__kvm_gmem_luo_unpreserve(u64 *ctx) { u64 rc = 0; return" in f  # void function
 
 
 def test_names_ids_and_modes():

@@ -53,9 +53,18 @@ def test_memfds_preserved_with_holes_filled(mode):
 def test_error_cases_show_errno_and_no_preservation():
     rep, truth = load("report-folio.json"), load("truth-folio.json")
     assert truth["errors"] and all(e["errno"] for e in truth["errors"])
-    preserved = {f["inode"] for f in rep["files"] if f["result"] in ("ok", "cancelled")}
+    files = {f["inode"]: f for f in rep["files"]}
     for e in truth["errors"]:
-        assert e.get("inode") not in preserved
+        f = files[e["inode"]]
+        assert f["errno"] == e["errno"] and f["result"] in ("rejected", "error")
+        assert f["folios_preserved"] == 0 and f["preserve"] is None
+
+
+def test_kho_metadata_pages_are_not_counted_as_file_folios():
+    rep = load("report-folio.json")
+    for f in rep["files"]:
+        if f["preserve"]:
+            assert f["metadata_folios"] >= 1  # kho_alloc_preserve's own page, counted apart
 
 
 def test_luo_selftest_passes_with_and_without_luotrace():

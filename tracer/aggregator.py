@@ -104,6 +104,7 @@ class Aggregator:
         self.sessions: Dict[int, Session] = {}  # by handle
         self._freezing: Dict[int, int] = {}  # tid -> session handle
         self.pending_session: Dict[int, Tuple[int, int, int]] = {}  # tid -> (session, token, fd)
+        self.last_file: Dict[int, Key] = {}  # tid -> file of the last handler op entered
         self.received = 0
         self.per_folio_received = 0
         self.streamed: Dict[Tuple[int, int, int, int], int] = {}  # (handler, dev, ino, probe) -> records
@@ -193,6 +194,8 @@ class Aggregator:
             return
         if kind == EV_ENTRY:
             st.open_calls[probe.name] = ts
+            if role in ("can_preserve", "preserve"):
+                self.last_file[tid] = st.key
             if role == "preserve":
                 if not int(ev["flags"]) & EVF_A0_UNKNOWN:
                     st.size = int(ev["a0"])
@@ -274,9 +277,19 @@ class Aggregator:
         if role == "session_preserve":
             if kind == EV_ENTRY:
                 self.pending_session[tid] = (int(ev["a2"]), int(ev["a0"]), int(ev["a1"]))
+                self.last_file.pop(tid, None)
                 self._session(int(ev["a2"]))
             elif kind == EV_RETURN:
                 self.pending_session.pop(tid, None)
+                key = self.last_file.pop(tid, None)
+                ret = int(ev["ret"])
+                if ret < 0 and key in self.files and self.files[key].errno is None:
+                    # LUO refused the file (no handler, or can_preserve said no): the errno
+                    # userspace got comes from luo_preserve_file
+                    st = self.files[key]
+                    st.errno, st.failed_phase = errno_name(ret), "luo_preserve_file"
+                    if st.result == "none":
+                        st.result = "error"
         elif role == "session_freeze":
             if kind == EV_ENTRY:
                 self._session(int(ev["a2"])).freeze_start = ts

@@ -6,6 +6,9 @@ and the README's probe table to explain it.  Adding a probe point is one entry
 here plus its handler in ``bpf/`` (functions ``<name>_entry`` / ``<name>_return``,
 or a ``TRACEPOINT_PROBE``); ``tests/test_catalog.py`` checks the two agree.
 
+Probe ids are positions in PROBES and are stored in recordings: append new
+probes at the end.
+
 Sources of the kernel signatures: the guest_memfd LUO patch
 (virt/kvm/guest_memfd_luo.c, v1), mm/memfd_luo.c, kernel/liveupdate/ (Linux 7.2).
 """
@@ -151,6 +154,11 @@ PROBES: Tuple[Probe, ...] = (
           kind="tracepoint", bpf_file="population.c", modes=("folio", "trace"), per_folio=True,
           entry={"a0": "index", "a1": "pfn", "a2": "order"},
           help="a folio leaves a guest_memfd page cache; counted (also while frozen), no event"),
+    # Added later: ids are positions in this tuple and recordings store them, so append only.
+    Probe("kho_alloc_preserve", "kho_alloc_preserve", "kho", "meta_alloc", entry={"a0": "size"}, ret={},
+          help="KHO-preserved metadata page; its own kho_preserve_folio is counted apart from the file's folios"),
+    Probe("kho_unpreserve_free", "kho_unpreserve_free", "kho", "meta_free", ret={},
+          help="releases that metadata page (its kho_unpreserve_folio is not a data folio)"),
 )
 
 PROBE_IDS: Dict[str, int] = {p.name: i for i, p in enumerate(PROBES)}

@@ -155,12 +155,14 @@ def wrappers(probes: List[Probe], strategy: Dict[str, str], signatures: Dict[str
         if p.kind == "tracepoint":
             continue
         if strategy.get(p.name) == "fentry":
+            # Arguments are copied out of ctx as plain numbers: the verifier types
+            # ctx[i] as BTF pointers, on which the handlers' arithmetic is refused.
             nargs, void = signatures[p.symbol]
-            fill = "".join(f" a[{i}] = ctx[{i}];" for i in range(min(nargs, 4)))
+            fill = "".join(f" bpf_probe_read_kernel(&a[{i}], 8, &ctx[{i}]);" for i in range(min(nargs, 4)))
             out.append(f"int kfunc__{p.symbol}(u64 *ctx) {{ u64 a[4] = {{}};{fill} return {p.name}_entry_body(a); }}")
             if p.return_fn:
-                rc = "0" if void else f"ctx[{nargs}]"
-                out.append(f"int kretfunc__{p.symbol}(u64 *ctx) {{ return {p.name}_return_body({rc}); }}")
+                rc = "" if void else f" bpf_probe_read_kernel(&rc, 8, &ctx[{nargs}]);"
+                out.append(f"int kretfunc__{p.symbol}(u64 *ctx) {{ u64 rc = 0;{rc} return {p.name}_return_body(rc); }}")
         else:
             out.append(f"int {p.entry_fn}(struct pt_regs *ctx) {{ u64 a[4] = {{PT_REGS_PARM1(ctx), "
                        f"PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx), PT_REGS_PARM4(ctx)}}; "

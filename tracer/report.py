@@ -44,8 +44,10 @@ def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optio
         preserved = None  # light mode: memfd_luo_preserve_folios reports no count on error
     elif st.fill_count is not None:
         preserved = st.fill_count  # light mode: pass 2's count
+    elif st.count_pass is not None:
+        preserved = 0  # pass 1 ran, pass 2 never did
     else:
-        preserved = 0 if st.count_pass is not None or st.result != "error" else None
+        preserved = None  # light mode without the (static, often inlined) walk probe: unknown
     d = {
         "inode": st.key[2],
         "dev": st.key[1],
@@ -61,6 +63,7 @@ def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optio
         "folios_unpreserved": folio["unpreserved"] if folio_mode and folio else (0 if folio_mode else None),
         "folios_restored": folio["restored"] if folio_mode and folio else (0 if folio_mode else None),
         "folios_discarded": folio["discarded"] if folio_mode and folio else (0 if folio_mode else None),
+        "metadata_folios": folio.get("meta_preserved", 0) if folio_mode and folio else None,
         "result": st.result,
         "errno": st.errno,
         "failed_phase": st.failed_phase,
