@@ -70,3 +70,18 @@ def test_kho_metadata_pages_are_not_counted_as_file_folios():
 def test_luo_selftest_passes_with_and_without_luotrace():
     res = load("selftests.json")
     assert res["untraced_rc"] == 0 and res["traced_rc"] == 0
+
+
+def test_bpftrace_counts_the_same_kho_preserve_folio_calls():
+    rep, bt = load("report-sbs.json"), load("bpftrace.json")
+    ours = sum(f["folios_preserved"] + f["metadata_folios"] for f in rep["files"] if f["preserve"])
+    assert bt["folios"] == ours, bt["output"]
+
+
+def test_vmbench_ran():
+    res = load("vmbench.json")
+    base = sorted(res["untraced"] + res["untraced2"])[len(res["untraced"])]
+    for mode in ("light", "folio"):
+        med = sorted(res[mode])[len(res[mode]) // 2]
+        print(f"vmbench 256 MiB memfd preserve: {mode} ratio {med / base:.3f} (baseline {base / 1e6:.1f} ms)")
+        assert med > 0

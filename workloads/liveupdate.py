@@ -18,6 +18,7 @@ import mmap
 import os
 import sys
 import tempfile
+import time
 from typing import Dict, List
 
 from . import liveupdate_abi as abi
@@ -97,9 +98,12 @@ def main(argv=None) -> int:
             size = parse_size(size_s)
             fd = make_memfd(size, flag == "sparse", n * 100 + i)
             token += 1
+            t0 = time.monotonic_ns()
             preserve_fd(sfd, fd, token)
+            took = time.monotonic_ns() - t0
             truth["files"].append({"session": n, "outcome": outcome, "token": token, "inode": os.fstat(fd).st_ino,
-                                   "size_bytes": size, "pages": size // PAGE, "sparse": flag == "sparse"})
+                                   "size_bytes": size, "pages": size // PAGE, "sparse": flag == "sparse",
+                                   "preserve_ns": took})
             kept.append(fd)
         truth["sessions"].append({"index": n, "outcome": outcome})
         if outcome == "cancel":
