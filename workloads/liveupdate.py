@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import errno as errno_mod
 import fcntl
-import json
 import mmap
 import os
 import sys
@@ -22,6 +21,7 @@ import time
 from typing import Dict, List
 
 from . import liveupdate_abi as abi
+from .truth import parse_size, write_truth
 
 PAGE = 4096
 MFD_HUGETLB = 0x0004
@@ -50,11 +50,6 @@ def make_memfd(size: int, sparse: bool, seed: int) -> int:
         for off in range(0, size, step):
             m[off:off + 8] = (seed * 1_000_003 + off).to_bytes(8, "little")
     return fd
-
-
-def parse_size(s: str) -> int:
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(float(s[:-1]) * mult[s[-1].upper()]) if s[-1].upper() in mult else int(s)
 
 
 def main(argv=None) -> int:
@@ -110,12 +105,7 @@ def main(argv=None) -> int:
             os.close(sfd)  # closing the session unpreserves its files
         else:
             kept.append(sfd)
-    out = json.dumps(truth)
-    if args.json_path:
-        with open(args.json_path, "w") as fh:
-            fh.write(out)
-    else:
-        print(out)
+    write_truth(truth, args.json_path)
     for fd in kept:
         os.close(fd)
     return 0

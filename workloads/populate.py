@@ -10,21 +10,19 @@ each file and allocates it again (page-cache churn on a live inode).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 from .gmem import VM, GmemError
 from .kvm_abi import PAGE_SIZE
+from .truth import parse_size as truth_size, write_truth
 
 
 def parse_size(s: str) -> int:
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    s = s.strip().upper().removesuffix("IB").removesuffix("B")
-    n = int(float(s[:-1]) * mult[s[-1]]) if s and s[-1] in mult else int(s)
-    if n <= 0 or n % PAGE_SIZE:
-        raise argparse.ArgumentTypeError(f"size {s} is not a positive multiple of 4 KiB")
-    return n
+    try:
+        return truth_size(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv=None) -> int:
@@ -57,12 +55,7 @@ def main(argv=None) -> int:
                      "files": [{"inode": f.ino, "dev": f.dev, "size_bytes": f.size,
                                 "folios": f.size // PAGE_SIZE * max(1, args.repeat) + (1 if args.punch else 0)}
                                for f in files]}
-            out = json.dumps(truth)
-            if args.json_path:
-                with open(args.json_path, "w") as fh:
-                    fh.write(out)
-            else:
-                print(out)
+            write_truth(truth, args.json_path)
             if args.hold:
                 time.sleep(args.hold)
     except GmemError as e:
