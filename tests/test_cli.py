@@ -120,6 +120,11 @@ def test_record_report_roundtrip_json(model, tmp_path):
     assert f["folios_preserved"] == 256 and f["result"] == "retrieved"
     text = run_cli("report", out, check=True).stdout
     assert "guest_memfd" in text and "retrieved" in text and "patch=v3" in text
+    lines = [json.loads(l) for l in run_cli("report", out, "--events", check=True).stdout.splitlines()]
+    assert len(lines) == live["events"]["received"]
+    pres = [e for e in lines if e["probe"] == "gmem_preserve"]
+    assert [e["kind"] for e in pres] == ["entry", "return"]
+    assert pres[0]["size"] == 1 << 20 and pres[1]["duration_ns"] > 0 and pres[1]["ret"] == 0
 
 
 def test_truncated_recording_reports_with_a_warning(model, tmp_path):

@@ -125,12 +125,23 @@ def record(output: str, mode: str, model: Optional[str], handlers: Tuple[str, ..
 @cli.command()
 @click.argument("recording", type=click.Path(dir_okay=False))
 @json_option
-def report(recording: str, as_json: bool) -> None:
+@click.option("--events", is_flag=True, help="instead of the report, print every event as a JSON line "
+                                            "(probe, kind, time, file, catalog-named fields)")
+def report(recording: str, as_json: bool, events: bool) -> None:
     """Print the report of a RECORDING: the same as the live run showed.
 
     Example: luotrace report run.luo --json | jq '.anomalies'
     """
     from .session import replay
+    if events:
+        from . import recording as rec_mod
+        from .events import to_dict
+        r = rec_mod.read(recording)
+        base = r.header.get("clock", {}).get("base_monotonic_ns", 0)
+        for batch in r.batches():
+            for ev in batch:
+                click.echo(json.dumps(to_dict(ev, base)))
+        return
     rep = replay(recording)
     _emit(rep, as_json)
     if rep["truncated"]:

@@ -23,12 +23,8 @@ EVENT_SIZE = EVENT_DTYPE.itemsize
 assert EVENT_SIZE == 64
 
 EV_ENTRY, EV_RETURN, EV_INSTANT = 0, 1, 2
-KIND_NAMES = {EV_ENTRY: "entry", EV_RETURN: "return", EV_INSTANT: "instant"}
 EVF_KEY_UNKNOWN, EVF_A0_UNKNOWN, EVF_A1_UNKNOWN = 1, 2, 4
 
-# Probe ids whose events are per folio (streamed only in trace mode).
-PER_FOLIO_IDS = np.array([i for i, p in enumerate(catalog.PROBES) if p.per_folio and p.kind != "tracepoint"],
-                         dtype=np.uint16)
 
 
 def decode(buf: bytes) -> np.ndarray:
@@ -47,6 +43,16 @@ def errno_name(ret: int) -> Optional[str]:
     if ret >= 0:
         return None
     return _errno.errorcode.get(-ret) or _LINUX_ERRNO.get(-ret, f"E{-ret}")
+
+
+def to_dict(ev, base_ns: int = 0) -> dict:
+    """One event as JSON: probe, kind, time, file key and its catalog-named fields."""
+    p = catalog.PROBES[int(ev["probe"])] if int(ev["probe"]) < len(catalog.PROBES) else None
+    kind = {EV_ENTRY: "entry", EV_RETURN: "return", EV_INSTANT: "instant"}.get(int(ev["kind"]), "?")
+    return {"ts_ns": int(ev["ts"]) - base_ns, "probe": p.name if p else int(ev["probe"]),
+            "symbol": p.symbol if p else None, "kind": kind, "tid": int(ev["tid"]),
+            "handler": catalog.HANDLER_NAMES.get(int(ev["handler"]), "unknown"), "inode": int(ev["ino"]),
+            "dev": int(ev["dev"]), **(fields(ev) if p else {})}
 
 
 def fields(ev) -> Dict[str, int]:
