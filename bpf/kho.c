@@ -74,15 +74,11 @@ static __always_inline int kho_preserve_folio_entry_body(u64 *a)
 	struct fkey k = {};
 	u32 role, meta;
 	s64 pfn = folio_pfn(folio);
-	u64 index = 0, id = inflight_id(PROBE_kho_preserve_folio);
-	struct inflight_v *v;
+	u64 index = 0;
 	current_file(&k, &role, &meta);
 	if (OFF_FOLIO_INDEX >= 0)
 		index = read_ptr(folio, OFF_FOLIO_INDEX);
-	inflight_put(PROBE_kho_preserve_folio, &k, folio, (u64)pfn, index, bpf_ktime_get_ns());
-	v = inflight.lookup(&id);
-	if (v)
-		v->meta = meta;
+	inflight_put_meta(PROBE_kho_preserve_folio, &k, folio, (u64)pfn, index, bpf_ktime_get_ns(), meta);
 	return 0;
 }
 

@@ -240,7 +240,7 @@ static __always_inline void cur_clear(void)
 	cur_file.delete(&tid);
 }
 
-static __always_inline int inflight_put(u16 probe, struct fkey *k, u64 ptr, u64 a0, u64 a1, u64 ts)
+static __always_inline int inflight_put_meta(u16 probe, struct fkey *k, u64 ptr, u64 a0, u64 a1, u64 ts, u64 meta)
 {
 	u64 id = inflight_id(probe);
 	struct inflight_v v = {};
@@ -249,9 +249,15 @@ static __always_inline int inflight_put(u16 probe, struct fkey *k, u64 ptr, u64 
 	v.ptr = ptr;
 	v.a0 = a0;
 	v.a1 = a1;
+	v.meta = meta;
 	if (inflight.update(&id, &v)) {
 		count(CNT_INFLIGHT_FULL);
 		return -1;
 	}
 	return 0;
+}
+
+static __always_inline int inflight_put(u16 probe, struct fkey *k, u64 ptr, u64 a0, u64 a1, u64 ts)
+{
+	return inflight_put_meta(probe, k, ptr, a0, a1, ts, 0);
 }
