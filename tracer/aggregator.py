@@ -183,7 +183,7 @@ class Aggregator:
         key: Key = (int(ev["handler"]), int(ev["dev"]), int(ev["ino"]))
         ret = int(ev["ret"])
         if role.startswith("session_"):
-            self._session_event(probe.name, role, kind, ev, tid, ts)
+            self._session_event(role, kind, ev, tid, ts)
             return
         if int(ev["flags"]) & EVF_KEY_UNKNOWN:
             self.unknown_key += 1
@@ -273,7 +273,7 @@ class Aggregator:
             s = self.sessions[handle] = Session(len(self.sessions) + 1, handle)
         return s
 
-    def _session_event(self, name: str, role: str, kind: int, ev, tid: int, ts: int) -> None:
+    def _session_event(self, role: str, kind: int, ev, tid: int, ts: int) -> None:
         if role == "session_preserve":
             if kind == EV_ENTRY:
                 self.pending_session[tid] = (int(ev["a2"]), int(ev["a0"]), int(ev["a1"]))

@@ -338,9 +338,7 @@ class Tracer:
     def dump_maps(self) -> dict:
         b = self.bpf
         dump: dict = {"counters": self.counters(), "folio_stats": [], "folio_hist": [], "population": []}
-        tables = set(b.tables.keys()) if hasattr(b, "tables") else set()
-        names = {n.decode() if isinstance(n, bytes) else n for n in tables}
-        if "folio_stats" in names or self.opts.mode != "light":
+        if self.opts.mode != "light":  # kho.c (per-folio maps) is compiled in folio and trace modes
             try:
                 for k, v in b["folio_stats"].items():
                     row = {"ino": k.ino, "dev": k.dev, "handler": k.handler}
