@@ -176,3 +176,18 @@ BODY_RETURN(luo_file_freeze, 0, 0)
 BODY_ENTRY(luo_unpreserve_files) { return attributed_entry(PROBE_luo_unpreserve_files, 0, 0, 0, a[0], EV_INSTANT); }
 BODY_ENTRY(luo_get_token) { return attributed_entry(PROBE_luo_get_token, a[2], 0, 0, 0, EV_ENTRY); }
 BODY_RETURN(luo_get_token, 0, 2)
+
+/* kernel_kexec(): the reboot into the next kernel.  Forced wakeup: the
+ * consumer must see it at once, flush, and keep draining the freeze that
+ * follows (liveupdate_reboot) until the CPUs stop. */
+BODY_ENTRY(kexec)
+{
+	struct luo_event e;
+	ev_init(&e, PROBE_kexec, EV_INSTANT);
+	e.flags |= EVF_KEY_UNKNOWN;
+	if (events.ringbuf_output(&e, sizeof(e), BPF_RB_FORCE_WAKEUP) < 0)
+		count(CNT_LOST);
+	else
+		count(CNT_EMITTED);
+	return 0;
+}

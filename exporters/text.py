@@ -50,8 +50,14 @@ def render(report: dict) -> str:
     if report.get("truncated"):
         out.append(f"WARNING: recording truncated ({report.get('truncated_reason')}); "
                    "showing every complete record")
+    for i, b in enumerate(report.get("boots", [])):
+        out.append(f"boot {i + 1}: kernel {b['kernel']}  {b['recording']}  ended by {b['ended_by']}"
+                   + (f"  clock +{fmt_ns(b['clock_offset_ns'])} ({b['joined_by']})" if i else ""))
+    if report.get("boots"):
+        out.append("kexec at " + (", ".join(fmt_ns(k) for k in report.get("kexec_ns", [])) or "- (not seen)"))
     out.append("")
     files = report.get("files", [])
+    joined = "boots" in report
     present = [p for p in PHASE_COLUMNS if any(ph["name"] == p for f in files for ph in f["phases"])]
     rows = []
     for f in files:
@@ -63,10 +69,12 @@ def render(report: dict) -> str:
                      f["result"] + (f" {f['errno']}" if f["errno"] else ""),
                      fmt_ns(f["preserve"]["duration_ns"]) if f["preserve"] else "-"]
                     + [fmt_ns(durs.get(p)) if p in durs else "-" for p in present]
+                    + ([_v(f["folios_restored"]), fmt_ns(f.get("blackout_ns"))] if joined else [])
                     + [",".join(a["code"] for a in f["anomalies"]) or "-"])
     if rows:
         out += _table(rows, ["handler", "inode", "sess", "size", "populated", "preserved", "unpreserved",
-                             "result", "preserve"] + present + ["anomalies"])
+                             "result", "preserve"] + present + (["restored", "blackout"] if joined else [])
+                      + ["anomalies"])
     else:
         out.append("no files seen")
     sessions = report.get("sessions", [])

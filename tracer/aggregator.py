@@ -111,6 +111,7 @@ class Aggregator:
         self.unknown_key = 0
         self.last_ts = 0
         self.maps: Optional[dict] = None
+        self.kexec_ts: List[int] = []  # kernel_kexec entries: the jump to the next kernel
 
     # ---- feeding ----
 
@@ -184,6 +185,9 @@ class Aggregator:
         ret = int(ev["ret"])
         if role.startswith("session_"):
             self._session_event(role, kind, ev, tid, ts)
+            return
+        if role == "kexec":
+            self.kexec_ts.append(ts)
             return
         if int(ev["flags"]) & EVF_KEY_UNKNOWN:
             self.unknown_key += 1

@@ -159,6 +159,9 @@ PROBES: Tuple[Probe, ...] = (
           help="KHO-preserved metadata page; its own kho_preserve_folio is counted apart from the file's folios"),
     Probe("kho_unpreserve_free", "kho_unpreserve_free", "kho", "meta_free", ret={},
           help="releases that metadata page (its kho_unpreserve_folio is not a data folio)"),
+    Probe("kexec", "kernel_kexec", "luo", "kexec", kind="entry",
+          help="the jump to the next kernel starts; LUO freezes every session next, so the recording is "
+               "flushed at once and drained until the machine goes"),
 )
 
 PROBE_IDS: Dict[str, int] = {p.name: i for i, p in enumerate(PROBES)}

@@ -123,29 +123,42 @@ def record(output: str, mode: str, model: Optional[str], handlers: Tuple[str, ..
 
 
 @cli.command()
-@click.argument("recording", type=click.Path(dir_okay=False))
+@click.argument("recordings", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @json_option
 @click.option("--events", is_flag=True, help="instead of the report, print every event as a JSON line "
                                             "(probe, kind, time, file, catalog-named fields)")
-def report(recording: str, as_json: bool, events: bool) -> None:
+def report(recordings: Tuple[str, ...], as_json: bool, events: bool) -> None:
     """Print the report of a RECORDING: the same as the live run showed.
 
-    Example: luotrace report run.luo --json | jq '.anomalies'
+    Given the recordings of both sides of a live update (the old kernel's,
+    cut short by the kexec, and the new kernel's), joins them into one
+    timeline per file: preserve, freeze, kexec, retrieve, finish, with the
+    blackout measured across the reboot.
+
+    Examples:
+      luotrace report run.luo --json | jq '.anomalies'
+      luotrace report before-kexec.luo after-kexec.luo
     """
-    from .session import replay
     if events:
         from . import recording as rec_mod
         from .events import to_dict
-        r = rec_mod.read(recording)
-        base = r.header.get("clock", {}).get("base_monotonic_ns", 0)
-        for batch in r.batches():
-            for ev in batch:
-                click.echo(json.dumps(to_dict(ev, base)))
+        for path in recordings:
+            r = rec_mod.read(path)
+            base = r.header.get("clock", {}).get("base_monotonic_ns", 0)
+            for batch in r.batches():
+                for ev in batch:
+                    click.echo(json.dumps(to_dict(ev, base)))
         return
-    rep = replay(recording)
+    if len(recordings) > 1:
+        from .join import join
+        rep = join(list(recordings))
+        _emit(rep, as_json)
+        return
+    from .session import replay
+    rep = replay(recordings[0])
     _emit(rep, as_json)
     if rep["truncated"]:
-        click.echo(f"luotrace: warning: {recording} is truncated ({rep['truncated_reason']}); "
+        click.echo(f"luotrace: warning: {recordings[0]} is truncated ({rep['truncated_reason']}); "
                    "the report covers every complete record", err=True)
 
 

@@ -6,7 +6,8 @@ Layout (all little endian)::
     "LUOTRACE" u16 version u16 0 u32 header_len  header (JSON, header_len bytes)
     chunk*:  u32 type  u32 length  payload
         1 EVENTS  length/64 raw struct luo_event records (a block: 256 KiB or 1 s)
-        2 MAPS    JSON map dumps (folio counters, histograms, population, counters)
+        2 MAPS    JSON map dumps (folio counters, histograms, population, counters);
+                  also written when a kexec starts; the last one wins
         3 END     JSON trailer (duration, BPF run time); its presence = closed cleanly
 
 A file cut short (SIGKILL, full disk) still reads: every whole record before
@@ -65,7 +66,7 @@ class Writer:
         if self._buf and time.monotonic() - self._last_flush >= FLUSH_SECONDS:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, sync: bool = False) -> None:
         self._last_flush = time.monotonic()
         if self._buf:
             payload = b"".join(self._buf)
@@ -74,10 +75,20 @@ class Writer:
             self.records += len(payload) // EVENT_SIZE
             self._buf, self._buffered = [], 0
         self._f.flush()
+        if sync:
+            os.fsync(self._f.fileno())
 
     def _json_chunk(self, kind: int, obj: dict) -> None:
         blob = json.dumps(obj, sort_keys=True).encode()
         self._f.write(CHUNK.pack(kind, len(blob)) + blob)
+
+    def write_maps(self, maps: dict) -> None:
+        """A map dump now (the last one in a file wins): before a kexec, the
+        only chance to keep the per-file folio counters held in BPF maps."""
+        self.flush()
+        self._json_chunk(CH_MAPS, maps)
+        self._f.flush()
+        os.fsync(self._f.fileno())
 
     def close(self, maps: dict, end: dict) -> None:
         self.flush()

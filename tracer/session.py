@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
-from . import __version__, kernel
+from . import __version__, clock, kernel
 from . import recording as rec
 from .aggregator import Aggregator
 from .errors import LuotraceError
@@ -132,6 +132,7 @@ class LiveSession:
         self.header: dict = {}
         self.final: Optional[dict] = None
         self.prev_stats: Optional[int] = None
+        self.kexec_seen = False
 
     def _on_bytes(self, raw: bytes) -> None:
         self._pending.append(raw)
@@ -145,8 +146,17 @@ class LiveSession:
             if self.writer is not None:
                 self.writer.add(raw)
             self.agg.feed(decode(raw))
+            if self.agg.kexec_ts and self.writer is not None:
+                # The machine is jumping to the next kernel: whatever is not on
+                # disk now is lost.  Keep the folio counters (BPF maps) first,
+                # then write every later batch (the freeze) through.
+                if not self.kexec_seen:
+                    self.kexec_seen = True
+                    self.writer.write_maps(self.tracer.dump_maps())
+                self.writer.flush(sync=True)
 
     def start(self) -> None:
+        first = clock.anchor()  # two anchors seconds apart (the compile) give the TSC rate
         base_ns, real_ns = time.monotonic_ns(), time.time_ns()
         self.agg.base = base_ns
         self.prev_stats = kernel.set_bpf_stats(True)
@@ -159,6 +169,7 @@ class LiveSession:
             raise LuotraceError(f"loading the BPF programs failed: {first}",
                                 "run `luotrace doctor`; `make setup` installs headers and BCC") from None
         self.header = make_header(self.opts, self.tracer, self.labels, base_ns, real_ns)
+        self.header["clock"].update(boot_id=clock.boot_id(), anchors=[first, clock.anchor()])
         if self.output:
             self.writer = rec.Writer(self.output, self.header)
 
@@ -166,7 +177,7 @@ class LiveSession:
         return sum(1 for s in self.tracer.statuses if s.status == "attached") if self.tracer else 0
 
     def poll(self, timeout_ms: int = 100) -> None:
-        self.tracer.poll(timeout_ms)
+        self.tracer.poll(1 if self.kexec_seen else timeout_ms)
         self.pump()
         if self.writer is not None:
             with self.lock:

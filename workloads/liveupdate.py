@@ -4,15 +4,21 @@ CONFIG_LIVEUPDATE): sessions of memfds of known sizes and contents, one sparse
 error cases, a hugetlb memfd and a file no handler takes.
 
     python -m workloads.liveupdate --json truth.json keep:4M,1M:sparse cancel:2M errors
+    python -m workloads.liveupdate --hold --json truth.json keep:4M,1M:sparse   # then kexec
+    python -m workloads.liveupdate --retrieve truth.json --json after.json     # in the new kernel
 
 Prints (or writes) its ground truth: per file the session, token, inode, size
-and pages, per error case the errno.
+and pages, per error case the errno.  ``--hold`` leaves a child holding the
+kept sessions open (closing a session unpreserves it), as a VMM would across
+the kexec; ``--retrieve`` takes those sessions back in the next kernel,
+checks every byte written before the update and finishes them.
 """
 from __future__ import annotations
 
 import argparse
 import errno as errno_mod
 import fcntl
+import json
 import mmap
 import os
 import sys
@@ -42,26 +48,106 @@ def preserve_fd(session_fd: int, fd: int, token: int) -> None:
     fcntl.ioctl(session_fd, abi.LIVEUPDATE_SESSION_PRESERVE_FD, buf)
 
 
+def retrieve_session(dev_fd: int, name: str) -> int:
+    buf = bytearray(abi.SESSION_STRUCT.pack(abi.SESSION_STRUCT.size, -1, name.encode()[:63]))
+    fcntl.ioctl(dev_fd, abi.LIVEUPDATE_IOCTL_RETRIEVE_SESSION, buf)
+    return abi.SESSION_STRUCT.unpack(buf)[1]
+
+
+def retrieve_fd(session_fd: int, token: int) -> int:
+    buf = bytearray(abi.FD_STRUCT.pack(abi.FD_STRUCT.size, -1, token))
+    fcntl.ioctl(session_fd, abi.LIVEUPDATE_SESSION_RETRIEVE_FD, buf)
+    return abi.FD_STRUCT.unpack(buf)[1]
+
+
+def finish_session(session_fd: int) -> None:
+    fcntl.ioctl(session_fd, abi.LIVEUPDATE_SESSION_FINISH, bytearray(abi.FINISH_STRUCT.pack(abi.FINISH_STRUCT.size, 0)))
+
+
+def _pattern(seed: int, off: int) -> bytes:
+    return (seed * 1_000_003 + off).to_bytes(8, "little")
+
+
 def make_memfd(size: int, sparse: bool, seed: int) -> int:
     fd = os.memfd_create(f"luotrace-{seed}", 0)
     os.ftruncate(fd, size)
     with mmap.mmap(fd, size) as m:
         step = 2 * PAGE if sparse else PAGE  # sparse: every other page is a hole
         for off in range(0, size, step):
-            m[off:off + 8] = (seed * 1_000_003 + off).to_bytes(8, "little")
+            m[off:off + 8] = _pattern(seed, off)
     return fd
+
+
+def check_memfd(fd: int, size: int, sparse: bool, seed: int) -> int:
+    """Pages whose content differs from what make_memfd wrote (holes read as zeros)."""
+    if os.fstat(fd).st_size != size:
+        return size // PAGE
+    bad = 0
+    with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m:
+        for off in range(0, size, PAGE):
+            hole = sparse and (off // PAGE) % 2 == 1
+            if m[off:off + 8] != (bytes(8) if hole else _pattern(seed, off)):
+                bad += 1
+    return bad
+
+
+def retrieve_all(dev: int, before: dict) -> dict:
+    """Take back every kept session of a --hold run, verify, finish."""
+    out: Dict[str, List[dict]] = {"files": [], "sessions": []}
+    by_session: Dict[int, List[dict]] = {}
+    for f in before["files"]:
+        if f["outcome"] == "keep":
+            by_session.setdefault(f["session"], []).append(f)
+    for n, files in sorted(by_session.items()):
+        name = f"luotrace-keep-{n}"
+        t0 = time.monotonic_ns()
+        sfd = retrieve_session(dev, name)
+        for f in files:
+            t1 = time.monotonic_ns()
+            fd = retrieve_fd(sfd, f["token"])
+            took = time.monotonic_ns() - t1
+            out["files"].append({**f, "retrieved_inode": os.fstat(fd).st_ino, "retrieve_ns": took,
+                                 "bad_pages": check_memfd(fd, f["size_bytes"], f["sparse"], f["seed"])})
+            os.close(fd)
+        finish_session(sfd)
+        os.close(sfd)
+        out["sessions"].append({"index": n, "name": name, "files": len(files),
+                                "retrieve_and_finish_ns": time.monotonic_ns() - t0})
+    return out
+
+
+def hold(fds: List[int]) -> None:
+    """Fork a child that keeps the sessions open until the kexec; the parent returns."""
+    if os.fork() == 0:
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for std in (0, 1, 2):
+            os.dup2(devnull, std)
+        while True:
+            time.sleep(60)
+    for fd in fds:
+        os.close(fd)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m workloads.liveupdate", description=__doc__.splitlines()[0])
-    ap.add_argument("sessions", nargs="+", help="keep:SIZE[:sparse],... | cancel:SIZE,... | errors")
+    ap.add_argument("sessions", nargs="*", help="keep:SIZE[:sparse],... | cancel:SIZE,... | errors")
     ap.add_argument("--json", dest="json_path")
+    ap.add_argument("--hold", action="store_true", help="keep the kept sessions open in a child (for a kexec)")
+    ap.add_argument("--retrieve", metavar="TRUTH", help="retrieve the kept sessions a --hold run wrote to TRUTH")
     args = ap.parse_args(argv)
+    if not args.sessions and not args.retrieve:
+        ap.error("give sessions to preserve or --retrieve TRUTH")
     try:
         dev = os.open(abi.DEV, os.O_RDWR)
     except OSError as e:
         print(f"liveupdate: open {abi.DEV}: {e.strerror} (kernel without CONFIG_LIVEUPDATE?)", file=sys.stderr)
         return 2
+    if args.retrieve:
+        with open(args.retrieve) as f:
+            before = json.load(f)
+        write_truth(retrieve_all(dev, before), args.json_path)
+        return 0
     truth: Dict[str, List[dict]] = {"files": [], "errors": [], "sessions": []}
     kept = []
     token = 0x100
@@ -97,6 +183,7 @@ def main(argv=None) -> int:
             preserve_fd(sfd, fd, token)
             took = time.monotonic_ns() - t0
             truth["files"].append({"session": n, "outcome": outcome, "token": token, "inode": os.fstat(fd).st_ino,
+                                   "seed": n * 100 + i,
                                    "size_bytes": size, "pages": size // PAGE, "sparse": flag == "sparse",
                                    "preserve_ns": took})
             kept.append(fd)
@@ -106,6 +193,10 @@ def main(argv=None) -> int:
         else:
             kept.append(sfd)
     write_truth(truth, args.json_path)
+    os.close(dev)  # /dev/liveupdate admits one opener at a time
+    if args.hold:
+        hold(kept)
+        return 0
     for fd in kept:
         os.close(fd)
     return 0

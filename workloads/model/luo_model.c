@@ -750,6 +750,15 @@ NOINLINE void luo_file_unpreserve_files(struct luo_file_set *set)
 	set->n = 0;
 }
 
+/* kernel/kexec_core.c: the reboot into the next kernel; liveupdate_reboot()
+ * freezes the sessions from here.  The model's "kernel" keeps running, so the
+ * sessions after the first frozen one are handled in the same process. */
+NOINLINE int kernel_kexec(void)
+{
+	__asm__ volatile("" ::: "memory");
+	return 0;
+}
+
 static void retrieve_and_finish(struct luo_file_set *set, bool retrieve)
 {
 	for (int i = 0; i < set->n; i++) {
@@ -922,6 +931,7 @@ int main(int argc, char **argv)
 
 	struct timespec t0, t1;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
+	bool kexec_started = false;
 	for (int s = 0; s < nsessions; s++) {
 		struct luo_file_set *set = &sets[s];
 		struct session_spec *sp = &sessions[s];
@@ -932,6 +942,10 @@ int main(int argc, char **argv)
 		if (!strcmp(sp->outcome, "cancel")) {
 			luo_file_unpreserve_files(set);
 			continue;
+		}
+		if (!kexec_started) {
+			kernel_kexec();
+			kexec_started = true;
 		}
 		if (luo_file_freeze(set, NULL)) {
 			luo_file_unpreserve_files(set);  /* LUO cancels the session */

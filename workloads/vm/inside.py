@@ -2,7 +2,18 @@
 Linux 7.2 kernel.  Everything it learns is written as files into OUT (a
 directory shared with the host), where tests/vm_lane.py asserts on it.
 
-    python -m workloads.vm.inside OUT [KERNEL_CACHE_DIR]
+    python -m workloads.vm.inside OUT [KERNEL_DIR]
+
+KERNEL_DIR holds bzImage and selftests/.  The VM live-updates itself twice:
+a kexec reuses this boot's command line, so the new kernel runs this script
+again and OUT/stage says where it is:
+
+  boot 1  the single-kernel checks; the kexec selftests' stage 1, untraced; kexec
+  boot 2  their stage 2, untraced; then luotrace records while their stage 1
+          runs again with a luotrace session of known memfds held open; kexec
+          with the recorder still running
+  boot 3  luotrace records stage 2 and the retrieve of those memfds; the two
+          recordings are joined into one report
 """
 from __future__ import annotations
 
@@ -82,7 +93,85 @@ def vmbench(reps: int = 3) -> None:
         json.dump(res, f)
 
 
+KEXEC_TESTS = ("luo_kexec_simple", "luo_multi_session", "luo_stress_files", "luo_stress_sessions")
+HELD = ["keep:4M,1M:sparse", "keep:2M"]
+
+
+def kexec_selftests(kdir: str, stage: int, tag: str) -> None:
+    st = os.path.join(kdir, "selftests")
+    res = {}
+    for t in KEXEC_TESTS:
+        res[t] = sh([os.path.join(st, t), "--stage", str(stage)], os.path.join(OUT, f"{tag}-{t}.txt"))
+    with open(os.path.join(OUT, f"{tag}.json"), "w") as f:
+        json.dump(res, f)
+
+
+def start_recorder(path: str, log: str) -> subprocess.Popen:
+    """luotrace record with no command: it runs until SIGINT or the kexec."""
+    logf = open(log, "w")
+    p = subprocess.Popen([PY, "-m", "tracer.cli", "record", "--mode", "folio", "--handler", "memfd", "--quiet",
+                          "-o", path], stdout=logf, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and p.poll() is None:
+        with open(log) as f:
+            if "luotrace: tracing" in f.read():
+                return p
+        time.sleep(0.5)
+    raise SystemExit(f"luotrace did not start: see {log}")
+
+
+def jump(kdir: str, next_stage: int) -> None:
+    from . import kexec
+    with open(os.path.join(OUT, "stage"), "w") as f:
+        f.write(str(next_stage))
+    kexec.load(os.path.join(kdir, "bzImage"))
+    with open(os.path.join(OUT, f"kexec-{next_stage}.json"), "w") as f:
+        json.dump({"from_boot_id": open("/proc/sys/kernel/random/boot_id").read().strip(),
+                   "realtime_ns": time.time_ns()}, f)
+    kexec.execute()
+    raise SystemExit("kexec returned")  # only if the jump was refused
+
+
+def stage2(kdir: str) -> None:
+    kexec_selftests(kdir, 2, "kexec-untraced-2")
+    start_recorder(os.path.join(OUT, "update-1.luo"), os.path.join(OUT, "update-1.log"))
+    kexec_selftests(kdir, 1, "kexec-traced-1")
+    sh([PY, "-m", "workloads.liveupdate", "--hold", "--json", os.path.join(OUT, "held.json"), *HELD])
+    time.sleep(2)  # the recorder has flushed everything before the jump
+    jump(kdir, 3)
+
+
+def stage3(kdir: str) -> None:
+    rec = start_recorder(os.path.join(OUT, "update-2.luo"), os.path.join(OUT, "update-2.log"))
+    kexec_selftests(kdir, 2, "kexec-traced-2")
+    sh([PY, "-m", "workloads.liveupdate", "--retrieve", os.path.join(OUT, "held.json"), "--json",
+        os.path.join(OUT, "retrieved.json")])
+    rec.send_signal(signal.SIGINT)
+    rec.wait(300)
+    sh([PY, "-m", "tracer.cli", "report", "--json", os.path.join(OUT, "update-1.luo"),
+        os.path.join(OUT, "update-2.luo")], os.path.join(OUT, "report-update.json"))
+    sh([PY, "-m", "tracer.cli", "report", os.path.join(OUT, "update-1.luo"),
+        os.path.join(OUT, "update-2.luo")], os.path.join(OUT, "report-update.txt"))
+
+
 def main() -> None:
+    stage_file = os.path.join(OUT, "stage")
+    stage = int(open(stage_file).read()) if os.path.exists(stage_file) else 1
+    kdir = sys.argv[2] if len(sys.argv) > 2 else ""
+    with open(os.path.join(OUT, "boots.txt"), "a") as f:
+        f.write(f"{stage} {open('/proc/sys/kernel/random/boot_id').read().strip()} {time.time_ns()}\n")
+    if stage == 2:
+        return stage2(kdir)
+    if stage == 3:
+        return stage3(kdir)
+    if os.environ.get("LUOTRACE_VM_ONLY") != "kexec":
+        single_kernel(kdir)
+    if kdir:
+        kexec_selftests(kdir, 1, "kexec-untraced-1")
+        jump(kdir, 2)
+
+
+def single_kernel(kdir: str) -> None:
     info = {"kernel": platform.release(), "liveupdate": os.path.exists("/dev/liveupdate"),
             "kheaders": os.path.exists("/sys/kernel/kheaders.tar.xz"), "btf": os.path.exists("/sys/kernel/btf/vmlinux")}
     with open(os.path.join(OUT, "info.json"), "w") as f:
@@ -94,8 +183,8 @@ def main() -> None:
             os.path.join(OUT, f"{tag}.luo"), "--json", "--", PY, *DRIVER[:2], "--json",
             os.path.join(OUT, f"truth-{tag}.json"), *DRIVER[2:]], os.path.join(OUT, f"report-{tag}.json"))
     sh([PY, *DRIVER[:2], "--json", os.path.join(OUT, "truth-untraced.json"), *DRIVER[2:]])
-    if len(sys.argv) > 2:
-        selftests(sys.argv[2])
+    if kdir:
+        selftests(kdir)
     side_by_side()
     vmbench()
 

@@ -7,7 +7,9 @@ repo=$(cd "$(dirname "$0")/../.." && pwd)
 kdir=$(bash "$repo/workloads/vm/build-kernel.sh")
 out=${LUOTRACE_VM_OUT:-/tmp/luotrace-vmtest}
 rm -rf "$out" && mkdir -p "$out"
-cp -r "$kdir/selftests" "$out/selftests"  # the guest sees $out (shared read/write), not the host cache
+# The guest sees $out (shared read/write), not the host cache: selftests, and
+# the bzImage it kexecs into (twice: see workloads/vm/inside.py).
+cp -r "$kdir/selftests" "$out/selftests" && cp "$kdir/bzImage" "$out/bzImage"
 start=$(date +%s)
 # Nested KVM fails on these machines ("KVM internal error"): software emulation.
 # vng runs virtme-run from PATH; the guest console goes to $out/console.log.
@@ -15,6 +17,6 @@ export PATH="$repo/.venv/bin:$PATH"
 # liveupdate=1: LUO is off unless asked for on the command line (kernel/liveupdate/luo_core.c).
 vng --verbose --run "$kdir/bzImage" --disable-kvm --cpus 2 --memory 4G --user root --append "liveupdate=1" \
   --rwdir "$out" --qemu-opts="-cpu max" \
-  --exec "cd $repo && $repo/.venv/bin/python -m workloads.vm.inside $out $out" > "$out/console.log" 2>&1 || true
+  --exec "cd $repo && LUOTRACE_VM_ONLY=${LUOTRACE_VM_ONLY:-all} $repo/.venv/bin/python -m workloads.vm.inside $out $out" > "$out/console.log" 2>&1 || true
 echo "vmtest: guest run took $(( $(date +%s) - start )) s" >&2
 LUOTRACE_VM_OUT="$out" "$repo/.venv/bin/pytest" -q "$repo/tests/vm_lane.py"
