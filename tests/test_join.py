@@ -50,6 +50,20 @@ def _chunks(path: str):
     return data, out
 
 
+def _kexec_maps_chunk(path: str):
+    """(data, pos, length) of the map dump written when the kexec event arrived:
+    the first one after the events chunk that holds it."""
+    data, chunks = _chunks(path)
+    seen = False
+    for kind, pos, length in chunks:
+        body = data[pos + rec.CHUNK.size: pos + rec.CHUNK.size + length]
+        if kind == rec.CH_EVENTS and (np.frombuffer(body, dtype=rec.EVENT_DTYPE)["probe"] == KEXEC_ID).any():
+            seen = True
+        elif kind == rec.CH_MAPS and seen:
+            return data, pos, length
+    raise AssertionError("no map dump after the kexec")
+
+
 def test_kexec_is_recorded_before_the_freeze_with_clock_anchors(update_run):
     path, _truth, _d = update_run
     r = rec.read(path)
@@ -69,10 +83,7 @@ def test_a_recording_cut_right_after_the_kexec_keeps_the_folio_counts(update_run
     """The machine may stop any time after kernel_kexec(): the map dump written
     at that moment keeps every preserved file's folio count."""
     path, truth, _d = update_run
-    data, chunks = _chunks(path)
-    maps = [c for c in chunks if c[0] == rec.CH_MAPS]
-    assert len(maps) == 2  # at the kexec, and at the end
-    kind, pos, length = maps[0]
+    data, pos, length = _kexec_maps_chunk(path)
     cut = tmp_path / "cut.luo"
     cut.write_bytes(data[: pos + rec.CHUNK.size + length])
     rep = replay(str(cut))
@@ -90,9 +101,8 @@ def _split_at_new_kernel(path: str, out1: str, out2: str, shift: int) -> None:
     r = rec.read(path)
     ev = r.events
     cut = int(np.flatnonzero(np.isin(ev["probe"], list(RETRIEVE_IDS))).min())
-    data, chunks = _chunks(path)
-    kexec_maps = json.loads(data[chunks[[c[0] for c in chunks].index(rec.CH_MAPS)][1] + rec.CHUNK.size:][
-        : [c for c in chunks if c[0] == rec.CH_MAPS][0][2]])
+    data, pos, length = _kexec_maps_chunk(path)
+    kexec_maps = json.loads(data[pos + rec.CHUNK.size: pos + rec.CHUNK.size + length])
     w = rec.Writer(out1, r.header)
     w.add(ev[:cut].tobytes())
     w.write_maps(kexec_maps)

@@ -85,3 +85,79 @@ def test_vmbench_ran():
         med = sorted(res[mode])[len(res[mode]) // 2]
         print(f"vmbench 256 MiB memfd preserve: {mode} ratio {med / base:.3f} (baseline {base / 1e6:.1f} ms)")
         assert med > 0
+
+
+# ---- the live updates: two kexecs inside the VM (workloads/vm/inside.py) ----
+
+KEXEC_TESTS = ("luo_kexec_simple", "luo_multi_session", "luo_stress_files", "luo_stress_sessions")
+
+
+@pytest.mark.parametrize("tag", ["kexec-untraced", "kexec-traced"])
+def test_kexec_selftests_pass_across_a_real_kexec(tag):
+    first, second = load(f"{tag}-1.json"), load(f"{tag}-2.json")
+    for t in KEXEC_TESTS:
+        assert first[t] == 0 and second[t] == 0, (t, first, second)
+        out = open(os.path.join(OUT, f"{tag}-2-{t}.txt")).read()
+        assert "PASSED" in out, out[-2000:]
+
+
+def test_three_boots_two_kernels_jumped():
+    boots = [line.split() for line in open(os.path.join(OUT, "boots.txt"))]
+    assert [b[0] for b in boots] == ["1", "2", "3"]
+    assert len({b[1] for b in boots}) == 3  # a new boot id each time: real kexecs
+
+
+def _jumped(rep: dict) -> bool:
+    """Did the old kernel's recorder write the kexec event before the CPUs
+    stopped?  A race luotrace does not slow the jump to win: when it loses,
+    the recording ends with the last record written (a second after it, the
+    folio counters: a map dump follows lifecycle activity)."""
+    b1 = rep["boots"][0]
+    assert b1["ended_by"] in ("kexec", "cut short") and "no trailer" in (b1["truncated_reason"] or "no trailer")
+    return b1["ended_by"] == "kexec"
+
+
+def test_joined_report_follows_each_memfd_across_the_update():
+    rep, held, got = load("report-update.json"), load("held.json"), load("retrieved.json")
+    b1, b2 = rep["boots"]
+    assert b2["ended_by"] == "closed" and b2["joined_by"] == "tsc"
+    assert b1["boot_id"] != b2["boot_id"]
+    jumped = _jumped(rep)
+    assert len(rep["kexec_ns"]) == (1 if jumped else 0)
+    files = {f["inode"]: f for f in rep["files"]}
+    for t in held["files"]:
+        f = files[t["inode"]]
+        r = next(x for x in got["files"] if x["inode"] == t["inode"])
+        assert r["bad_pages"] == 0  # every byte written before the update came back
+        assert f["result"] == "retrieved" and f["retrieved_inode"] == r["retrieved_inode"]
+        assert f["folios_preserved"] == t["pages"] == f["folios_restored"]  # holes filled, all restored
+        names = [p["name"] for p in f["phases"]]
+        assert names.index("preserve") < names.index("retrieve") < names.index("finish")
+        pres = next(p for p in f["phases"] if p["name"] == "preserve")
+        ret = next(p for p in f["phases"] if p["name"] == "retrieve")
+        if jumped:
+            assert pres["start_ns"] < rep["kexec_ns"][0] < ret["start_ns"]
+        assert pres["start_ns"] + pres["duration_ns"] < ret["start_ns"]
+        assert f["blackout_from"] in ("luo_freeze", "kexec", "recording end")
+        assert 0 < f["blackout_ns"] < 1800 * 10**9
+        assert f["anomalies"] == []
+    # the kernel's stress test through the same join: 500 one-page memfds, each retrieved
+    stress = [f for f in rep["files"] if f["result"] == "retrieved" and f["size_bytes"] == 4096]
+    assert len(stress) >= 500 and all(f["folios_restored"] == 1 for f in stress)
+
+
+def test_blackout_agrees_with_the_guests_own_clock():
+    """luotrace's blackout (old kernel to the retrieve in the new one, joined by
+    the TSC) against the guest's wall clock: just before the jump, and at each
+    retrieve.  The new kernel's wall clock comes from the RTC (1 s steps), hence
+    the tolerance; a blackout counted from the recording's end is an upper bound."""
+    rep, jump, got = load("report-update.json"), load("kexec-3.json"), load("retrieved.json")
+    for r in got["files"]:
+        f = next(x for x in rep["files"] if x["inode"] == r["inode"])
+        guest = r["retrieve_realtime_ns"] - jump["realtime_ns"]
+        print(f"blackout {r['inode']}: luotrace {f['blackout_ns'] / 1e9:.3f} s from {f['blackout_from']}, "
+              f"guest wall clock {guest / 1e9:.3f} s")
+        if f["blackout_from"] == "recording end":
+            assert f["blackout_ns"] > guest - 2 * 10**9
+        else:
+            assert abs(f["blackout_ns"] - guest) < 2 * 10**9, (f["blackout_ns"], guest)

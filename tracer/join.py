@@ -64,15 +64,20 @@ def join(paths: List[str]) -> dict:
     mode = "light" if "light" in modes else next(iter(modes))
     first = recs[0][1]
     agg = Aggregator(mode, first.header["clock"]["base_monotonic_ns"])
-    boots = []
+    boots, ends_ns = [], []
     for p, r in recs:
         shift, how = clock.offset(first.header["clock"], r.header["clock"])
         kexec_before = len(agg.kexec_ts)
+        last = 0
         for batch in r.batches():
             if shift:
                 batch = batch.copy()
                 batch["ts"] = (batch["ts"].astype(np.int64) + shift).astype(np.uint64)
             agg.feed(batch)
+            if len(batch):
+                last = max(last, int(batch["ts"].max()))
+        if last and r.end is None:
+            ends_ns.append(last)
         boots.append(_boot_row(p, r, shift, how, len(agg.kexec_ts) > kexec_before))
     agg.finish(merge_maps([r.maps for _, r in recs]))
     end = {"duration_ns": agg.last_ts - agg.base,
@@ -94,18 +99,24 @@ def join(paths: List[str]) -> dict:
         for pr in probes.values()]
     report["boots"] = boots
     report["kexec_ns"] = [t - agg.base for t in agg.kexec_ts]
+    ends = [e - agg.base for e in ends_ns]
     for f in report["files"]:
-        f["blackout_ns"] = blackout(f, report["kexec_ns"])
+        f["blackout_ns"], f["blackout_from"] = blackout(f, report["kexec_ns"], ends)
     return report
 
 
-def blackout(f: dict, kexec_ns: List[int]) -> Optional[int]:
-    """From the file's freeze (else the last kexec before its retrieve) to the
-    start of its retrieve; None unless both sides were seen."""
+def blackout(f: dict, kexec_ns: List[int], boot_ends_ns: List[int]) -> Tuple[Optional[int], Optional[str]]:
+    """From the file's freeze to the start of its retrieve, and what the start
+    is: ``luo_freeze``; else ``kexec`` (the freeze was not captured: the CPUs
+    stopped before the recorder wrote it); else ``recording end`` (not even the
+    kexec was captured: the old kernel's last record, so an upper bound)."""
     retrieve = next((p for p in f["phases"] if p["name"] == "retrieve"), None)
     if retrieve is None:
-        return None
-    freeze = [p["start_ns"] for p in f["phases"] if p["name"] == "luo_freeze" and p["start_ns"] <= retrieve["start_ns"]]
-    jumps = [k for k in kexec_ns if k <= retrieve["start_ns"]]
-    start = max(freeze) if freeze else (max(jumps) if jumps else None)
-    return None if start is None else retrieve["start_ns"] - start
+        return None, None
+    at = retrieve["start_ns"]
+    for what, starts in (("luo_freeze", [p["start_ns"] for p in f["phases"] if p["name"] == "luo_freeze"]),
+                         ("kexec", kexec_ns), ("recording end", boot_ends_ns)):
+        before = [t for t in starts if t <= at]
+        if before:
+            return at - max(before), what
+    return None, None

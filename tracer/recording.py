@@ -7,7 +7,8 @@ Layout (all little endian)::
     chunk*:  u32 type  u32 length  payload
         1 EVENTS  length/64 raw struct luo_event records (a block: 256 KiB or 1 s)
         2 MAPS    JSON map dumps (folio counters, histograms, population, counters);
-                  also written when a kexec starts; the last one wins
+                  also written during the run (a second after lifecycle activity,
+                  and when a kexec starts); the last one wins
         3 END     JSON trailer (duration, BPF run time); its presence = closed cleanly
 
 A file cut short (SIGKILL, full disk) still reads: every whole record before
@@ -82,13 +83,15 @@ class Writer:
         blob = json.dumps(obj, sort_keys=True).encode()
         self._f.write(CHUNK.pack(kind, len(blob)) + blob)
 
-    def write_maps(self, maps: dict) -> None:
-        """A map dump now (the last one in a file wins): before a kexec, the
-        only chance to keep the per-file folio counters held in BPF maps."""
+    def write_maps(self, maps: dict, sync: bool = False) -> None:
+        """A map dump now (the last one in a file wins): written while a run
+        goes on, so that a run cut short (a kexec, a crash) keeps the per-file
+        folio counters held in BPF maps."""
         self.flush()
         self._json_chunk(CH_MAPS, maps)
         self._f.flush()
-        os.fsync(self._f.fileno())
+        if sync:
+            os.fsync(self._f.fileno())
 
     def close(self, maps: dict, end: dict) -> None:
         self.flush()

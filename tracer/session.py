@@ -21,11 +21,15 @@ from typing import Callable, Dict, List, Optional
 from . import __version__, clock, kernel
 from . import recording as rec
 from .aggregator import Aggregator
+from .catalog import PROBE_IDS
 from .errors import LuotraceError
 from .events import EVENT_SIZE, decode
 from .layout import Layout, kernel_layout, model_layout
 from .loader import Options, Tracer
 from .report import build
+
+
+KEXEC_PROBE = PROBE_IDS["kexec"]
 
 
 @dataclass
@@ -133,6 +137,9 @@ class LiveSession:
         self.final: Optional[dict] = None
         self.prev_stats: Optional[int] = None
         self.kexec_seen = False
+        self._maps_dirty = False
+        self._maps_at = 0.0
+        self._lifecycle_seen = 0
 
     def _on_bytes(self, raw: bytes) -> None:
         self._pending.append(raw)
@@ -142,18 +149,32 @@ class LiveSession:
             return
         raw = b"".join(self._pending)
         self._pending.clear()
+        batch = decode(raw)
         with self.lock:
             if self.writer is not None:
                 self.writer.add(raw)
-            self.agg.feed(decode(raw))
-            if self.agg.kexec_ts and self.writer is not None:
-                # The machine is jumping to the next kernel: whatever is not on
-                # disk now is lost.  Keep the folio counters (BPF maps) first,
-                # then write every later batch (the freeze) through.
-                if not self.kexec_seen:
-                    self.kexec_seen = True
-                    self.writer.write_maps(self.tracer.dump_maps())
-                self.writer.flush(sync=True)
+                if self.kexec_seen or (batch["probe"] == KEXEC_PROBE).any():
+                    # The machine is jumping to the next kernel: what is not on
+                    # disk now is lost.  Events first (before any Python work on
+                    # them), then the folio counters held in BPF maps; from here
+                    # every batch (the freeze) is written through.
+                    self.writer.flush(sync=True)
+                    if not self.kexec_seen:
+                        self.kexec_seen = True
+                        self._dump_maps(sync=True)
+            self.agg.feed(batch)
+            if self.writer is not None and \
+                    self.agg.received != self._lifecycle_seen + self.agg.per_folio_received:
+                self._lifecycle_seen = self.agg.received - self.agg.per_folio_received
+                self._maps_dirty = True  # a lifecycle record: per-file counters may have moved
+
+    def _dump_maps(self, sync: bool = False) -> None:
+        """Write the BPF maps into the recording now.  Done a second after
+        lifecycle activity as well as at the kexec: the jump may come too fast
+        for the recorder, and the per-file folio counts live only in the maps."""
+        self._maps_dirty = False
+        self._maps_at = time.monotonic()
+        self.writer.write_maps(self.tracer.dump_maps(), sync=sync)
 
     def start(self) -> None:
         first = clock.anchor()  # two anchors seconds apart (the compile) give the TSC rate
@@ -182,6 +203,8 @@ class LiveSession:
         if self.writer is not None:
             with self.lock:
                 self.writer.maybe_flush()
+                if self._maps_dirty and time.monotonic() - self._maps_at >= rec.FLUSH_SECONDS:
+                    self._dump_maps()
 
     def _end(self, progs: Dict[str, Dict[str, int]], stopped_by: str) -> dict:
         return {

@@ -103,10 +103,10 @@ def retrieve_all(dev: int, before: dict) -> dict:
         t0 = time.monotonic_ns()
         sfd = retrieve_session(dev, name)
         for f in files:
-            t1 = time.monotonic_ns()
+            t1, wall = time.monotonic_ns(), time.time_ns()
             fd = retrieve_fd(sfd, f["token"])
             took = time.monotonic_ns() - t1
-            out["files"].append({**f, "retrieved_inode": os.fstat(fd).st_ino, "retrieve_ns": took,
+            out["files"].append({**f, "retrieved_inode": os.fstat(fd).st_ino, "retrieve_ns": took, "retrieve_realtime_ns": wall,
                                  "bad_pages": check_memfd(fd, f["size_bytes"], f["sparse"], f["seed"])})
             os.close(fd)
         finish_session(sfd)
