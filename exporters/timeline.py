@@ -17,7 +17,6 @@ from typing import Dict, List
 import numpy as np
 
 from tracer import catalog
-from tracer.recording import Recording
 
 MAX_POINTS = 500
 NO_SESSION = 0
@@ -27,9 +26,13 @@ def _us(ns: int) -> float:
     return ns / 1000.0
 
 
-def build(rec: Recording, report: dict) -> dict:
-    base = rec.header.get("clock", {}).get("base_monotonic_ns", 0)
-    ev: List[dict] = []
+LIVE_UPDATE_PID = 1 << 20  # the kernels and the jump between them, above every session
+
+
+def build(events: np.ndarray, base: int, report: dict) -> dict:
+    """``events``: every record on one clock (one recording's, or several
+    joined by tracer/join.py), ``base`` its zero."""
+    ev: List[dict] = _live_update(report)
     sessions = {s["id"]: s for s in report.get("sessions", [])}
     tids: Dict[int, int] = {}
     for pid in sorted({f["session"] or NO_SESSION for f in report["files"] if f["result"] != "none"}):
@@ -42,7 +45,7 @@ def build(rec: Recording, report: dict) -> dict:
             ev.append({"ph": "X", "name": "blackout: luo_file_freeze", "pid": pid, "tid": 1,
                        "ts": _us(s["blackout_start_ns"]), "dur": _us(s["blackout_ns"]),
                        "args": {"files": len(s["files"]), "errno": s.get("freeze_errno")}})
-    folio_rows = _folio_rows(rec)
+    folio_rows = _folio_rows(events)
     for n, f in enumerate(f for f in report["files"] if f["result"] != "none"):
         pid, tid = f["session"] or NO_SESSION, 100 + n
         tids[f["inode"]] = tid
@@ -53,6 +56,11 @@ def build(rec: Recording, report: dict) -> dict:
             args = {k: p[k] for k in ("errno", "count") if k in p}
             ev.append({"ph": "X", "name": p["name"], "cat": "phase", "pid": pid, "tid": tid,
                        "ts": _us(p["start_ns"]), "dur": _us(p["duration_ns"]), "args": args})
+        if f.get("blackout_ns") is not None:
+            retrieve = next(p for p in f["phases"] if p["name"] == "retrieve")
+            ev.append({"ph": "X", "name": f"blackout (from {f['blackout_from']})", "cat": "blackout", "pid": pid,
+                       "tid": tid, "ts": _us(retrieve["start_ns"] - f["blackout_ns"]), "dur": _us(f["blackout_ns"]),
+                       "args": {"blackout_ns": f["blackout_ns"]}})
         end = max((p["start_ns"] + p["duration_ns"] for p in f["phases"]), default=0)
         if f["errno"]:
             ev.append({"ph": "i", "s": "t", "name": f"error {f['errno']} in {f['failed_phase']}", "cat": "error",
@@ -66,9 +74,26 @@ def build(rec: Recording, report: dict) -> dict:
                          f"folio counters: at most {MAX_POINTS} samples per file"}}
 
 
-def _folio_rows(rec: Recording) -> Dict[int, np.ndarray]:
+def _live_update(report: dict) -> List[dict]:
+    """A joined report's kernels as spans on one track, the kexec as an instant."""
+    boots = report.get("boots")
+    if not boots:
+        return []
+    pid = LIVE_UPDATE_PID
+    ev = [{"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": "live update"}},
+          {"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0, "args": {"sort_index": -1}},
+          {"ph": "M", "name": "thread_name", "pid": pid, "tid": 1, "args": {"name": "kernels"}}]
+    for k in report.get("kexec_ns", []):
+        ev.append({"ph": "i", "s": "g", "name": "kexec", "cat": "kexec", "pid": pid, "tid": 1, "ts": _us(k)})
+    for i, b in enumerate(boots):
+        ev.append({"ph": "i", "s": "p", "name": f"boot {i + 1}: {b['kernel']} ({b['ended_by']})", "cat": "boot",
+                   "pid": pid, "tid": 1, "ts": _us(b["clock_offset_ns"]),
+                   "args": {k: b[k] for k in ("recording", "boot_id", "joined_by", "clock_offset_ns")}})
+    return ev
+
+
+def _folio_rows(e: np.ndarray) -> Dict[int, np.ndarray]:
     """Timestamps of streamed kho_preserve_folio records, per inode (trace mode)."""
-    e = rec.events
     if not len(e):
         return {}
     sel = e[e["probe"] == catalog.PROBE_IDS["kho_preserve_folio"]]
@@ -101,8 +126,8 @@ def _folio_counter(f: dict, pid: int, ts: np.ndarray, base: int) -> List[dict]:
              "args": {f"inode {f['inode']}": f["folios_preserved"]}}]
 
 
-def write(rec: Recording, report: dict, out: str) -> int:
-    doc = build(rec, report)
+def write(events: np.ndarray, base: int, report: dict, out: str) -> int:
+    doc = build(events, base, report)
     with open(out, "w") as fh:
         json.dump(doc, fh)
     return len(doc["traceEvents"])

@@ -196,3 +196,25 @@ def test_clock_offset_falls_back_to_the_wall_clock_when_the_tsc_was_reset():
     assert clock.offset(first, dict(first)) == (0, "same boot")
     no_anchors = {"boot_id": "c", "base_monotonic_ns": 7, "base_realtime_ns": 10**18 + 100}
     assert clock.offset(first, no_anchors) == (100 - 7, "realtime")
+
+
+def test_timeline_across_the_fake_reboot_shows_the_kexec_and_each_blackout(update_run, tmp_path):
+    path, truth, d = update_run
+    old, new = str(d / "old2.luo"), str(d / "new2.luo")
+    _split_at_new_kernel(path, old, new, 3 * 10**9)
+    out = tmp_path / "update.json"
+    run_cli("timeline", old, new, "-o", str(out), check=True)
+    ev = json.loads(out.read_text())["traceEvents"]
+    kexec = [e for e in ev if e.get("cat") == "kexec"]
+    boots = [e for e in ev if e.get("cat") == "boot"]
+    assert len(kexec) == 1 and len(boots) == 2
+    blackouts = [e for e in ev if e.get("cat") == "blackout"]
+    kept = [t for t in truth["files"] if t["outcome"] == "kexec"]
+    assert len(blackouts) == len(kept)
+    names = {e["args"]["name"]: (e["pid"], e["tid"]) for e in ev if e.get("name") == "thread_name"}
+    for t in kept:
+        pid, tid = names[f"{'guest_memfd' if t['handler'] == 'guest_memfd' else 'memfd'} inode {t['inode']}"]
+        b = next(e for e in blackouts if (e["pid"], e["tid"]) == (pid, tid))
+        retrieve = next(e for e in ev if e.get("cat") == "phase" and e["name"] == "retrieve"
+                        and (e["pid"], e["tid"]) == (pid, tid))
+        assert abs(b["ts"] + b["dur"] - retrieve["ts"]) < 0.01 and b["ts"] > kexec[0]["ts"]

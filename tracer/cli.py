@@ -241,21 +241,30 @@ def export(recording: str, textfile: str) -> None:
 
 
 @cli.command()
-@click.argument("recording", type=click.Path(dir_okay=False))
+@click.argument("recordings", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True,
               help="trace file to write (Chrome JSON trace events: open it in ui.perfetto.dev)")
-def timeline(recording: str, output: str) -> None:
+def timeline(recordings: Tuple[str, ...], output: str) -> None:
     """Write a RECORDING as a timeline: one track per preserved file, phases as
     slices, the session blackout marked, anomalies and errors as instants,
-    folio progress as counters (at most 500 samples per file).
+    folio progress as counters (at most 500 samples per file).  Given both
+    sides of a live update, one timeline across the reboot (kernels, kexec,
+    each file's blackout).
 
+    \b
     Example: luotrace timeline v3.luo -o v3.json   # then open in ui.perfetto.dev
+             luotrace timeline before.luo after.luo -o update.json
     """
     from exporters.timeline import write
-    from . import recording as rec_mod
-    from .session import report_of
-    r = rec_mod.read(recording)
-    n = write(r, report_of(r), output)
+    if len(recordings) > 1:
+        from .join import joined
+        rep, events, base = joined(list(recordings))
+    else:
+        from . import recording as rec_mod
+        from .session import report_of
+        r = rec_mod.read(recordings[0])
+        rep, events, base = report_of(r), r.events, r.header.get("clock", {}).get("base_monotonic_ns", 0)
+    n = write(events, base, rep, output)
     click.echo(f"luotrace: {n} trace events written to {output}", err=True)
 
 

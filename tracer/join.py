@@ -48,6 +48,11 @@ def _boot_row(path: str, r: rec.Recording, shift: int, how: str, kexec: bool) ->
 
 def join(paths: List[str]) -> dict:
     """The report of several recordings of one live update, oldest first."""
+    return joined(paths)[0]
+
+
+def joined(paths: List[str]) -> Tuple[dict, np.ndarray, int]:
+    """The joined report, every record on the first recording's clock, and that clock's zero."""
     recs = [(p, rec.read(p)) for p in paths]
     for p, r in recs:
         if "clock" not in r.header or "base_monotonic_ns" not in r.header["clock"]:
@@ -64,7 +69,7 @@ def join(paths: List[str]) -> dict:
     mode = "light" if "light" in modes else next(iter(modes))
     first = recs[0][1]
     agg = Aggregator(mode, first.header["clock"]["base_monotonic_ns"])
-    boots, ends_ns = [], []
+    boots, ends_ns, shifted = [], [], []
     for p, r in recs:
         shift, how = clock.offset(first.header["clock"], r.header["clock"])
         kexec_before = len(agg.kexec_ts)
@@ -74,6 +79,7 @@ def join(paths: List[str]) -> dict:
                 batch = batch.copy()
                 batch["ts"] = (batch["ts"].astype(np.int64) + shift).astype(np.uint64)
             agg.feed(batch)
+            shifted.append(batch)
             if len(batch):
                 last = max(last, int(batch["ts"].max()))
         if last and r.end is None:
@@ -102,7 +108,8 @@ def join(paths: List[str]) -> dict:
     ends = [e - agg.base for e in ends_ns]
     for f in report["files"]:
         f["blackout_ns"], f["blackout_from"] = blackout(f, report["kexec_ns"], ends)
-    return report
+    events = np.concatenate(shifted) if shifted else np.zeros(0, dtype=rec.EVENT_DTYPE)
+    return report, events, agg.base
 
 
 def blackout(f: dict, kexec_ns: List[int], boot_ends_ns: List[int]) -> Tuple[Optional[int], Optional[str]]:
