@@ -23,6 +23,18 @@ struct hist_key {
 	u64 slot;             /* bpf_log2l(ns): slot s holds values up to 2^s - 1 */
 };
 
+/* The kho_preserve_folio call in flight on a task, for its duration: task
+ * local storage, so a folio costs no hash insert and delete (the in-flight
+ * hash the lifecycle probes use); one call at a time per task. */
+struct folio_call_v {
+	struct fkey key;
+	u64 ts;
+	s64 pfn;
+	u64 index;
+	u32 meta;
+	u32 busy;
+};
+BPF_TASK_STORAGE(folio_call, struct folio_call_v);
 BPF_HASH(folio_stats, struct fkey, struct folio_stats_v, MAX_FILES);
 BPF_HASH(folio_preserve_duration_seconds, struct hist_key, u64, MAX_FILES * 64);
 
@@ -37,8 +49,7 @@ static __always_inline struct folio_stats_v *stats_for(struct fkey *k)
 
 static __always_inline int current_file(struct fkey *k, u32 *role, u32 *meta)
 {
-	u32 tid = (u32)bpf_get_current_pid_tgid();
-	struct cur_v *c = cur_file.lookup(&tid);
+	struct cur_v *c = cur_get();
 	if (!c) {
 		k->handler = HANDLER_KHO;       /* a caller luotrace does not trace */
 		count(CNT_UNATTRIBUTED);
@@ -71,33 +82,36 @@ static __always_inline int sampled(void)
 static __always_inline int kho_preserve_folio_entry_body(u64 *a)
 {
 	u64 folio = a[0];
-	struct fkey k = {};
 	u32 role, meta;
-	s64 pfn = folio_pfn(folio);
-	u64 index = 0;
-	current_file(&k, &role, &meta);
-	if (OFF_FOLIO_INDEX >= 0)
-		index = read_ptr(folio, OFF_FOLIO_INDEX);
-	inflight_put_meta(PROBE_kho_preserve_folio, &k, folio, (u64)pfn, index, bpf_ktime_get_ns(), meta);
+	struct folio_call_v *c = folio_call.task_storage_get(luo_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!c) {
+		count(CNT_INFLIGHT_FULL);
+		return 0;
+	}
+	current_file(&c->key, &role, &meta);
+	c->meta = meta;
+	c->pfn = folio_pfn(folio);
+	c->index = OFF_FOLIO_INDEX >= 0 ? read_ptr(folio, OFF_FOLIO_INDEX) : 0;
+	c->busy = 1;
+	c->ts = bpf_ktime_get_ns();
 	return 0;
 }
 
 static __always_inline int kho_preserve_folio_return_body(u64 rc)
 {
-	u64 id = inflight_id(PROBE_kho_preserve_folio);
-	struct inflight_v *v = inflight.lookup(&id);
+	struct folio_call_v *c = folio_call.task_storage_get(luo_current_task_btf(), 0, 0);
 	struct folio_stats_v *s;
 	struct hist_key hk = {};
 	u64 now = bpf_ktime_get_ns(), delta;
 	int ret = (int)rc;
-	if (!v)
+	if (!c || !c->busy)
 		return 0;
-	delta = now - v->ts;
-	s = stats_for(&v->key);
-	if (v->meta) {
+	c->busy = 0;
+	delta = now - c->ts;
+	s = stats_for(&c->key);
+	if (c->meta) {
 		if (s && !ret)
 			__sync_fetch_and_add(&s->meta_preserved, 1);
-		inflight.delete(&id);
 		return 0;
 	}
 	if (s) {
@@ -105,14 +119,14 @@ static __always_inline int kho_preserve_folio_return_body(u64 rc)
 			__sync_fetch_and_add(&s->preserve_errors, 1);
 		} else {
 			__sync_fetch_and_add(&s->preserved, 1);
-			if ((s64)v->a0 == 0)
+			if (c->pfn == 0)
 				__sync_fetch_and_add(&s->pfn_zero, 1);
-			if ((s64)v->a0 < 0)
+			if (c->pfn < 0)
 				__sync_fetch_and_add(&s->pfn_unknown, 1);
 		}
 		__sync_fetch_and_add(&s->preserve_ns, delta);
 	}
-	hk.key = v->key;
+	hk.key = c->key;
 	hk.slot = bpf_log2l(delta);
 	folio_preserve_duration_seconds.increment(hk);
 #ifdef MODE_TRACE
@@ -120,15 +134,14 @@ static __always_inline int kho_preserve_folio_return_body(u64 rc)
 		struct luo_event e;
 		ev_init(&e, PROBE_kho_preserve_folio, EV_RETURN);
 		e.ts = now;
-		ev_key(&e, &v->key);
+		ev_key(&e, &c->key);
 		e.ret = ret;
-		e.a0 = v->a0;
-		e.a1 = v->a1;
+		e.a0 = (u64)c->pfn;
+		e.a1 = c->index;
 		e.a2 = delta;
 		emit_folio(&e);
 	}
 #endif
-	inflight.delete(&id);
 	return 0;
 }
 

@@ -101,8 +101,7 @@ static __always_inline int inode_freeze_entry(u64 *a, u16 probe, u32 handler)
 /* A call attributed to the file whose handler op runs on this thread. */
 static __always_inline int attributed_entry(u16 probe, u64 ptr, u64 a0, u64 a1, u64 a2, u8 kind)
 {
-	u32 tid = (u32)bpf_get_current_pid_tgid();
-	struct cur_v *c = cur_file.lookup(&tid);
+	struct cur_v *c = cur_get();
 	struct luo_event e;
 	struct fkey k = {};
 	ev_init(&e, probe, kind);

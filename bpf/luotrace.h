@@ -80,6 +80,8 @@ struct cur_v {
 	struct fkey key;
 	u32 role;
 	u32 meta;       /* > 0 inside kho_alloc_preserve / kho_unpreserve_free: metadata, not data */
+	u32 active;     /* 0 between handler operations */
+	u32 pad;
 };
 
 /* Lifecycle events have their own ring buffer, so a flood of per-folio
@@ -90,7 +92,12 @@ BPF_RINGBUF_OUTPUT(folio_events, FOLIO_RINGBUF_PAGES);
 #endif
 BPF_PERCPU_ARRAY(luo_counters, u64, NR_COUNTERS);
 BPF_HASH(inflight, u64, struct inflight_v, MAX_INFLIGHT);
-BPF_HASH(cur_file, u32, struct cur_v, MAX_THREADS);
+/* The handler operation running on a task (its file and role): per-folio KHO
+ * calls made meanwhile are attributed to it.  Task local storage: found
+ * without a hash walk on every folio, and it goes away with the task. */
+BPF_TASK_STORAGE(cur_file, struct cur_v);
+/* bpf_get_current_task_btf() (helper 158, Linux 5.11): task storage takes a BTF task pointer. */
+static struct task_struct *(*luo_current_task_btf)(void) = (void *)158;
 BPF_HASH(frozen, struct fkey, u64, MAX_FILES);
 BPF_ARRAY(nr_frozen, s64, 1);   /* entries in `frozen`: the population hot path skips the hash when 0 */
 
@@ -215,29 +222,39 @@ static __always_inline s64 folio_pfn(u64 folio)
 #endif
 }
 
+static __always_inline struct cur_v *cur_get(void)
+{
+	struct cur_v *c = cur_file.task_storage_get(luo_current_task_btf(), 0, 0);
+	return c && c->active ? c : 0;
+}
+
 static __always_inline void cur_set(struct fkey *k, u32 role)
 {
-	u32 tid = (u32)bpf_get_current_pid_tgid();
-	struct cur_v v = {};
-	v.key = *k;
-	v.role = role;
-	cur_file.update(&tid, &v);
+	struct cur_v *c = cur_file.task_storage_get(luo_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!c) {
+		count(CNT_INFLIGHT_FULL);
+		return;
+	}
+	c->key = *k;
+	c->role = role;
+	c->meta = 0;
+	c->active = 1;
 }
 
 /* KHO preserves its own metadata pages with kho_preserve_folio too
  * (kho_alloc_preserve, Linux 7.2): count those apart from the file's data. */
 static __always_inline void cur_meta(int delta)
 {
-	u32 tid = (u32)bpf_get_current_pid_tgid();
-	struct cur_v *c = cur_file.lookup(&tid);
+	struct cur_v *c = cur_get();
 	if (c)
 		c->meta += delta;
 }
 
 static __always_inline void cur_clear(void)
 {
-	u32 tid = (u32)bpf_get_current_pid_tgid();
-	cur_file.delete(&tid);
+	struct cur_v *c = cur_get();
+	if (c)
+		c->active = 0;
 }
 
 static __always_inline int inflight_put_meta(u16 probe, struct fkey *k, u64 ptr, u64 a0, u64 a1, u64 ts, u64 meta)

@@ -40,7 +40,6 @@ class Options:
     sample_every: int = 1
     max_files: int = 4096
     max_inflight: int = 16384
-    max_threads: int = 4096
     gmem_dev: Optional[int] = None  # population filter; None = find it through /dev/kvm
     strategy: str = "auto"  # auto | fentry | kprobe (kernel targets)
 
@@ -71,8 +70,7 @@ def cflags(opts: Options, layout: Layout) -> List[str]:
     flags = [f"-D{k}={v}" for k, v in catalog.bpf_defines().items()]
     flags += layout.cflags()
     flags += [f"-DRINGBUF_PAGES={opts.ringbuf_pages}", f"-DFOLIO_RINGBUF_PAGES={opts.folio_ringbuf_pages}", f"-DSAMPLE_EVERY={max(1, opts.sample_every)}",
-              f"-DMAX_FILES={opts.max_files}", f"-DMAX_INFLIGHT={opts.max_inflight}",
-              f"-DMAX_THREADS={opts.max_threads}"]
+              f"-DMAX_FILES={opts.max_files}", f"-DMAX_INFLIGHT={opts.max_inflight}"]
     if opts.model:
         flags.append("-DLUO_USER=1")
     if opts.mode in ("folio", "trace"):
@@ -232,6 +230,8 @@ class Tracer:
                                 "check `luotrace doctor`; pass --handler to trace fewer handlers")
         self.statuses = statuses
         probes = [catalog.BY_NAME[s.name] for s in statuses if s.status == "planned"]
+        if not probes:
+            raise LuotraceError("no probe could be attached", "check `luotrace doctor`")
         self.population = any(p.kind == "tracepoint" for p in probes)
         if self.population:
             why = kernel.ensure_tracefs()

@@ -31,7 +31,7 @@ DRIVER = ["-m", "workloads.liveupdate", "keep:4M,1M:sparse", "cancel:2M", "error
 
 
 def sh(cmd, out_path=None, **kw) -> int:
-    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    r = subprocess.run(cmd, capture_output=True, text=True, errors="backslashreplace", **kw)
     if out_path:
         with open(out_path, "w") as f:
             f.write(r.stdout)
