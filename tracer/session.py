@@ -151,22 +151,26 @@ class LiveSession:
         self._pending.clear()
         batch = decode(raw)
         with self.lock:
+            jump = self.writer is not None and not self.kexec_seen and bool((batch["probe"] == KEXEC_PROBE).any())
             if self.writer is not None:
                 self.writer.add(raw)
-                if self.kexec_seen or (batch["probe"] == KEXEC_PROBE).any():
+                if self.kexec_seen or jump:
                     # The machine is jumping to the next kernel: what is not on
-                    # disk now is lost.  Events first (before any Python work on
-                    # them), then the folio counters held in BPF maps; from here
-                    # every batch (the freeze) is written through.
+                    # disk now is lost.  Written through before any Python work.
                     self.writer.flush(sync=True)
-                    if not self.kexec_seen:
-                        self.kexec_seen = True
-                        self._dump_maps(sync=True)
+            self.kexec_seen = self.kexec_seen or jump
             self.agg.feed(batch)
             if self.writer is not None and \
                     self.agg.received != self._lifecycle_seen + self.agg.per_folio_received:
                 self._lifecycle_seen = self.agg.received - self.agg.per_folio_received
                 self._maps_dirty = True  # a lifecycle record: per-file counters may have moved
+        if jump:
+            # LUO freezes every session right after kernel_kexec(): take those
+            # events first, then the folio counters held in BPF maps (slower).
+            self.tracer.drain()
+            self.pump()
+            with self.lock:
+                self._dump_maps(sync=True)
 
     def _dump_maps(self, sync: bool = False) -> None:
         """Write the BPF maps into the recording now.  Done a second after
