@@ -81,7 +81,9 @@ def render(report: dict) -> str:
     if sessions:
         out.append("")
         out.append("sessions: " + "; ".join(
-            f"#{s['id']} files {len(s['files'])} blackout {fmt_ns(s['blackout_ns'])}"
+            f"#{s['id']} files {len(s['files'])} blackout "
+            + (fmt_ns(s["blackout_ns"]) if s["blackout_ns"] is not None or s["blackout_start_ns"] is None
+               else "(freeze started, cut by the jump)")
             + (" cancelled" if s["cancelled"] else "") for s in sessions))
     anoms = report.get("anomalies", [])
     out.append("")

@@ -218,3 +218,21 @@ def test_timeline_across_the_fake_reboot_shows_the_kexec_and_each_blackout(updat
         retrieve = next(e for e in ev if e.get("cat") == "phase" and e["name"] == "retrieve"
                         and (e["pid"], e["tid"]) == (pid, tid))
         assert abs(b["ts"] + b["dur"] - retrieve["ts"]) < 0.01 and b["ts"] > kexec[0]["ts"]
+
+
+def test_a_freeze_cut_by_the_jump_is_shown_as_such(update_run, tmp_path):
+    """The old kernel's recorder may get the start of the LUO freeze and not its end."""
+    path, _truth, _d = update_run
+    r = rec.read(path)
+    ev = r.events
+    first_freeze = int(np.flatnonzero(ev["probe"] == catalog.PROBE_IDS["luo_file_freeze"]).min())
+    out = str(tmp_path / "cut.luo")
+    w = rec.Writer(out, r.header)
+    w.add(ev[: first_freeze + 1].tobytes())
+    w.flush()
+    w._f.close()
+    rep = replay(out)
+    s = next(x for x in rep["sessions"] if x["blackout_start_ns"] is not None)
+    assert s["blackout_ns"] is None
+    text = run_cli("report", out).stdout
+    assert "freeze started, cut by the jump" in text

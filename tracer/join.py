@@ -20,7 +20,7 @@ from . import clock
 from . import recording as rec
 from .aggregator import Aggregator
 from .errors import LuotraceError
-from .report import build
+from .report import build, probe_row
 
 
 def merge_maps(dumps: List[Optional[dict]]) -> dict:
@@ -99,10 +99,7 @@ def joined(paths: List[str]) -> Tuple[dict, np.ndarray, int]:
             key = (pr["symbol"], pr["name"])
             if key not in probes or pr.get("status") == "attached":
                 probes[key] = pr
-    report["probes"] = [row for row in report["probes"] if (row["symbol"], row["name"]) not in probes] + [
-        {"symbol": pr["symbol"], "name": pr["name"], "handler": pr["handler"], "required": bool(pr.get("required")),
-         "strategy": pr["strategy"], "status": pr["status"], "reason": pr.get("reason") or None}
-        for pr in probes.values()]
+    report["probes"] = [probe_row(pr) for pr in probes.values()]
     report["boots"] = boots
     report["kexec_ns"] = [t - agg.base for t in agg.kexec_ts]
     ends = [e - agg.base for e in ends_ns]

@@ -129,10 +129,7 @@ def build(agg: Aggregator, header: dict, end: Optional[dict], truncated: bool = 
         "anomalies": all_anoms,
         "anomalies_not_checked": list(anomalies.NEEDS_FOLIO_MODE) if agg.mode == "light" else [],
         "totals": totals,
-        "probes": [{"symbol": p["symbol"], "name": p["name"], "handler": p["handler"],
-                    "required": bool(p.get("required")),
-                    "strategy": p["strategy"], "status": p["status"], "reason": p.get("reason") or None}
-                   for p in header.get("probes", [])],
+        "probes": [probe_row(p) for p in header.get("probes", [])],
         "layout_unknown": header.get("layout", {}).get("unknown", {}),
         "events": {"received": agg.received,
                    "lost": int(counters.get("lost", 0)) + int(counters.get("folio_lost", 0)),
@@ -148,6 +145,12 @@ def build(agg: Aggregator, header: dict, end: Optional[dict], truncated: bool = 
                              for k, v in sorted((bpf.get("programs") or {}).items())}},
         "duration_ns": end.get("duration_ns"),
     }
+
+
+def probe_row(p: dict) -> dict:
+    """A probe's status as the report shows it, from a recording header's entry."""
+    return {"symbol": p["symbol"], "name": p["name"], "handler": p["handler"], "required": bool(p.get("required")),
+            "strategy": p["strategy"], "status": p["status"], "reason": p.get("reason") or None}
 
 
 def _count(items) -> Dict[str, int]:
