@@ -24,6 +24,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 PY = sys.executable
@@ -107,17 +108,27 @@ def kexec_selftests(kdir: str, stage: int, tag: str) -> None:
 
 
 def start_recorder(path: str, log: str) -> subprocess.Popen:
-    """luotrace record with no command: it runs until SIGINT or the kexec."""
-    logf = open(log, "w")
+    """luotrace record with no command: it runs until SIGINT or the kexec.
+    Its output is read from a pipe (a file on the shared 9p directory, read
+    while written, once gave ENODATA) and copied to LOG by a thread."""
     p = subprocess.Popen([PY, "-m", "tracer.cli", "record", "--mode", "folio", "--handler", "memfd", "--quiet",
-                          "-o", path], stdout=logf, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline and p.poll() is None:
-        with open(log) as f:
-            if "luotrace: tracing" in f.read():
-                return p
-        time.sleep(0.5)
-    raise SystemExit(f"luotrace did not start: see {log}")
+                          "-o", path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         errors="backslashreplace")
+    ready = threading.Event()
+
+    def copy() -> None:
+        with open(log, "w") as f:
+            for line in p.stdout:
+                f.write(line)
+                f.flush()
+                if line.startswith("luotrace: tracing"):
+                    ready.set()
+        ready.set()  # ended before attaching: the caller sees it exit
+
+    threading.Thread(target=copy, daemon=True).start()
+    if not ready.wait(900) or p.poll() is not None:
+        raise SystemExit(f"luotrace did not start: see {log}")
+    return p
 
 
 def jump(kdir: str, next_stage: int) -> None:
