@@ -8,6 +8,8 @@ untraced baseline measured in the same run, on the same machine.
 3. Exporter: scrape latency with 64 files and full histograms, CPU while idle.
 4. Offline: simulate and replay records/s; a 1 TiB / 64-file run summarised
    (time to report, peak RSS).
+5. Live ingest in trace mode (tests/bench_ingest.py): records/s from a real
+   ring buffer through the consumer, lost records, consumer CPU.
 2. Reference model, 64 MiB preserve (16,384 folios): untraced and traced in each
    mode through uprobes.  Uprobes cost microseconds a hit, so these ratios
    measure the uprobe mechanism; the BPF programs' own cost per run
@@ -34,6 +36,8 @@ from tracer import kernel
 from tracer.loader import Options
 from tracer.session import run
 from workloads.gmem import gmem_superblock_dev
+
+from .bench_ingest import ingest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(REPO, "workloads", "model", "luo_model")
@@ -240,6 +244,7 @@ def main() -> None:
                         f" {c.get('run_time_ns', 0) / mbase:.3f} x baseline spent in BPF itself)")
         rows += exporter(tmp)
         rows += offline(tmp)
+        rows += ingest(tmp)
     print("\n".join(rows))
 
 

@@ -15,13 +15,16 @@ generates the entry points for the attach type chosen.
 from __future__ import annotations
 
 import ctypes as ct
+import mmap
 import os
+import select
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
 
 from . import catalog, kernel
 from .catalog import Probe
 from .errors import LuotraceError
+from .events import EVENT_SIZE
 from .layout import Layout
 
 BPF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf")
@@ -313,18 +316,31 @@ class Tracer:
             raise LuotraceError("no probe could be attached", "check `luotrace doctor`")
 
     def _open_ringbuf(self) -> None:
-        def cb(_ctx, data, size):
-            self._on_bytes(ct.string_at(data, size))
-        self._cb = cb
-        self.bpf["events"].open_ring_buffer(cb)
+        """Read the ring buffers ourselves (tracer/ringbuf.py), a block at a
+        time, and wait on them with epoll: no Python call per event."""
+        from .ringbuf import RingReader
+        rings = [("events", self.opts.ringbuf_pages)]
         if self.opts.mode == "trace":
-            self.bpf["folio_events"].open_ring_buffer(cb)
+            rings.append(("folio_events", self.opts.folio_ringbuf_pages))
+        self._rings = [RingReader(self.bpf[name].get_fd(), pages * mmap.PAGESIZE, EVENT_SIZE) for name, pages in rings]
+        self._epoll = select.epoll()
+        for r in self._rings:
+            self._epoll.register(r.fd, select.EPOLLIN)
 
     def poll(self, timeout_ms: int = 100) -> None:
-        self.bpf.ring_buffer_poll(timeout_ms)
+        if not self.drain():
+            self._epoll.poll(timeout_ms / 1000.0)
+            self.drain()
 
-    def drain(self) -> None:
-        self.bpf.ring_buffer_consume()
+    def drain(self) -> int:
+        """Hand every record now in the ring buffers to the consumer; how many bytes."""
+        got = 0
+        for r in self._rings:
+            raw = r.consume()
+            if raw:
+                got += len(raw)
+                self._on_bytes(raw)
+        return got
 
     # ---- maps, read at the end (and by exporters at scrape) ----
 
@@ -379,6 +395,12 @@ class Tracer:
         return out
 
     def close(self) -> None:
+        for r in getattr(self, "_rings", []):
+            r.close()
+        self._rings = []
+        if getattr(self, "_epoll", None) is not None:
+            self._epoll.close()
+            self._epoll = None
         b = getattr(self, "bpf", None)
         if b is not None:
             try:
