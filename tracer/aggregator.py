@@ -22,6 +22,7 @@ Key = Tuple[int, int, int]  # (handler, dev, ino)
 _PROBE_ROLE = [p.role for p in catalog.PROBES]
 _PER_FOLIO = np.array([p.per_folio and p.kind != "tracepoint" for p in catalog.PROBES], dtype=bool)
 _WALK_PHASE = {"gmem_walk": ("count_pass", "fill_pass"), "memfd_preserve_folios": ("preserve_folios",) * 2}
+EVIDENCE_MAX = 64  # page-cache changes kept per file as anomaly evidence (all are counted)
 PHASE_ORDER = ["can_preserve", "preserve", "count_pass", "fill_pass", "preserve_folios", "vmalloc",
                "luo_freeze", "unpreserve", "retrieve", "finish"]
 
@@ -64,7 +65,8 @@ class FileState:
     fill_count: Optional[int] = None
     fill_ret: Optional[int] = None
     freeze_log: List[Tuple[int, int]] = field(default_factory=list)
-    frozen_changes: List[Tuple[int, str, int, int, int]] = field(default_factory=list)
+    frozen_changes: List[Tuple[int, str, int, int, int]] = field(default_factory=list)  # first EVIDENCE_MAX
+    frozen_adds: int = 0
     retrieved: bool = False
     retrieved_inode: Optional[int] = None
     vm_token: Optional[int] = None
@@ -216,6 +218,9 @@ class Aggregator:
             if role == "freeze_inode":
                 st.freeze_log.append((ts, int(ev["a0"])))
             elif role in ("pop_add", "pop_delete"):
+                st.frozen_adds += role == "pop_add"
+                if len(st.frozen_changes) >= EVIDENCE_MAX:
+                    return  # a guest filling a frozen file must not fill our memory: count, keep the first
                 st.frozen_changes.append((ts, "add" if role == "pop_add" else "delete",
                                           int(ev["a0"]), int(ev["a1"]), int(ev["a2"])))
             return

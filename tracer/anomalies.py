@@ -28,7 +28,7 @@ def folio_added_while_frozen(f: Facts) -> Optional[str]:
     if not adds:
         return None
     _ts, _k, index, pfn, order = adds[0]
-    return (f"{len(adds)} folio(s) added to the page cache while the inode was frozen; "
+    return (f"{f.st.frozen_adds} folio(s) added to the page cache while the inode was frozen; "
             f"first at index {index} (pfn {pfn:#x}, order {order})")
 
 

@@ -376,11 +376,15 @@ NOINLINE bool kvm_gmem_luo_can_preserve(void *handler, struct file *file)
  * filemap:mm_filemap_{delete_from,add_to}_page_cache tracepoints fire on it. */
 static void late_fallocate(struct model_file *mf)
 {
-	off_t last = (off_t)(mf->size - PAGE_SZ);
-	if (fallocate(mf->fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, last, PAGE_SZ) ||
-	    fallocate(mf->fd, FALLOC_FL_KEEP_SIZE, last, PAGE_SZ))
+	uint64_t n = mf->fault_arg > 0 ? (uint64_t)mf->fault_arg : 1;  /* late_fallocate=N: the last N pages */
+	off_t first;
+	if (n * PAGE_SZ > mf->size)
+		n = mf->size / PAGE_SZ;
+	first = (off_t)(mf->size - n * PAGE_SZ);
+	if (fallocate(mf->fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, first, (off_t)(n * PAGE_SZ)) ||
+	    fallocate(mf->fd, FALLOC_FL_KEEP_SIZE, first, (off_t)(n * PAGE_SZ)))
 		die("late fallocate: %s", strerror(errno));
-	mf->populated++;
+	mf->populated += n;
 }
 
 NOINLINE int kvm_gmem_luo_preserve(struct liveupdate_file_op_args *args)
@@ -894,7 +898,7 @@ int main(int argc, char **argv)
 			puts("usage: luo_model [--json FILE] [--pause-ms N] [--layout] OUTCOME:HANDLER:SIZE[:FAULT[=ARG]][,...] ...\n"
 			     "  OUTCOME kexec|cancel|discard|keep; HANDLER gmem|memfd\n"
 			     "  FAULT none|hwpoison=N|enomem|vmalloc_fail|token_enoent|pass_mismatch|\n"
-			     "        unbalanced_freeze|leak_unwind|late_fallocate|pfn0|holes=N");
+			     "        unbalanced_freeze|leak_unwind|late_fallocate[=N]|pfn0|holes=N");
 			return 0;
 		} else {
 			char *spec = strdup(argv[i]), *colon = strchr(spec, ':'), *save = NULL, *tok;
