@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import struct
 
 import numpy as np
 import pytest

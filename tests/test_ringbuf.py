@@ -6,7 +6,6 @@ tests/bench_ingest.py): every record arrives once, in order, intact, and what
 does not fit is counted as lost, exactly."""
 from __future__ import annotations
 
-import os
 import select
 
 import numpy as np

@@ -181,7 +181,7 @@ class LiveSession:
         self.writer.write_maps(self.tracer.dump_maps(), sync=sync)
 
     def start(self) -> None:
-        first = clock.anchor()  # two anchors seconds apart (the compile) give the TSC rate
+        anchor0 = clock.anchor()  # two anchors seconds apart (the compile) give the TSC rate
         base_ns, real_ns = time.monotonic_ns(), time.time_ns()
         self.agg.base = base_ns
         self.prev_stats = kernel.set_bpf_stats(True)
@@ -194,7 +194,7 @@ class LiveSession:
             raise LuotraceError(f"loading the BPF programs failed: {first}",
                                 "run `luotrace doctor`; `make setup` installs headers and BCC") from None
         self.header = make_header(self.opts, self.tracer, self.labels, base_ns, real_ns)
-        self.header["clock"].update(boot_id=clock.boot_id(), anchors=[first, clock.anchor()])
+        self.header["clock"].update(boot_id=clock.boot_id(), anchors=[anchor0, clock.anchor()])
         if self.output:
             self.writer = rec.Writer(self.output, self.header)
 
