@@ -1,10 +1,11 @@
 """Overhead benchmarks (`make bench`): every figure is a ratio against an
 untraced baseline measured in the same run, on the same machine.
 
-1. guest_memfd population, 1 GiB (262,144 folios, fallocate): untraced; luotrace
-   in light mode (tracing the model's lifecycle, nothing on population), folio
-   and trace modes (population tracepoints, in-kernel aggregation); bpftrace
-   doing the same per-inode count.
+1. guest_memfd population, 1 GiB (262,144 folios, fallocate): untraced; an
+   empty BPF program on the same tracepoints (the floor any per-folio probe
+   pays here); luotrace in light mode (tracing the model's lifecycle, nothing
+   on population), folio and trace modes (population tracepoints, in-kernel
+   aggregation); bpftrace doing the same per-inode count.
 3. Exporter: scrape latency with 64 files and full histograms, CPU while idle.
 4. Offline: simulate and replay records/s; a 1 TiB / 64-file run summarised
    (time to report, peak RSS).
@@ -72,6 +73,22 @@ def _new_prog_stats(before: Dict[int, dict]) -> dict:
             tot["run_time_ns"] += p.get("run_time_ns", 0)
             tot["run_cnt"] += p.get("run_cnt", 0)
     return tot
+
+
+def populate_floor(tmp: str, size: str = "1G"):
+    """The attach mechanism alone: a BPF program on the same tracepoints that
+    does nothing, bpf_stats on as in the traced runs.  What any per-folio
+    probe costs here before it does any work."""
+    from bcc import BPF
+    prev = kernel.set_bpf_stats(True)
+    before = _progs()
+    b = BPF(text="TRACEPOINT_PROBE(filemap, mm_filemap_add_to_page_cache) { return 0; }\n"
+                 "TRACEPOINT_PROBE(filemap, mm_filemap_delete_from_page_cache) { return 0; }")
+    try:
+        return populate(tmp, size), _new_prog_stats(before)
+    finally:
+        b.cleanup()
+        kernel.restore_bpf_stats(prev)
 
 
 def populate_bpftrace(tmp: str, dev: int, size: str = "1G"):
@@ -196,7 +213,7 @@ def main() -> None:
         print(f"luotrace bench: {REPS} interleaved runs per configuration, medians; kernel {os.uname().release}, "
               f"{os.cpu_count()} CPUs", flush=True)
         # 1. population
-        samples: Dict[str, List[float]] = {k: [] for k in ("baseline", "light", "folio", "trace", "bpftrace")}
+        samples: Dict[str, List[float]] = {k: [] for k in ("baseline", "floor", "light", "folio", "trace", "bpftrace")}
         cost: Dict[str, dict] = {}
         rng = random.Random(7)
         for i in range(REPS):
@@ -208,6 +225,9 @@ def main() -> None:
                 elif k == "bpftrace":
                     ns, cost[k] = populate_bpftrace(tmp, dev)
                     samples[k].append(ns)
+                elif k == "floor":
+                    ns, cost[k] = populate_floor(tmp)
+                    samples[k].append(ns)
                 else:
                     ns, cost[k] = populate_traced(tmp, k)
                     samples[k].append(ns)
@@ -218,7 +238,7 @@ def main() -> None:
         rows.append(f"gmem population 1 GiB (262,144 folios): baseline {base / 1e6:.1f} ms median "
                     f"({per_folio:.0f} ns/folio); run-to-run spread of the baseline {100 * spread:.0f} %")
         rows.append("  config    median     wall ratio   BPF ns/folio   BPF cost / baseline folio cost")
-        for k in ("light", "folio", "trace", "bpftrace"):
+        for k in ("floor", "light", "folio", "trace", "bpftrace"):
             m = statistics.median(samples[k])
             c = cost.get(k, {})
             per = c["run_time_ns"] / c["run_cnt"] if c.get("run_cnt") else 0.0
