@@ -38,9 +38,9 @@ def _btf() -> Check:
     path = kernel.btf_path()
     if not os.path.exists(path):
         return Check("btf", False, f"{path} missing: kernel offsets cannot be resolved (CONFIG_DEBUG_INFO_BTF)")
-    from .btf import BTF, BTFError
+    from .btf import BTFError
     try:
-        b = BTF.from_file(path)
+        b = kernel.btf()
     except BTFError as e:
         return Check("btf", False, str(e))
     return Check("btf", True, f"{path}: {len(b.structs)} structs, {len(b.functions)} functions")

@@ -5,11 +5,13 @@ kallsyms, tracepoint format readable, fentry supported, bpf_stats writable.
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
 from typing import Dict, Optional, Set
 
+from .btf import BTF
 from .errors import LuotraceError
 
 DEBUGFS = "/sys/kernel/debug"
@@ -20,6 +22,18 @@ BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
 def btf_path() -> str:
     """``LUOTRACE_BTF`` overrides the BTF location (used by tests of the no-BTF error)."""
     return os.environ.get("LUOTRACE_BTF", "/sys/kernel/btf/vmlinux")
+
+
+@functools.lru_cache(maxsize=None)
+def _parsed_btf(path: str) -> BTF:
+    return BTF.from_file(path)
+
+
+def btf() -> BTF:
+    """The running kernel's BTF, parsed once per process: layout resolution,
+    fentry support and fentry signatures all read it at start-up.  Raises
+    BTFError when it is missing or corrupt."""
+    return _parsed_btf(btf_path())
 
 
 def release() -> str:

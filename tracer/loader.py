@@ -140,9 +140,9 @@ def _fentry_support():
             return set(), "no BPF trampoline support"
     except ImportError:
         return set(), "bcc not importable"
-    from .btf import BTF, BTFError
+    from .btf import BTFError
     try:
-        return BTF.from_file(kernel.btf_path()).functions, ""
+        return kernel.btf().functions, ""
     except BTFError as e:
         return set(), str(e)
 
@@ -173,12 +173,17 @@ def wrappers(probes: List[Probe], strategy: Dict[str, str], signatures: Dict[str
     return "\n".join(out) + "\n"
 
 
+def program_text(probes: List[Probe], strategy: Dict[str, str]) -> str:
+    """The BPF C compiled for ``probes``: the handler files and the entry
+    points for each probe's attach strategy."""
+    return bpf_source(source_files(probes)) + wrappers(probes, strategy, _signatures(probes, strategy))
+
+
 def _signatures(probes: List[Probe], strategy: Dict[str, str]) -> Dict[str, tuple]:
     need = [p.symbol for p in probes if strategy.get(p.name) == "fentry"]
     if not need:
         return {}
-    from .btf import BTF
-    btf = BTF.from_file(kernel.btf_path())
+    btf = kernel.btf()
     return {s: btf.func_signature(s) or (4, False) for s in need}
 
 
@@ -255,7 +260,7 @@ class Tracer:
         """Compile and load; fentry programs attach while loading, so a kernel
         that refuses them makes every fentry probe fall back to kprobe."""
         strategy = {s.name: s.strategy for s in self.statuses}
-        self.source = bpf_source(source_files(probes)) + wrappers(probes, strategy, _signatures(probes, strategy))
+        self.source = program_text(probes, strategy)
         try:
             return BPF(text=self.source, cflags=self.cflags)
         except Exception as e:
@@ -265,8 +270,7 @@ class Tracer:
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             for s in fentry:
                 s.strategy, s.reason = "kprobe", f"fentry failed ({why}); fell back to kprobe"
-            strategy = {s.name: s.strategy for s in self.statuses}
-            self.source = bpf_source(source_files(probes)) + wrappers(probes, strategy, {})
+            self.source = program_text(probes, {s.name: s.strategy for s in self.statuses})
             return BPF(text=self.source, cflags=self.cflags)
 
     def _gmem_dev(self, statuses: List[ProbeStatus]) -> Optional[int]:
@@ -423,7 +427,7 @@ def verify_kernel_programs(mode: str, layout: Layout) -> Dict[str, str]:
 
     opts = Options(mode=mode)
     probes = [p for p in catalog.probes_for(mode) if p.kind != "tracepoint"]
-    b = BPF(text=bpf_source(source_files(probes)) + wrappers(probes, {}, {}), cflags=cflags(opts, layout))
+    b = BPF(text=program_text(probes, {}), cflags=cflags(opts, layout))
     results = {}
     try:
         for p in probes:
@@ -442,7 +446,5 @@ def final_source(opts: Options) -> str:
     layout = resolve_layout(opts)
     probes = [p for p in catalog.probes_for(opts.mode, opts.handlers)]
     flags = cflags(opts, layout) + ["-DGMEM_DEV=<found at start>"]
-    statuses = plan(opts)
-    strategy = {s.name: s.strategy for s in statuses}
-    return ("/* cflags: " + " ".join(flags) + " */\n" + bpf_source(source_files(probes))
-            + wrappers(probes, strategy, _signatures(probes, strategy)))
+    strategy = {s.name: s.strategy for s in plan(opts)}
+    return "/* cflags: " + " ".join(flags) + " */\n" + program_text(probes, strategy)

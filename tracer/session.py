@@ -60,9 +60,9 @@ def check_environment(opts: Options) -> None:
 def resolve_layout(opts: Options) -> Layout:
     if opts.model is not None:
         return model_layout(opts.model)
-    from .btf import BTF, BTFError
+    from .btf import BTFError
     try:
-        return kernel_layout(BTF.from_file(kernel.btf_path()))
+        return kernel_layout(kernel.btf())
     except BTFError as e:
         raise LuotraceError(f"kernel BTF unusable: {e}", "boot a kernel built with CONFIG_DEBUG_INFO_BTF=y") from None
 
@@ -137,9 +137,8 @@ class LiveSession:
         self.final: Optional[dict] = None
         self.prev_stats: Optional[int] = None
         self.kexec_seen = False
-        self._maps_dirty = False
         self._maps_at = 0.0
-        self._lifecycle_seen = 0
+        self._maps_mark = 0  # lifecycle records received when the maps were last written
 
     def _on_bytes(self, raw: bytes) -> None:
         self._pending.append(raw)
@@ -160,10 +159,6 @@ class LiveSession:
                     self.writer.flush(sync=True)
             self.kexec_seen = self.kexec_seen or jump
             self.agg.feed(batch)
-            if self.writer is not None and \
-                    self.agg.received != self._lifecycle_seen + self.agg.per_folio_received:
-                self._lifecycle_seen = self.agg.received - self.agg.per_folio_received
-                self._maps_dirty = True  # a lifecycle record: per-file counters may have moved
         if jump:
             # LUO freezes every session right after kernel_kexec(): take those
             # events first, then the folio counters held in BPF maps (slower).
@@ -172,11 +167,14 @@ class LiveSession:
             with self.lock:
                 self._dump_maps(sync=True)
 
+    def _lifecycle_records(self) -> int:
+        return self.agg.received - self.agg.per_folio_received
+
     def _dump_maps(self, sync: bool = False) -> None:
         """Write the BPF maps into the recording now.  Done a second after
         lifecycle activity as well as at the kexec: the jump may come too fast
         for the recorder, and the per-file folio counts live only in the maps."""
-        self._maps_dirty = False
+        self._maps_mark = self._lifecycle_records()
         self._maps_at = time.monotonic()
         self.writer.write_maps(self.tracer.dump_maps(), sync=sync)
 
@@ -207,7 +205,9 @@ class LiveSession:
         if self.writer is not None:
             with self.lock:
                 self.writer.maybe_flush()
-                if self._maps_dirty and time.monotonic() - self._maps_at >= rec.FLUSH_SECONDS:
+                # a lifecycle record since the last dump: per-file counters may have moved
+                if self._lifecycle_records() != self._maps_mark and \
+                        time.monotonic() - self._maps_at >= rec.FLUSH_SECONDS:
                     self._dump_maps()
 
     def _end(self, progs: Dict[str, Dict[str, int]], stopped_by: str) -> dict:
