@@ -13,6 +13,7 @@ decode, Aggregator.feed, recording Writer, as a live session runs them.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import select
 import subprocess
@@ -23,10 +24,9 @@ from typing import List, Tuple
 from tracer import kernel
 from tracer import recording as rec
 from tracer.aggregator import Aggregator
-from tracer.btf import BTF
 from tracer.events import EVENT_SIZE, decode
 from tracer.layout import kernel_layout
-from tracer.loader import Options, bpf_source, cflags
+from tracer.loader import COUNTER_NAMES, Options, bpf_source, cflags
 from tracer.ringbuf import RingReader
 from workloads.gmem import gmem_superblock_dev
 
@@ -72,10 +72,25 @@ with VM() as vm:
 """
 
 
+def load_harness(ring_pages: int):
+    """The bench-only program, compiled with luotrace's own header and flags,
+    counting folios added to any guest_memfd; and a reader of its ring."""
+    from bcc import BPF
+    opts = Options(mode="trace", folio_ringbuf_pages=ring_pages)
+    b = BPF(text=bpf_source([]) + HARNESS,
+            cflags=cflags(opts, kernel_layout(kernel.btf())) + [f"-DTARGET_DEV={gmem_superblock_dev()}"])
+    return b, RingReader(b["folio_events"].get_fd(), ring_pages * mmap.PAGESIZE, EVENT_SIZE)
+
+
+def folio_lost(b) -> int:
+    """Per-folio records the ring had no room for (counted in BPF, all CPUs)."""
+    t = b["luo_counters"]
+    return int(sum(t[t.Key(COUNTER_NAMES.index("folio_lost"))]))
+
+
 def run_once(tmp: str, total: int, rate: float, producers: int = 1,
              ring_pages: int = Options.folio_ringbuf_pages) -> Tuple[int, int, float, float]:
     """(records received, records lost, producers' seconds, consumer CPU seconds)."""
-    from bcc import BPF
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     procs = [subprocess.Popen([sys.executable, "-c", PRODUCER, str(total // producers), str(rate / producers)],
                               cwd=repo, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -83,11 +98,7 @@ def run_once(tmp: str, total: int, rate: float, producers: int = 1,
     try:
         for p in procs:
             p.stdout.readline()  # its guest_memfd exists
-        opts = Options(mode="trace", folio_ringbuf_pages=ring_pages)
-        layout = kernel_layout(BTF.from_file(kernel.btf_path()))
-        b = BPF(text=bpf_source([]) + HARNESS,
-                cflags=cflags(opts, layout) + [f"-DTARGET_DEV={gmem_superblock_dev()}"])
-        ring = RingReader(b["folio_events"].get_fd(), opts.folio_ringbuf_pages * 4096, EVENT_SIZE)
+        b, ring = load_harness(ring_pages)
         ep = select.epoll()
         ep.register(ring.fd, select.EPOLLIN)
         agg = Aggregator("trace")
@@ -111,7 +122,7 @@ def run_once(tmp: str, total: int, rate: float, producers: int = 1,
         cpu = time.process_time() - cpu0
         seconds = max(float(p.stdout.read().strip() or 0) for p in procs)
         w.close({}, {})
-        lost = int(sum(b["luo_counters"][b["luo_counters"].Key(6)]))  # CNT_FOLIO_LOST
+        lost = folio_lost(b)
         ring.close()
         ep.close()
         b.cleanup()

@@ -11,33 +11,21 @@ import select
 import numpy as np
 import pytest
 
-from tracer import catalog, kernel
-from tracer.btf import BTF
+from tracer import catalog
 from tracer.events import EVENT_SIZE, decode
-from tracer.layout import kernel_layout
-from tracer.loader import Options, bpf_source, cflags
-from tracer.ringbuf import RingReader
-from workloads.gmem import VM, gmem_superblock_dev
+from workloads.gmem import VM
 
-from .bench_ingest import HARNESS
+from .bench_ingest import folio_lost, load_harness
 
 PAGE = 4096
 
 
 @pytest.fixture
 def tiny_ring(kvm):
-    from bcc import BPF
-    opts = Options(mode="trace", folio_ringbuf_pages=1)
-    layout = kernel_layout(BTF.from_file(kernel.btf_path()))
-    b = BPF(text=bpf_source([]) + HARNESS, cflags=cflags(opts, layout) + [f"-DTARGET_DEV={gmem_superblock_dev()}"])
-    ring = RingReader(b["folio_events"].get_fd(), PAGE, EVENT_SIZE)
+    b, ring = load_harness(1)
     yield b, ring
     ring.close()
     b.cleanup()
-
-
-def _lost(b) -> int:
-    return int(sum(b["luo_counters"][b["luo_counters"].Key(6)]))  # CNT_FOLIO_LOST
 
 
 def test_records_wrap_around_a_tiny_ring_in_order_and_intact(tiny_ring):
@@ -55,7 +43,7 @@ def test_records_wrap_around_a_tiny_ring_in_order_and_intact(tiny_ring):
         ino = f.ino
     assert ring.consume() is None
     ev = np.concatenate(got)
-    assert _lost(b) == 0
+    assert folio_lost(b) == 0
     assert len(ev) == 4000
     assert (ev["ino"] == ino).all() and (ev["probe"] == catalog.PROBE_IDS["kho_preserve_folio"]).all()
     assert (ev["a1"] == np.tile(np.arange(40), 100)).all()  # folio indexes, in order, every round
@@ -70,7 +58,7 @@ def test_a_burst_larger_than_the_ring_is_counted_as_lost_exactly(tiny_ring):
         raw = ring.consume()
     n = len(raw) // EVENT_SIZE
     assert n == 56  # the ring was full
-    assert n + _lost(b) == 1024
+    assert n + folio_lost(b) == 1024
     assert (decode(raw)["a1"] == np.arange(56)).all()  # the first ones made it
 
 
