@@ -184,9 +184,6 @@ BODY_ENTRY(kexec)
 	struct luo_event e;
 	ev_init(&e, PROBE_kexec, EV_INSTANT);
 	e.flags |= EVF_KEY_UNKNOWN;
-	if (events.ringbuf_output(&e, sizeof(e), BPF_RB_FORCE_WAKEUP) < 0)
-		count(CNT_LOST);
-	else
-		count(CNT_EMITTED);
+	emit_flags(&e, BPF_RB_FORCE_WAKEUP);
 	return 0;
 }

@@ -128,12 +128,18 @@ static __always_inline void count(int idx)
 		*v += 1;
 }
 
-static __always_inline void emit(struct luo_event *e)
+/* flags: 0 (adaptive wakeup) or BPF_RB_FORCE_WAKEUP (the consumer must see it now) */
+static __always_inline void emit_flags(struct luo_event *e, u64 flags)
 {
-	if (events.ringbuf_output(e, sizeof(*e), 0) < 0)
+	if (events.ringbuf_output(e, sizeof(*e), flags) < 0)
 		count(CNT_LOST);
 	else
 		count(CNT_EMITTED);
+}
+
+static __always_inline void emit(struct luo_event *e)
+{
+	emit_flags(e, 0);
 }
 
 #ifdef MODE_TRACE

@@ -94,8 +94,7 @@ class Writer:
             os.fsync(self._f.fileno())
 
     def close(self, maps: dict, end: dict) -> None:
-        self.flush()
-        self._json_chunk(CH_MAPS, maps)
+        self.write_maps(maps)
         self._json_chunk(CH_END, end)
         self._f.flush()
         os.fsync(self._f.fileno())
