@@ -49,11 +49,10 @@ class SimSpec:
 
 
 def parse_size(s: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = s.strip().upper().removesuffix("IB").removesuffix("B")
+    from workloads.truth import size_bytes
     try:
-        n = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except (ValueError, IndexError):
+        n = size_bytes(s)
+    except ValueError:
         raise LuotraceError(f"bad size '{s}'", "use e.g. 64M, 1G, 1TiB") from None
     if n < PAGE:
         raise LuotraceError(f"size '{s}' is smaller than one 4 KiB page", "use e.g. 64M, 1G, 1TiB")
