@@ -65,14 +65,20 @@ static __always_inline int args_op_entry(u64 *a, u16 probe, u32 handler, u32 rol
 	return 0;
 }
 
-/* can_preserve(handler, file) */
+/* can_preserve(handler, file): LUO asks every handler about every file, so
+ * a1 carries the file's superblock magic (which kind of file it is). */
 static __always_inline int file_arg2_entry(u64 *a, u16 probe, u32 handler)
 {
 	struct luo_event e;
 	struct fkey k = {};
+	u64 inode = inode_of_file(a[1]);
 	ev_init(&e, probe, EV_ENTRY);
-	if (key_from_inode(inode_of_file(a[1]), &k, handler))
+	if (key_from_inode(inode, &k, handler))
 		e.flags |= EVF_KEY_UNKNOWN;
+	if (OFF_SB_MAGIC >= 0 && OFF_INODE_SB >= 0 && inode)
+		e.a1 = read_ptr(read_ptr(inode, OFF_INODE_SB), OFF_SB_MAGIC) & 0xffffffff;
+	else
+		e.flags |= EVF_A1_UNKNOWN;
 	ev_key(&e, &k);
 	inflight_put(probe, &k, 0, 0, 0, e.ts);
 	emit(&e);

@@ -74,3 +74,46 @@ def test_unknown_probe_ids_are_ignored_not_fatal():
     bad["probe"] = 999
     rep = report_for(np.concatenate([bad, preserved_file()]), {})
     assert len(rep["files"]) == 1
+
+
+# ---- LUO asks every handler about every file (fake kernel events: the
+# patched kernel registers the guest_memfd handler before memfd's) ----
+
+MEMFD = catalog.HANDLERS["memfd"]
+TMPFS, GMEM_FS, EXT4 = 0x01021994, 0x474D454D, 0xEF53
+
+
+def asked(probe, handler, ts, ino, verdict, magic, tid=100):
+    a = ev(probe, EV_ENTRY, ts, ino, a1=magic, tid=tid)
+    r = ev(probe, EV_RETURN, ts + 10, ino, ret=verdict, a2=10, tid=tid)
+    a["handler"] = r["handler"] = handler
+    return [a, r]
+
+
+def luo_call(ts, token, ret, inner, tid=100):
+    entry = ev("luo_preserve_file", EV_ENTRY, ts, 0, a0=token, a1=5, a2=0x5E55, tid=tid)
+    ret_ev = ev("luo_preserve_file", EV_RETURN, ts + 900, 0, ret=ret, a2=900, tid=tid)
+    return np.concatenate([entry, *inner, ret_ev])
+
+
+def test_memfd_asked_of_the_guest_memfd_handler_first_fake_kernel():
+    memfd = [*asked("gmem_can_preserve", GMEM, 1010, 40, 0, TMPFS), *asked("memfd_can_preserve", MEMFD, 1030, 40, 1, TMPFS)]
+    pres = [ev("memfd_preserve", EV_ENTRY, 1100, 40, a0=4096), ev("memfd_preserve", EV_RETURN, 1800, 40, a0=0xbeef, a2=700)]
+    for e in pres:
+        e["handler"] = MEMFD
+    rep = report_for(luo_call(1000, 0x101, 0, memfd + pres), {})
+    assert [(f["handler"], f["result"]) for f in rep["files"]] == [("memfd", "ok")]
+
+
+def test_private_guest_memfd_no_handler_takes_is_rejected_once_fake_kernel():
+    refused = [*asked("gmem_can_preserve", GMEM, 1010, 41, 0, GMEM_FS), *asked("memfd_can_preserve", MEMFD, 1030, 41, 0, GMEM_FS)]
+    rep = report_for(luo_call(1000, 0x102, -2, refused), {})
+    (f,) = rep["files"]
+    assert (f["handler"], f["result"], f["errno"]) == ("guest_memfd", "rejected", "ENOENT")
+    assert [p["name"] for p in f["phases"]] == ["can_preserve"]
+
+
+def test_file_of_no_handlers_kind_is_rejected_once_fake_kernel():
+    refused = [*asked("gmem_can_preserve", GMEM, 1010, 42, 0, EXT4), *asked("memfd_can_preserve", MEMFD, 1030, 42, 0, EXT4)]
+    rep = report_for(luo_call(1000, 0x103, -2, refused), {})
+    assert [(f["inode"], f["result"], f["errno"]) for f in rep["files"]] == [(42, "rejected", "ENOENT")]

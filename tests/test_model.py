@@ -29,9 +29,10 @@ SESSIONS = [
     "keep:gmem:1M:holes=8",
     "keep:memfd:1M:vmalloc_fail",
     "keep:memfd:512K:leak_unwind",
+    "keep:gmem:1M:private_vm,memfd:256K",  # can_preserve says no; the memfd is offered to guest_memfd first
 ]
 
-EXPECTED_ERRNO = {"hwpoison": "EHWPOISON", "enomem": "ENOMEM", "vmalloc_fail": "ENOMEM", "token_enoent": "ENOENT",
+EXPECTED_ERRNO = {"private_vm": "ENOENT", "hwpoison": "EHWPOISON", "enomem": "ENOMEM", "vmalloc_fail": "ENOMEM", "token_enoent": "ENOENT",
                   "pass_mismatch": "EINVAL", "unbalanced_freeze": "ENOMEM", "leak_unwind": "ENOMEM"}
 
 
@@ -49,7 +50,7 @@ def by_inode(report):
 
 def test_every_file_matches_ground_truth(traced):
     mode, res, truth, _ = traced
-    assert len(truth["files"]) == 17
+    assert len(truth["files"]) == 19
     assert compare(res.report, truth) == []
     files = by_inode(res.report)
     for t in truth["files"]:

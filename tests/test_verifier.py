@@ -15,7 +15,7 @@ from tracer.loader import verify_kernel_programs
 # Offsets as a patched x86_64 kernel would give them (values only need to be
 # plausible: the verifier checks the reads, not what they find).
 FULL = {"ARGS_FILE": 16, "ARGS_SER": 24, "FILE_INODE": 32, "INODE_INO": 64, "INODE_SB": 40, "INODE_SIZE": 80,
-        "SB_DEV": 16, "INODE_GMEM_FLAGS": 720, "FOLIO_INDEX": 32, "FOLIO_PFN": -1}
+        "SB_DEV": 16, "SB_MAGIC": 96, "INODE_GMEM_FLAGS": 720, "FOLIO_INDEX": 32, "FOLIO_PFN": -1}
 
 
 def expected_programs(mode):

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import catalog
 from .catalog import HANDLER_NAMES, SER_DEV
-from .events import EV_ENTRY, EV_INSTANT, EV_RETURN, EVF_A0_UNKNOWN, EVF_KEY_UNKNOWN, errno_name
+from .events import EV_ENTRY, EV_INSTANT, EV_RETURN, EVF_A0_UNKNOWN, EVF_A1_UNKNOWN, EVF_KEY_UNKNOWN, errno_name
 
 Key = Tuple[int, int, int]  # (handler, dev, ino)
 
@@ -107,6 +107,12 @@ class Aggregator:
         self._freezing: Dict[int, int] = {}  # tid -> session handle
         self.pending_session: Dict[int, Tuple[int, int, int]] = {}  # tid -> (session, token, fd)
         self.last_file: Dict[int, Key] = {}  # tid -> file of the last handler op entered
+        # LUO asks every registered handler's can_preserve in turn: a "no" only
+        # rejects the file if no handler takes it, settled when luo_preserve_file
+        # returns.  tid -> the "no"s so far, and the superblock magic of the
+        # can_preserve call in progress.
+        self._refused: Dict[int, List[Tuple[Key, int, int, Optional[int]]]] = {}
+        self._asked_magic: Dict[int, Optional[int]] = {}
         self.received = 0
         self.per_folio_received = 0
         self.streamed: Dict[Tuple[int, int, int, int], int] = {}  # (handler, dev, ino, probe) -> records
@@ -194,18 +200,21 @@ class Aggregator:
         if int(ev["flags"]) & EVF_KEY_UNKNOWN:
             self.unknown_key += 1
             return
+        if role == "can_preserve":
+            self._can_preserve(kind, ev, key, tid, ts, ret)
+            return
         st = self._resolve(key, ts, create=key[1] != SER_DEV and key[0] in (1, 2))
         if st is None:
             self.unknown_key += 1
             return
         if kind == EV_ENTRY:
             st.open_calls[probe.name] = ts
-            if role in ("can_preserve", "preserve"):
+            if role == "preserve":
                 self.last_file[tid] = st.key
             if role == "preserve":
                 if not int(ev["flags"]) & EVF_A0_UNKNOWN:
                     st.size = int(ev["a0"])
-                if not int(ev["flags"]) & 4:
+                if not int(ev["flags"]) & EVF_A1_UNKNOWN:
                     st.flags = int(ev["a1"])
                 pend = self.pending_session.get(tid)
                 if pend:
@@ -228,12 +237,7 @@ class Aggregator:
         st.open_calls.pop(probe.name, None)
         dur = int(ev["a2"])
         start = ts - dur
-        if role == "can_preserve":
-            st.can_preserve = bool(ret & 0xFF)
-            st.phases.append(Phase("can_preserve", start, dur))
-            if not st.can_preserve:
-                st.result = "rejected"
-        elif role == "preserve":
+        if role == "preserve":
             if self._op_phase(st, "preserve", start, dur, ret):
                 st.result = "ok"
                 st.ser = int(ev["a0"])
@@ -267,6 +271,43 @@ class Aggregator:
             if not st.retrieved and st.result != "error":
                 st.result = "discarded"
 
+    def _can_preserve(self, kind: int, ev, key: Key, tid: int, ts: int, ret: int) -> None:
+        if kind == EV_ENTRY:
+            self._asked_magic[tid] = None if int(ev["flags"]) & EVF_A1_UNKNOWN else int(ev["a1"])
+            return
+        if kind != EV_RETURN:
+            return
+        magic = self._asked_magic.pop(tid, None)
+        dur = int(ev["a2"])
+        if ret & 0xFF:  # this handler takes the file
+            st = self._file(key, ts - dur)
+            st.can_preserve = True
+            st.phases.append(Phase("can_preserve", ts - dur, dur))
+            self.last_file[tid] = key
+            self._refused.pop(tid, None)
+        elif tid in self.pending_session:
+            self._refused.setdefault(tid, []).append((key, ts - dur, dur, magic))
+        else:  # asked outside luo_preserve_file (not seen): the "no" stands
+            self._reject(key, ts - dur, dur)
+
+    def _reject(self, key: Key, start: int, dur: int) -> FileState:
+        st = self._file(key, start)
+        st.can_preserve = False
+        st.phases.append(Phase("can_preserve", start, dur))
+        st.result = "rejected"
+        return st
+
+    def _settle_refusals(self, tid: int, ret: int) -> Optional[Key]:
+        """luo_preserve_file returned: if no handler took the file, it is
+        rejected once, by the handler whose kind of file it is (its
+        superblock's magic), else by the last one asked."""
+        refused = self._refused.pop(tid, [])
+        if ret >= 0 or not refused:
+            return None
+        own = [r for r in refused if r[3] is not None and r[3] in catalog.FS_MAGIC.get(HANDLER_NAMES.get(r[0][0]), ())]
+        key, start, dur, _ = (own or refused)[-1]
+        return self._reject(key, start, dur).key
+
     @staticmethod
     def _op_phase(st: FileState, name: str, start: int, dur: int, ret: int) -> bool:
         """Record a handler op's phase; a negative return fails the file. True if it succeeded."""
@@ -287,11 +328,12 @@ class Aggregator:
             if kind == EV_ENTRY:
                 self.pending_session[tid] = (int(ev["a2"]), int(ev["a0"]), int(ev["a1"]))
                 self.last_file.pop(tid, None)
+                self._refused.pop(tid, None)
                 self._session(int(ev["a2"]))
             elif kind == EV_RETURN:
                 self.pending_session.pop(tid, None)
-                key = self.last_file.pop(tid, None)
                 ret = int(ev["ret"])
+                key = self.last_file.pop(tid, None) or self._settle_refusals(tid, ret)
                 if ret < 0 and key in self.files and self.files[key].errno is None:
                     # LUO refused the file (no handler, or can_preserve said no): the errno
                     # userspace got comes from luo_preserve_file

@@ -28,6 +28,12 @@ HANDLER_NAMES = {v: k for k, v in HANDLERS.items()}
 ROLES = {"none": 0, "preserve": 1, "unpreserve": 2, "retrieve": 3, "finish": 4, "luo_freeze": 5,
          "can_preserve": 6}
 
+# Superblock magics of each handler's kind of file (include/uapi/linux/magic.h):
+# LUO asks every handler about every file, and a file no handler takes is
+# shown as rejected by the handler whose kind it is.  memfd: tmpfs, and
+# hugetlbfs for MFD_HUGETLB memfds (which memfd_luo refuses).
+FS_MAGIC = {"guest_memfd": (0x474D454D,), "memfd": (0x01021994, 0x958458F6)}
+
 # Pseudo device number marking a key that is a serialized-data handle (the
 # stable identity across kexec) rather than an inode; see bpf/luotrace.h.
 SER_DEV = 0xFFFFFFFF
@@ -86,7 +92,7 @@ def _op(name: str, symbol: str, handler: str, role: str, **kw) -> Probe:
 PROBES: Tuple[Probe, ...] = (
     # guest_memfd LUO handler (the patch under review).
     Probe("gmem_can_preserve", "kvm_gmem_luo_can_preserve", "guest_memfd", "can_preserve",
-          help="verdict per file: private-mem VMs and large-folio mappings are refused"),
+          entry={"a1": "sb_magic"}, help="verdict per file: private-mem VMs and large-folio mappings are refused"),
     _op("gmem_preserve", "kvm_gmem_luo_preserve", "guest_memfd", "preserve", required=True,
         help="whole preserve: freeze, count pass, vcalloc, fill pass, vmalloc"),
     Probe("gmem_freeze_inode", "kvm_gmem_freeze", "guest_memfd", "freeze_inode", kind="entry",
@@ -105,7 +111,7 @@ PROBES: Tuple[Probe, ...] = (
         help="new kernel: finish, or discard the folios of a file never retrieved"),
     # memfd LUO handler (mainline mm/memfd_luo.c).
     Probe("memfd_can_preserve", "memfd_luo_can_preserve", "memfd", "can_preserve",
-          help="shmem file with no links"),
+          entry={"a1": "sb_magic"}, help="shmem file with no links"),
     _op("memfd_preserve", "memfd_luo_preserve", "memfd", "preserve", required=True,
         help="inode_lock, shmem_freeze, pin and preserve every folio"),
     Probe("memfd_shmem_freeze", "shmem_freeze", "memfd", "freeze_inode", kind="entry",

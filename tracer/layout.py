@@ -28,6 +28,7 @@ KERNEL_MEMBERS: Dict[str, Tuple[str, str]] = {
     "INODE_SB": ("inode", "i_sb"),
     "INODE_SIZE": ("inode", "i_size"),
     "SB_DEV": ("super_block", "s_dev"),
+    "SB_MAGIC": ("super_block", "s_magic"),
     "FOLIO_INDEX": ("folio", "index"),
 }
 LOGICAL = tuple(KERNEL_MEMBERS) + ("INODE_GMEM_FLAGS", "FOLIO_PFN")

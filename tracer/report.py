@@ -40,6 +40,8 @@ def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optio
     preserve = next((p for p in phases if p.name == "preserve"), None)
     if folio_mode:
         preserved = folio["preserved"] if folio is not None else 0
+    elif preserve is None:
+        preserved = 0  # never got to its handler's preserve (refused by every handler)
     elif st.handler == "memfd" and st.failed_phase == "preserve":
         preserved = None  # light mode: memfd_luo_preserve_folios reports no count on error
     elif st.fill_count is not None:

@@ -52,23 +52,27 @@ class GmemFile:
 class VM:
     """A KVM VM owning guest_memfds; close() releases everything."""
 
-    def __init__(self, kvm_path: str = "/dev/kvm"):
+    def __init__(self, kvm_path: str = "/dev/kvm", vm_type: int = abi.KVM_X86_DEFAULT_VM):
         try:
             self._kvm = os.open(kvm_path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
             raise GmemError(e.errno, f"open {kvm_path}: {e.strerror}") from None
         try:
-            self.fd = fcntl.ioctl(self._kvm, abi.KVM_CREATE_VM, 0)
+            self.fd = fcntl.ioctl(self._kvm, abi.KVM_CREATE_VM, vm_type)
         except OSError as e:
             os.close(self._kvm)
-            raise GmemError(e.errno, f"KVM_CREATE_VM: {e.strerror}") from None
+            raise GmemError(e.errno, f"KVM_CREATE_VM(type={vm_type}): {e.strerror}") from None
         self.files: List[GmemFile] = []
 
-    def supported_flags(self) -> int:
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on this VM; 0 when the kernel does not know CAP."""
         try:
-            return fcntl.ioctl(self.fd, abi.KVM_CHECK_EXTENSION, abi.KVM_CAP_GUEST_MEMFD_FLAGS)
+            return fcntl.ioctl(self.fd, abi.KVM_CHECK_EXTENSION, cap)
         except OSError:
             return 0
+
+    def supported_flags(self) -> int:
+        return self.check_extension(abi.KVM_CAP_GUEST_MEMFD_FLAGS)
 
     def create_gmem(self, size: int,
                     flags: int = abi.GUEST_MEMFD_FLAG_MMAP | abi.GUEST_MEMFD_FLAG_INIT_SHARED) -> GmemFile:

@@ -29,6 +29,10 @@ struct kvm_create_guest_memfd {
 #define FALLOC_FL_PUNCH_HOLE 0x02
 #endif
 
+/* include/uapi/linux/magic.h: the superblocks of guest_memfd and memfd files */
+#define GUEST_MEMFD_MAGIC 0x474d454d
+#define TMPFS_MAGIC       0x01021994
+
 /* include/linux/kho/abi/kvm.h of the guest_memfd LUO patch (v1) */
 #define GUEST_MEMFD_LUO_FLAG_MMAP        (1ULL << 0)
 #define GUEST_MEMFD_LUO_FLAG_INIT_SHARED (1ULL << 1)

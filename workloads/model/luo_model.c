@@ -46,7 +46,7 @@
 
 /* Kernel-shaped structures.  Only the members luotrace reads need to exist;
  * their offsets are printed by --layout and handed to the BPF programs. */
-struct super_block { uint32_t s_dev; uint32_t s_pad; };
+struct super_block { uint32_t s_dev; uint32_t s_pad; uint64_t s_magic; };
 struct address_space;
 struct inode {
 	uint64_t i_ino;
@@ -58,7 +58,7 @@ struct inode {
 struct folio { uint64_t pfn; uint64_t index; uint32_t flags; uint32_t order; int hwpoison; };
 struct address_space { struct inode *host; struct folio *folios; uint64_t nr; };
 struct file;
-struct kvm { int vm_fd; struct file *vm_file; };
+struct kvm { int vm_fd; struct file *vm_file; bool has_private_mem; };
 struct gmem_file { struct kvm *kvm; };
 struct model_file;
 struct file { struct inode *f_inode; void *private_data; struct model_file *mf; };
@@ -82,16 +82,16 @@ struct memfd_luo_ser { uint64_t pos; uint64_t size; uint64_t nr_folios; struct k
 
 enum fault {
 	F_NONE, F_HWPOISON, F_ENOMEM, F_VMALLOC, F_TOKEN, F_PASS_MISMATCH,
-	F_UNBALANCED_FREEZE, F_LEAK_UNWIND, F_LATE_FALLOC, F_PFN0, F_HOLES,
+	F_UNBALANCED_FREEZE, F_LEAK_UNWIND, F_LATE_FALLOC, F_PFN0, F_HOLES, F_PRIVATE,
 };
 static const char *const fault_names[] = {
 	"none", "hwpoison", "enomem", "vmalloc_fail", "token_enoent", "pass_mismatch",
-	"unbalanced_freeze", "leak_unwind", "late_fallocate", "pfn0", "holes",
+	"unbalanced_freeze", "leak_unwind", "late_fallocate", "pfn0", "holes", "private_vm",
 };
 /* The anomaly code each fault must produce in luotrace's report. */
 static const char *const fault_anomaly[] = {
 	NULL, NULL, NULL, NULL, NULL, "pass_count_mismatch",
-	"freeze_unbalanced", "unwind_incomplete", "folio_added_while_frozen", "pfn_zero", "holes",
+	"freeze_unbalanced", "unwind_incomplete", "folio_added_while_frozen", "pfn_zero", "holes", NULL,
 };
 
 enum handler { H_GMEM, H_MEMFD };
@@ -131,6 +131,7 @@ struct luo_file_set {
 };
 
 static struct kvm the_kvm;
+static struct kvm private_kvm = { .has_private_mem = true };  /* a KVM_X86_SW_PROTECTED_VM's */
 static struct file vm_file;
 static struct model_file files[MAX_FILES];
 static int nfiles;
@@ -236,13 +237,16 @@ static void open_file(struct model_file *mf)
 	if (fstat(mf->fd, &st))
 		die("fstat: %s", strerror(errno));
 	mf->sb.s_dev = kernel_dev(st.st_dev);
+	mf->sb.s_magic = mf->handler == H_GMEM ? GUEST_MEMFD_MAGIC : TMPFS_MAGIC;
 	mf->inode.i_ino = st.st_ino;
 	mf->inode.i_sb = &mf->sb;
 	mf->inode.i_size = (int64_t)mf->size;
 	mf->inode.flags = mf->handler == H_GMEM ? (GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED) : 0;
 	mf->inode.i_mapping = &mf->mapping;
 	mf->mapping.host = &mf->inode;
-	mf->gfile.kvm = &the_kvm;
+	mf->gfile.kvm = mf->fault == F_PRIVATE ? &private_kvm : &the_kvm;
+	if (mf->fault == F_PRIVATE)
+		mf->inode.flags = 0;    /* a private VM's guest_memfd cannot be INIT_SHARED */
 	mf->file.f_inode = &mf->inode;
 	mf->file.private_data = &mf->gfile;
 	mf->file.mf = mf;
@@ -365,10 +369,19 @@ out:
 	return err;
 }
 
+/* As the patch: a guest_memfd, of a VM without private memory, whose mapping
+ * has no large folios (the model's never does). */
 NOINLINE bool kvm_gmem_luo_can_preserve(void *handler, struct file *file)
 {
+	struct gmem_file *gmem_file;
+
 	(void)handler;
-	return file->f_inode->i_size > 0;
+	if (file->f_inode->i_sb->s_magic != GUEST_MEMFD_MAGIC)
+		return false;
+	gmem_file = file->private_data;
+	if (gmem_file->kvm->has_private_mem)
+		return false;
+	return true;
 }
 
 /* The reviewer's race: fallocate on the frozen inode.  Punch the last page and
@@ -530,6 +543,7 @@ NOINLINE int kvm_gmem_luo_retrieve(struct liveupdate_file_op_args *args)
 	if (fstat(fd, &st) == 0) {
 		mf->retrieved_ino = st.st_ino;
 		mf->rsb.s_dev = kernel_dev(st.st_dev);
+		mf->rsb.s_magic = mf->sb.s_magic;
 		mf->rinode.i_ino = st.st_ino;
 		mf->rinode.i_sb = &mf->rsb;
 		mf->rinode.i_size = (int64_t)ser->size;
@@ -568,11 +582,11 @@ NOINLINE void shmem_freeze(struct inode *inode, bool freeze)
 	cur->freeze_depth += freeze ? 1 : -1;
 }
 
+/* shmem_file(file) && !i_nlink in mm/memfd_luo.c: a memfd's superblock is tmpfs. */
 NOINLINE bool memfd_luo_can_preserve(void *handler, struct file *file)
 {
 	(void)handler;
-	(void)file;
-	return true;
+	return file->f_inode->i_sb->s_magic == TMPFS_MAGIC;
 }
 
 NOINLINE int memfd_luo_preserve_folios(struct file *file, struct kho_vmalloc *kv,
@@ -686,10 +700,14 @@ NOINLINE void memfd_luo_finish(struct liveupdate_file_op_args *args)
 
 /* ---- LUO file set: dispatch to the handler ops ---- */
 
+/* LUO asks every registered handler about every file, in registration order:
+ * on the patched kernel the KVM handlers (kvm_init) come before memfd's
+ * (a late_initcall), so a memfd is offered to the guest_memfd handler first. */
 static bool h_can_preserve(struct model_file *mf)
 {
-	return mf->handler == H_GMEM ? kvm_gmem_luo_can_preserve(NULL, &mf->file)
-				     : memfd_luo_can_preserve(NULL, &mf->file);
+	if (kvm_gmem_luo_can_preserve(NULL, &mf->file))
+		return true;
+	return memfd_luo_can_preserve(NULL, &mf->file);
 }
 
 NOINLINE int luo_preserve_file(struct luo_file_set *set, uint64_t token, int fd)
@@ -704,8 +722,12 @@ NOINLINE int luo_preserve_file(struct luo_file_set *set, uint64_t token, int fd)
 	if (!mf)
 		return -EBADF;
 	cur = mf;
-	if (!h_can_preserve(mf))
+	if (!h_can_preserve(mf)) {
+		mf->err = -ENOENT;
+		mf->failed_phase = "luo_preserve_file";
+		mf->result = "rejected";
 		return -ENOENT;
+	}
 	mf->args.file = &mf->file;
 	mf->args.session = &set->session;
 	err = mf->handler == H_GMEM ? kvm_gmem_luo_preserve(&mf->args) : memfd_luo_preserve(&mf->args);
@@ -867,13 +889,14 @@ static void print_layout(void)
 	/* Logical offsets luotrace's BPF programs need, the model's own layout;
 	 * tracer/layout.py resolves the same names from kernel BTF. */
 	printf("{\"ARGS_FILE\": %zu, \"ARGS_SER\": %zu, \"FILE_INODE\": %zu, \"INODE_INO\": %zu, "
-	       "\"INODE_SB\": %zu, \"INODE_SIZE\": %zu, \"SB_DEV\": %zu, \"INODE_GMEM_FLAGS\": %zu, "
+	       "\"INODE_SB\": %zu, \"INODE_SIZE\": %zu, \"SB_DEV\": %zu, \"SB_MAGIC\": %zu, \"INODE_GMEM_FLAGS\": %zu, "
 	       "\"FOLIO_INDEX\": %zu, \"FOLIO_PFN\": %zu}\n",
 	       offsetof(struct liveupdate_file_op_args, file),
 	       offsetof(struct liveupdate_file_op_args, serialized_data),
 	       offsetof(struct file, f_inode), offsetof(struct inode, i_ino),
 	       offsetof(struct inode, i_sb), offsetof(struct inode, i_size),
-	       offsetof(struct super_block, s_dev), offsetof(struct inode, flags),
+	       offsetof(struct super_block, s_dev), offsetof(struct super_block, s_magic),
+	       offsetof(struct inode, flags),
 	       offsetof(struct folio, index), offsetof(struct folio, pfn));
 }
 
@@ -898,7 +921,7 @@ int main(int argc, char **argv)
 			puts("usage: luo_model [--json FILE] [--pause-ms N] [--layout] OUTCOME:HANDLER:SIZE[:FAULT[=ARG]][,...] ...\n"
 			     "  OUTCOME kexec|cancel|discard|keep; HANDLER gmem|memfd\n"
 			     "  FAULT none|hwpoison=N|enomem|vmalloc_fail|token_enoent|pass_mismatch|\n"
-			     "        unbalanced_freeze|leak_unwind|late_fallocate[=N]|pfn0|holes=N");
+			     "        unbalanced_freeze|leak_unwind|late_fallocate[=N]|pfn0|holes=N|private_vm");
 			return 0;
 		} else {
 			char *spec = strdup(argv[i]), *colon = strchr(spec, ':'), *save = NULL, *tok;

@@ -8,12 +8,16 @@ KERNEL_DIR holds bzImage and selftests/.  The VM live-updates itself twice:
 a kexec reuses this boot's command line, so the new kernel runs this script
 again and OUT/stage says where it is:
 
-  boot 1  the single-kernel checks; the kexec selftests' stage 1, untraced; kexec
+  boot 1  the single-kernel checks (memfd, then the guest_memfd handler under
+          review); the kexec selftests' stage 1, untraced; kexec
   boot 2  their stage 2, untraced; then luotrace records while their stage 1
-          runs again with a luotrace session of known memfds held open; kexec
-          with the recorder still running
-  boot 3  luotrace records stage 2 and the retrieve of those memfds; the two
+          runs again with sessions of known memfds and of guest_memfds (with
+          their VMs) held open; kexec with the recorder still running
+  boot 3  luotrace records stage 2 and the retrieve of those files; the two
           recordings are joined into one report
+
+LUOTRACE_VM_ONLY=kexec runs only the selftests and memfds across the kexecs,
+LUOTRACE_VM_ONLY=gmem only the guest_memfd part (both boots' halves).
 """
 from __future__ import annotations
 
@@ -51,27 +55,84 @@ def selftests(kdir: str) -> None:
         json.dump({"untraced_rc": rc, "traced_rc": rc2}, f)
 
 
-BPFTRACE = ("kprobe:memfd_luo_preserve { @in[tid] = 1; } kretprobe:memfd_luo_preserve { delete(@in[tid]); } "
+def bpftrace_program(preserve: str) -> str:
+    """kho_preserve_folio calls made inside PRESERVE, counted by bpftrace."""
+    return (f"kprobe:{preserve} {{ @in[tid] = 1; }} kretprobe:{preserve} {{ delete(@in[tid]); }} "
             "kprobe:kho_preserve_folio /@in[tid]/ { @folios = count(); }")
 
 
-def side_by_side() -> None:
-    """bpftrace counts kho_preserve_folio calls inside memfd_luo_preserve on the same run."""
-    bt = subprocess.Popen(["bpftrace", "-e", BPFTRACE], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def with_bpftrace(program: str, out_name: str, run) -> None:
+    """Run RUN while bpftrace runs PROGRAM; its @folios count goes to OUT_NAME."""
+    bt = subprocess.Popen(["bpftrace", "-e", program], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     line = ""
     while "Attaching" not in line:
         line = bt.stdout.readline()
         if not line:
             break
     time.sleep(1)
-    sh([PY, "-m", "tracer.cli", "record", "--mode", "folio", "--handler", "memfd", "-o",
-        os.path.join(OUT, "sbs.luo"), "--json", "--", PY, *DRIVER[:2], "--json",
-        os.path.join(OUT, "truth-sbs.json"), *DRIVER[2:]], os.path.join(OUT, "report-sbs.json"))
+    run()
     bt.send_signal(signal.SIGINT)
     out, _ = bt.communicate(timeout=120)
     m = re.search(r"@folios: (\d+)", out)
-    with open(os.path.join(OUT, "bpftrace.json"), "w") as f:
+    with open(os.path.join(OUT, out_name), "w") as f:
         json.dump({"folios": int(m.group(1)) if m else None, "output": out[-2000:]}, f)
+
+
+def side_by_side() -> None:
+    """bpftrace counts kho_preserve_folio calls inside memfd_luo_preserve on the same run."""
+    with_bpftrace(bpftrace_program("memfd_luo_preserve"), "bpftrace.json", lambda: sh(
+        [PY, "-m", "tracer.cli", "record", "--mode", "folio", "--handler", "memfd", "-o",
+         os.path.join(OUT, "sbs.luo"), "--json", "--", PY, *DRIVER[:2], "--json",
+         os.path.join(OUT, "truth-sbs.json"), *DRIVER[2:]], os.path.join(OUT, "report-sbs.json")))
+
+
+GMEM = ["-m", "workloads.gmem_luo"]
+GMEM_SCENARIOS = ["keep", "cancel", "rejected", "hwpoison", "race"]
+GMEM_HELD = ["keep", "discard"]
+
+
+def gmem_record(tag: str, mode: str, strategy: str = "auto") -> None:
+    sh([PY, "-m", "tracer.cli", "record", "--mode", mode, "--strategy", strategy, "--handler", "guest_memfd",
+        "-o", os.path.join(OUT, f"{tag}.luo"), "--json", "--", PY, *GMEM, "--json",
+        os.path.join(OUT, f"truth-{tag}.json"), *GMEM_SCENARIOS], os.path.join(OUT, f"report-{tag}.json"))
+
+
+def gmem_single_kernel() -> None:
+    """The guest_memfd LUO handler under review, on the patched kernel: every
+    scenario traced with fentry (bpftrace counting beside it), with kprobes
+    and in light mode; once untraced; then vmbench."""
+    sh([PY, *GMEM, "--json", os.path.join(OUT, "truth-gmem-untraced.json"), *GMEM_SCENARIOS])
+    with_bpftrace(bpftrace_program("kvm_gmem_luo_preserve"), "bpftrace-gmem.json",
+                  lambda: gmem_record("gmem-folio", "folio"))
+    gmem_record("gmem-folio-kprobe", "folio", "kprobe")
+    gmem_record("gmem-light", "light")
+    gmem_vmbench()
+
+
+def gmem_vmbench(reps: int = 5, size: str = "256M") -> None:
+    """A SIZE guest_memfd preserve, untraced and under a recorder in each mode
+    (one recorder per mode, started before its runs), same VM run."""
+    res = {}
+
+    def runs(cfg: str) -> list:
+        out = []
+        for r in range(reps):
+            truth = os.path.join(OUT, f"gmem-bench-{cfg}-{r}.json")
+            sh([PY, *GMEM, "--json", truth, f"bench:{size}"])
+            with open(truth) as f:
+                out.append(json.load(f)["files"][0]["preserve_ns"])
+        return out
+
+    res["untraced"] = runs("untraced")
+    for mode in ("light", "folio"):
+        rec = start_recorder(os.path.join(OUT, f"gmem-bench-{mode}.luo"), os.path.join(OUT, f"gmem-bench-{mode}.log"),
+                             mode=mode, handler="guest_memfd")
+        res[mode] = runs(mode)
+        rec.send_signal(signal.SIGINT)
+        rec.wait(300)
+    res["untraced2"] = runs("untraced2")
+    with open(os.path.join(OUT, "vmbench-gmem.json"), "w") as f:
+        json.dump(res, f)
 
 
 def vmbench(reps: int = 3) -> None:
@@ -107,12 +168,13 @@ def kexec_selftests(kdir: str, stage: int, tag: str) -> None:
         json.dump(res, f)
 
 
-def start_recorder(path: str, log: str) -> subprocess.Popen:
+def start_recorder(path: str, log: str, mode: str = "folio", handler: str = "") -> subprocess.Popen:
     """luotrace record with no command: it runs until SIGINT or the kexec.
     Its output is read from a pipe (a file on the shared 9p directory, read
-    while written, once gave ENODATA) and copied to LOG by a thread."""
-    p = subprocess.Popen([PY, "-m", "tracer.cli", "record", "--mode", "folio", "--handler", "memfd", "--quiet",
-                          "-o", path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    while written, once gave ENODATA) and copied to LOG by a thread.  Every
+    file handler is traced unless HANDLER names one."""
+    p = subprocess.Popen([PY, "-m", "tracer.cli", "record", "--mode", mode, *(["--handler", handler] if handler else []),
+                          "--quiet", "-o", path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          errors="backslashreplace")
     ready = threading.Event()
 
@@ -143,26 +205,41 @@ def jump(kdir: str, next_stage: int) -> None:
     raise SystemExit("kexec returned")  # only if the jump was refused
 
 
+def only(part: str) -> bool:
+    """LUOTRACE_VM_ONLY names one part (kexec, gmem) or is all."""
+    return os.environ.get("LUOTRACE_VM_ONLY", "all") in ("all", part)
+
+
 def stage2(kdir: str) -> None:
-    kexec_selftests(kdir, 2, "kexec-untraced-2")
+    if only("kexec"):
+        kexec_selftests(kdir, 2, "kexec-untraced-2")
     start_recorder(os.path.join(OUT, "update-1.luo"), os.path.join(OUT, "update-1.log"))
-    kexec_selftests(kdir, 1, "kexec-traced-1")
-    sh([PY, "-m", "workloads.liveupdate", "--hold", "--json", os.path.join(OUT, "held.json"), *HELD])
+    if only("kexec"):
+        kexec_selftests(kdir, 1, "kexec-traced-1")
+        sh([PY, "-m", "workloads.liveupdate", "--hold", "--json", os.path.join(OUT, "held.json"), *HELD])
+    if only("gmem"):
+        sh([PY, *GMEM, "--hold", "--json", os.path.join(OUT, "held-gmem.json"), *GMEM_HELD])
     time.sleep(2)  # the recorder has flushed everything before the jump
     jump(kdir, 3)
 
 
 def stage3(kdir: str) -> None:
     rec = start_recorder(os.path.join(OUT, "update-2.luo"), os.path.join(OUT, "update-2.log"))
-    kexec_selftests(kdir, 2, "kexec-traced-2")
-    sh([PY, "-m", "workloads.liveupdate", "--retrieve", os.path.join(OUT, "held.json"), "--json",
-        os.path.join(OUT, "retrieved.json")])
+    if only("kexec"):
+        kexec_selftests(kdir, 2, "kexec-traced-2")
+        sh([PY, "-m", "workloads.liveupdate", "--retrieve", os.path.join(OUT, "held.json"), "--json",
+            os.path.join(OUT, "retrieved.json")])
+    if only("gmem"):
+        sh([PY, *GMEM, "--retrieve", os.path.join(OUT, "held-gmem.json"), "--json",
+            os.path.join(OUT, "retrieved-gmem.json")])
     rec.send_signal(signal.SIGINT)
     rec.wait(300)
     sh([PY, "-m", "tracer.cli", "report", "--json", os.path.join(OUT, "update-1.luo"),
         os.path.join(OUT, "update-2.luo")], os.path.join(OUT, "report-update.json"))
     sh([PY, "-m", "tracer.cli", "report", os.path.join(OUT, "update-1.luo"),
         os.path.join(OUT, "update-2.luo")], os.path.join(OUT, "report-update.txt"))
+    sh([PY, "-m", "tracer.cli", "timeline", os.path.join(OUT, "update-1.luo"), os.path.join(OUT, "update-2.luo"),
+        "-o", os.path.join(OUT, "timeline-update.json")])
 
 
 def main() -> None:
@@ -175,10 +252,13 @@ def main() -> None:
         return stage2(kdir)
     if stage == 3:
         return stage3(kdir)
-    if os.environ.get("LUOTRACE_VM_ONLY") != "kexec":
+    if os.environ.get("LUOTRACE_VM_ONLY", "all") == "all":
         single_kernel(kdir)
+    if only("gmem"):
+        gmem_single_kernel()
     if kdir:
-        kexec_selftests(kdir, 1, "kexec-untraced-1")
+        if only("kexec"):
+            kexec_selftests(kdir, 1, "kexec-untraced-1")
         jump(kdir, 2)
 
 
