@@ -319,3 +319,13 @@ def test_gmem_vmbench_ran():
         print(f"vmbench 256 MiB guest_memfd preserve: {mode} ratio {med / base:.3f} "
               f"(spread {runs[0] / base:.3f}-{runs[-1] / base:.3f}, baseline {base / 1e6:.1f} ms, n={len(runs)})")
         assert med > 0
+
+
+@gmem_part
+def test_model_and_kernel_agree_or_the_difference_is_explained():
+    res = load("model-vs-kernel.json")
+    assert any(k.startswith("single kernel") for k in res) and any(k.startswith("across") for k in res), list(res)
+    for name, r in res.items():
+        for d in r["differences"]:
+            print(f"{name}: {d['field']}: kernel {d['kernel']} / model {d['model']} -- {d['explained']}")
+        assert all(d["explained"] for d in r["differences"]), (name, r["differences"])

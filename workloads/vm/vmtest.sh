@@ -28,4 +28,8 @@ for attempt in 1 2; do
   cp "$out/console.log" "$out/console-failed-boot-$attempt.log"
 done
 echo "vmtest: guest run took $(( $(date +%s) - start )) s" >&2
+# The same guest_memfd scenarios on the reference model, here, beside the kernel's.
+if [ "${LUOTRACE_VM_ONLY:-all}" != kexec ]; then
+  "$repo/.venv/bin/python" -m workloads.vm.model_vs_kernel "$out" || true
+fi
 LUOTRACE_VM_OUT="$out" "$repo/.venv/bin/pytest" -q "$repo/tests/vm_lane.py"

@@ -1,0 +1,121 @@
+"""The same guest_memfd scenarios on the reference model (this host, uprobes)
+and on the patched kernel (the VM lane's results in OUT), their luotrace
+reports side by side: phases, counts, results, errnos, anomalies.
+
+    python -m workloads.vm.model_vs_kernel OUT      # after `make vmtest`
+
+Writes OUT/model-vs-kernel.json ({scenario: {"kernel": view, "model": view,
+"differences": [...]}}) and prints a table.  Where the two disagree the
+kernel is right: a difference is either fixed in the model or listed in
+EXPLAINED (and the README says why); tests/vm_lane.py fails on any other.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from typing import Dict, List, Optional
+
+from tracer.demo import run_model
+
+# kernel scenario (workloads/gmem_luo.py) -> the model session doing the same.
+# Single kernel (report-gmem-folio.json): every session is closed at the end,
+# so "keep" is a cancel there.  Across the kexec (report-update.json): keep is
+# preserved, frozen, retrieved and finished; discard is finished unretrieved.
+SINGLE = {"keep": "cancel:gmem:4M,gmem:2M", "cancel": "cancel:gmem:2M", "rejected": "cancel:gmem:1M:private_vm",
+          "hwpoison": "keep:gmem:1M:hwpoison=128"}
+ACROSS = {"keep": "kexec:gmem:4M,gmem:2M", "discard": "discard:gmem:1M"}
+
+# Differences that are the kernel's and stay: (scenario, field) -> why.
+EXPLAINED = {
+    ("keep", "phases"): "the model has no kexec between preserve and retrieve: its luo_freeze is always "
+                        "recorded, the kernel's is cut by the jump unless the recorder wins the race",
+    ("discard", "phases"): "as keep: the kernel's luo_freeze before the jump is usually not recorded",
+    ("keep", "walk"): "kvm_gmem_luo_walk_folios is inlined in the kernel build (one function for both passes, "
+                      "static): no count_pass/fill_pass phases there, the model keeps them",
+    ("cancel", "walk"): "as keep",
+    ("hwpoison", "walk"): "as keep",
+    ("discard", "walk"): "as keep",
+}
+WALK = ("count_pass", "fill_pass")
+
+
+def view(f: dict) -> dict:
+    """What is compared of one file's report entry."""
+    names = [p["name"] for p in f["phases"]]
+    return {"phases": [n for n in names if n not in WALK], "walk": [n for n in names if n in WALK],
+            "result": f["result"], "errno": f["errno"],
+            "folios": {k: f[k] for k in ("folios_preserved", "folios_unpreserved", "folios_restored",
+                                         "folios_discarded")},
+            "anomalies": sorted(a["code"] for a in f["anomalies"])}
+
+
+def kernel_views(report: dict, truth: dict, scenarios) -> Dict[str, List[dict]]:
+    files = {(f["handler"], f["inode"]): f for f in report["files"]}
+    out: Dict[str, List[dict]] = {}
+    for t in truth["files"]:
+        if t["scenario"] in scenarios:
+            f = files.get(("guest_memfd", t["inode"]))
+            out.setdefault(t["scenario"], []).append(view(f) if f else {"missing": True})
+    return out
+
+
+def model_views(sessions: Dict[str, str], tmp: str) -> Dict[str, List[dict]]:
+    names = list(sessions)
+    res, truth = run_model("folio", [sessions[n] for n in names], os.path.join(tmp, "model.luo"))
+    files = {f["inode"]: f for f in res.report["files"]}
+    out: Dict[str, List[dict]] = {}
+    for t in truth["files"]:
+        out.setdefault(names[t["session"] - 1], []).append(view(files[t["inode"]]))  # sessions count from 1
+    return out
+
+
+def differences(scenario: str, kernel: List[dict], model: List[dict]) -> List[dict]:
+    diffs = []
+    if len(kernel) != len(model):
+        return [{"field": "files", "kernel": len(kernel), "model": len(model), "explained": None}]
+    for k, m in zip(kernel, model):
+        for field in ("phases", "walk", "result", "errno", "folios", "anomalies"):
+            if k.get(field) != m.get(field):
+                diffs.append({"field": field, "kernel": k.get(field), "model": m.get(field),
+                              "explained": EXPLAINED.get((scenario, field))})
+    return diffs
+
+
+def compare(out: str) -> dict:
+    result = {}
+    with tempfile.TemporaryDirectory(prefix="luotrace-mvk-") as tmp:
+        for tag, report_name, truth_name, sessions in (
+                ("single kernel", "report-gmem-folio.json", "truth-gmem-folio.json", SINGLE),
+                ("across the kexec", "report-update.json", "held-gmem.json", ACROSS)):
+            paths = [os.path.join(out, n) for n in (report_name, truth_name)]
+            if not all(os.path.exists(p) for p in paths):
+                continue
+            report, truth = (json.load(open(p)) for p in paths)
+            kern = kernel_views(report, truth, sessions)
+            model = model_views({s: sessions[s] for s in kern}, tmp)
+            for s in kern:
+                result[f"{tag}: {s}"] = {"kernel": kern[s], "model": model.get(s, []),
+                                         "differences": differences(s, kern[s], model.get(s, []))}
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or not os.path.isdir(argv[0]):
+        print("usage: python -m workloads.vm.model_vs_kernel OUT   (the directory `make vmtest` wrote)", file=sys.stderr)
+        return 2
+    res = compare(argv[0])
+    with open(os.path.join(argv[0], "model-vs-kernel.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    for name, r in res.items():
+        print(f"{name}: {'same' if not r['differences'] else ''}")
+        for d in r["differences"]:
+            why = d["explained"] or "NOT EXPLAINED"
+            print(f"  {d['field']}: kernel {d['kernel']} / model {d['model']}  -- {why}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
