@@ -41,10 +41,9 @@ import time
 from typing import Dict, List, Optional
 
 from . import kvm_abi as kabi
-from . import liveupdate_abi as abi
 from .gmem import VM, GmemError, GmemFile, fallocate
-from .liveupdate import (_pattern, create_session, finish_session, hold, preserve_fd, retrieve_fd,
-                         retrieve_session)
+from .liveupdate import (_pattern, create_session, finish_session, hold, open_dev, preserve_fd, retrieve_fd,
+                         retrieve_from, retrieve_session)
 from .truth import parse_size, write_truth
 
 PAGE = kabi.PAGE_SIZE
@@ -315,17 +314,11 @@ def main(argv=None) -> int:
                 parse_size(size)
             except ValueError as e:
                 ap.error(str(e))
-    try:
-        dev = os.open(abi.DEV, os.O_RDWR)
-    except OSError as e:
-        print(f"gmem_luo: open {abi.DEV}: {e.strerror} (kernel without CONFIG_LIVEUPDATE, or no liveupdate=1?)",
-              file=sys.stderr)
+    dev = open_dev("gmem_luo")
+    if dev < 0:
         return 2
     if args.retrieve:
-        with open(args.retrieve) as f:
-            before = json.load(f)
-        write_truth(retrieve_all(dev, before), args.json_path)
-        return 0
+        return retrieve_from(dev, args.retrieve, args.json_path, retrieve_all)
     run = Run(dev)
     try:
         for n, spec in enumerate(args.scenarios):

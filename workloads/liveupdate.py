@@ -64,6 +64,24 @@ def finish_session(session_fd: int) -> None:
     fcntl.ioctl(session_fd, abi.LIVEUPDATE_SESSION_FINISH, bytearray(abi.FINISH_STRUCT.pack(abi.FINISH_STRUCT.size, 0)))
 
 
+def open_dev(prog: str) -> int:
+    """/dev/liveupdate, or -1 after a one-line reason on stderr."""
+    try:
+        return os.open(abi.DEV, os.O_RDWR)
+    except OSError as e:
+        print(f"{prog}: open {abi.DEV}: {e.strerror} (kernel without CONFIG_LIVEUPDATE, or no liveupdate=1?)",
+              file=sys.stderr)
+        return -1
+
+
+def retrieve_from(dev: int, truth_path: str, json_path, retrieve) -> int:
+    """--retrieve TRUTH: RETRIEVE(dev, what the --hold run wrote) -> the new truth."""
+    with open(truth_path) as f:
+        before = json.load(f)
+    write_truth(retrieve(dev, before), json_path)
+    return 0
+
+
 def _pattern(seed: int, off: int) -> bytes:
     return (seed * 1_000_003 + off).to_bytes(8, "little")
 
@@ -138,16 +156,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not args.sessions and not args.retrieve:
         ap.error("give sessions to preserve or --retrieve TRUTH")
-    try:
-        dev = os.open(abi.DEV, os.O_RDWR)
-    except OSError as e:
-        print(f"liveupdate: open {abi.DEV}: {e.strerror} (kernel without CONFIG_LIVEUPDATE?)", file=sys.stderr)
+    dev = open_dev("liveupdate")
+    if dev < 0:
         return 2
     if args.retrieve:
-        with open(args.retrieve) as f:
-            before = json.load(f)
-        write_truth(retrieve_all(dev, before), args.json_path)
-        return 0
+        return retrieve_from(dev, args.retrieve, args.json_path, retrieve_all)
     truth: Dict[str, List[dict]] = {"files": [], "errors": [], "sessions": []}
     kept = []
     token = 0x100
