@@ -117,3 +117,15 @@ def test_file_of_no_handlers_kind_is_rejected_once_fake_kernel():
     refused = [*asked("gmem_can_preserve", GMEM, 1010, 42, 0, EXT4), *asked("memfd_can_preserve", MEMFD, 1030, 42, 0, EXT4)]
     rep = report_for(luo_call(1000, 0x103, -2, refused), {})
     assert [(f["inode"], f["result"], f["errno"]) for f in rep["files"]] == [(42, "rejected", "ENOENT")]
+
+
+def test_a_cancelled_sessions_address_reused_is_a_new_session_fake_kernel():
+    """The kernel frees a closed session and the next one may get its memory
+    (seen on the VM lane): same luo_file_set address, two sessions."""
+    def one(ts, ino):
+        pres = [ev("gmem_preserve", EV_ENTRY, ts + 50, ino, a0=4096), ev("gmem_preserve", EV_RETURN, ts + 90, ino, a2=40)]
+        return np.concatenate([luo_call(ts, 0x201, 0, [*asked("gmem_can_preserve", GMEM, ts + 10, ino, 1, GMEM_FS), *pres]),
+                               ev("luo_unpreserve_files", EV_INSTANT, ts + 1000, 0, a2=0x5E55)])
+    rep = report_for(np.concatenate([one(1000, 50), one(5000, 51)]), {})
+    assert [(s["id"], s["files"], s["cancelled"]) for s in rep["sessions"]] == [(1, [50], True), (2, [51], True)]
+    assert [f["session"] for f in rep["files"]] == [1, 2]

@@ -35,7 +35,7 @@ def test_racer_punches_and_adds_its_page_until_stopped(kvm):
         f = vm.create_gmem(gmem_luo.RACE_PAGES * PAGE)
         f.populate(0, gmem_luo.RACE_POPULATED * PAGE)
         t0 = time.monotonic_ns()
-        racer = gmem_luo.start_racer(f, gmem_luo.RACE_INDEX)
+        racer = gmem_luo.start_racer(f, gmem_luo.RACE_POPULATED, gmem_luo.RACE_PAGES - gmem_luo.RACE_POPULATED)
         time.sleep(0.2)
         stats = gmem_luo.stop_racer(racer)
     assert stats["added"] > 10 and stats["punched"] in (stats["added"], stats["added"] + 1)

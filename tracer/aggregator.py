@@ -103,7 +103,8 @@ class Aggregator:
         self.files: Dict[Key, FileState] = {}
         self.order: List[Key] = []
         self.ser_map: Dict[Tuple[int, int], Key] = {}  # (handler, ser handle) -> file
-        self.sessions: Dict[int, Session] = {}  # by handle
+        self.sessions: Dict[int, Session] = {}  # by handle: the latest session at that address
+        self.all_sessions: List[Session] = []  # the kernel reuses a freed session's memory for a new one
         self._freezing: Dict[int, int] = {}  # tid -> session handle
         self.pending_session: Dict[int, Tuple[int, int, int]] = {}  # tid -> (session, token, fd)
         self.last_file: Dict[int, Key] = {}  # tid -> file of the last handler op entered
@@ -218,10 +219,7 @@ class Aggregator:
                     st.flags = int(ev["a1"])
                 pend = self.pending_session.get(tid)
                 if pend:
-                    sess = self._session(pend[0])
-                    st.session, st.token, st.fd = sess.id, pend[1], pend[2]
-                    if st.key not in sess.files:
-                        sess.files.append(st.key)
+                    self._join_session(st, pend)
             return
         if kind == EV_INSTANT:
             if role == "freeze_inode":
@@ -317,10 +315,21 @@ class Aggregator:
             return False
         return True
 
-    def _session(self, handle: int) -> Session:
+    def _join_session(self, st: FileState, pend: Tuple[int, int, int]) -> None:
+        """PEND: (session handle, token, fd) of the luo_preserve_file call that offered ST."""
+        sess = self._session(pend[0])
+        st.session, st.token, st.fd = sess.id, pend[1], pend[2]
+        if st.key not in sess.files:
+            sess.files.append(st.key)
+
+    def _session(self, handle: int, fresh: bool = False) -> Session:
+        """The session at HANDLE (its luo_file_set's address); with FRESH, a new
+        one if the session last seen there was cancelled, since its memory then
+        went back to the allocator and the next session may get it."""
         s = self.sessions.get(handle)
-        if s is None:
-            s = self.sessions[handle] = Session(len(self.sessions) + 1, handle)
+        if s is None or (fresh and s.cancelled):
+            s = self.sessions[handle] = Session(len(self.all_sessions) + 1, handle)
+            self.all_sessions.append(s)
         return s
 
     def _session_event(self, role: str, kind: int, ev, tid: int, ts: int) -> None:
@@ -329,11 +338,15 @@ class Aggregator:
                 self.pending_session[tid] = (int(ev["a2"]), int(ev["a0"]), int(ev["a1"]))
                 self.last_file.pop(tid, None)
                 self._refused.pop(tid, None)
-                self._session(int(ev["a2"]))
+                self._session(int(ev["a2"]), fresh=True)
             elif kind == EV_RETURN:
-                self.pending_session.pop(tid, None)
+                pend = self.pending_session.pop(tid, None)
                 ret = int(ev["ret"])
-                key = self.last_file.pop(tid, None) or self._settle_refusals(tid, ret)
+                key = self.last_file.pop(tid, None)
+                if key is None:
+                    key = self._settle_refusals(tid, ret)
+                    if key is not None and pend:  # refused: it still belongs to the session userspace named
+                        self._join_session(self.files[key], pend)
                 if ret < 0 and key in self.files and self.files[key].errno is None:
                     # LUO refused the file (no handler, or can_preserve said no): the errno
                     # userspace got comes from luo_preserve_file

@@ -103,7 +103,7 @@ def build(agg: Aggregator, header: dict, end: Optional[dict], truncated: bool = 
     all_anoms = [{"code": a["code"], "handler": f["handler"], "inode": f["inode"], "detail": a["detail"]}
                  for f in files for a in f["anomalies"]]
     sessions = []
-    for s in sorted(agg.sessions.values(), key=lambda s: s.id):
+    for s in agg.all_sessions:
         sessions.append({"id": s.id, "handle": s.handle, "files": [k[2] for k in s.files],
                          "blackout_start_ns": None if s.freeze_start is None else s.freeze_start - agg.base,
                          "blackout_ns": s.freeze_ns, "freeze_errno": errno_name(s.freeze_ret or 0),

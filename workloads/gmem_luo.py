@@ -19,9 +19,10 @@ Scenarios (SIZE overrides the size of the first guest_memfd, e.g. bench:256M):
             can_preserve says no, the preserve fails with ENOENT
   hwpoison  a 1 MiB guest_memfd with one page poisoned (MADV_HWPOISON): the
             preserve fails with EHWPOISON and unwinds what it preserved
-  race      a 16 MiB guest_memfd with 4000 pages allocated while another
-            process punches and re-allocates page 4050 in a loop through the
-            preserve: the review's race (a folio added to a frozen inode)
+  race      a 16 MiB guest_memfd with its first 4000 pages allocated while
+            another process punches out and allocates again its last 96 pages,
+            one fallocate() each, in a loop through the preserve: the review's
+            race (folios added to a frozen inode by a call already under way)
   bench     one guest_memfd (256 MiB unless SIZE), allocated, no pattern:
             the preserve's time, for vmbench
 
@@ -40,6 +41,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from tracer.events import errno_name  # names Linux errnos Python's errno module lacks (EHWPOISON)
+
 from . import kvm_abi as kabi
 from .gmem import VM, GmemError, GmemFile, fallocate
 from .liveupdate import (_pattern, create_session, finish_session, hold, open_dev, preserve_fd, retrieve_fd,
@@ -49,11 +52,12 @@ from .truth import parse_size, write_truth
 PAGE = kabi.PAGE_SIZE
 SCENARIOS = ("keep", "discard", "cancel", "rejected", "hwpoison", "race", "bench")
 HELD = ("keep", "discard")  # what --hold carries across the kexec
-RACE_PAGES, RACE_POPULATED, RACE_INDEX = 4096, 4000, 4050
-# RACE_POPULATED is no multiple of 256, so the folio count never fills the
-# handler's vcalloc'd array to a page boundary: v1's pass 2 writes one entry
-# per folio it finds, and a folio added between the passes then lands in the
-# array's slack instead of past the vmalloc area (see the patch's notes).
+RACE_PAGES, RACE_POPULATED = 4096, 4000
+# The racer touches pages RACE_POPULATED..RACE_PAGES-1 only, so pass 1 always
+# counts more than 3840 folios and v1's folio array (vcalloc(count, 16 B)) is
+# 16 pages: room for all 4096 entries.  v1's pass 2 writes one entry per folio
+# it finds, so folios added between the passes stay inside the array instead
+# of running past the vmalloc area (see the patch's notes).
 
 
 def write_pattern(f: GmemFile, seed: int, pages: int) -> None:
@@ -98,9 +102,10 @@ def poison_page(f: GmemFile, page: int) -> Optional[str]:
     return None
 
 
-def start_racer(f: GmemFile, page: int):
-    """A process that punches PAGE out of F and allocates it again, in a loop,
-    until told to stop; it reports each call's result with its time."""
+def start_racer(f: GmemFile, first: int, pages: int):
+    """A process that punches PAGES pages from FIRST out of F and allocates
+    them again, one call each, in a loop until told to stop; it reports how
+    its calls went and when the last ones completed."""
     stop_r, stop_w = os.pipe()
     res_r, res_w = os.pipe()
     pid = os.fork()
@@ -116,7 +121,7 @@ def start_racer(f: GmemFile, page: int):
             for mode, what in ((kabi.FALLOC_FL_KEEP_SIZE | kabi.FALLOC_FL_PUNCH_HOLE, "punched"),
                                (kabi.FALLOC_FL_KEEP_SIZE, "added")):
                 try:
-                    fallocate(f.fd, mode, page * PAGE, PAGE)
+                    fallocate(f.fd, mode, first * PAGE, pages * PAGE)
                     counts[what] += 1
                     if what == "added":
                         adds_ns = (adds_ns + [time.monotonic_ns()])[-8:]
@@ -175,7 +180,7 @@ class Run:
         except OSError as e:
             err = e.errno
         rec.update({"token": token, "inode": f.ino, "dev": f.dev, "size_bytes": f.size,
-                    "errno": errno_mod.errorcode.get(err, str(err)) if err else None,
+                    "errno": errno_name(-err) if err else None,
                     "preserve_start_ns": t0, "preserve_ns": time.monotonic_ns() - t0})
         self.truth["files"].append(rec)
         return err
@@ -234,10 +239,10 @@ class Run:
     def race(self, n: int, sfd: int, vm: VM, base: dict) -> None:
         f = vm.create_gmem(RACE_PAGES * PAGE)
         f.populate(0, RACE_POPULATED * PAGE)
-        racer = start_racer(f, RACE_INDEX)
+        racer = start_racer(f, RACE_POPULATED, RACE_PAGES - RACE_POPULATED)
         time.sleep(0.2)  # the racer is in its loop
         rec = {**base, "seed": None, "populate": "fallocate", "pages": RACE_POPULATED,
-               "race_index": RACE_INDEX}
+               "race_pages": [RACE_POPULATED, RACE_PAGES]}
         self.preserve(sfd, f, base["vm_token"] + 1, rec)
         time.sleep(0.05)
         stats = stop_racer(racer)

@@ -217,8 +217,9 @@ def stage2(kdir: str) -> None:
     if only("kexec"):
         kexec_selftests(kdir, 1, "kexec-traced-1")
         sh([PY, "-m", "workloads.liveupdate", "--hold", "--json", os.path.join(OUT, "held.json"), *HELD])
-    if only("gmem"):
-        sh([PY, *GMEM, "--hold", "--json", os.path.join(OUT, "held-gmem.json"), *GMEM_HELD])
+    if only("gmem"):  # bpftrace counts beside the recorder, as in boot 1
+        with_bpftrace(bpftrace_program("kvm_gmem_luo_preserve"), "bpftrace-gmem-update.json", lambda: sh(
+            [PY, *GMEM, "--hold", "--json", os.path.join(OUT, "held-gmem.json"), *GMEM_HELD]))
     time.sleep(2)  # the recorder has flushed everything before the jump
     jump(kdir, 3)
 
