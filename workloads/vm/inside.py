@@ -100,59 +100,44 @@ def gmem_record(tag: str, mode: str, strategy: str = "auto") -> None:
 def gmem_single_kernel() -> None:
     """The guest_memfd LUO handler under review, on the patched kernel: every
     scenario traced with fentry (bpftrace counting beside it), with kprobes
-    and in light mode; once untraced; then vmbench."""
+    and in light mode; once untraced."""
     sh([PY, *GMEM, "--json", os.path.join(OUT, "truth-gmem-untraced.json"), *GMEM_SCENARIOS])
     with_bpftrace(bpftrace_program("kvm_gmem_luo_preserve"), "bpftrace-gmem.json",
                   lambda: gmem_record("gmem-folio", "folio"))
     gmem_record("gmem-folio-kprobe", "folio", "kprobe")
     gmem_record("gmem-light", "light")
-    gmem_vmbench()
 
 
-def gmem_vmbench(reps: int = 5, size: str = "256M") -> None:
-    """A SIZE guest_memfd preserve, untraced and under a recorder in each mode
-    (one recorder per mode, started before its runs), same VM run."""
-    res = {}
+BENCH_DRIVERS = {"memfd": ("vmbench.json", lambda n, truth: [PY, "-m", "workloads.liveupdate", "--json", truth,
+                                                                *["cancel:256M"] * n]),
+                 "guest_memfd": ("vmbench-gmem.json", lambda n, truth: [PY, *GMEM, "--json", truth, *["bench:256M"] * n])}
 
-    def runs(cfg: str) -> list:
-        out = []
-        for r in range(reps):
-            truth = os.path.join(OUT, f"gmem-bench-{cfg}-{r}.json")
-            sh([PY, *GMEM, "--json", truth, f"bench:{size}"])
+
+def vmbench(handlers, reps: int = 5) -> None:
+    """A 256 MiB preserve of each handler's file, REPS times per setting:
+    untraced, under a recorder in light mode, in folio mode, untraced again.
+    One recorder per mode (all handlers), started before its runs: the BPF
+    compile under emulation is paid once, and every setting runs in this VM."""
+    res = {h: {} for h in handlers}
+
+    def runs(cfg: str) -> None:
+        for h in handlers:
+            out_name, cmd = BENCH_DRIVERS[h]
+            truth = os.path.join(OUT, f"bench-{h}-{cfg}.json")
+            sh(cmd(reps, truth))
             with open(truth) as f:
-                out.append(json.load(f)["files"][0]["preserve_ns"])
-        return out
+                res[h][cfg] = [x["preserve_ns"] for x in json.load(f)["files"]]
 
-    res["untraced"] = runs("untraced")
+    runs("untraced")
     for mode in ("light", "folio"):
-        rec = start_recorder(os.path.join(OUT, f"gmem-bench-{mode}.luo"), os.path.join(OUT, f"gmem-bench-{mode}.log"),
-                             mode=mode, handler="guest_memfd")
-        res[mode] = runs(mode)
+        rec = start_recorder(os.path.join(OUT, f"bench-{mode}.luo"), os.path.join(OUT, f"bench-{mode}.log"), mode=mode)
+        runs(mode)
         rec.send_signal(signal.SIGINT)
         rec.wait(300)
-    res["untraced2"] = runs("untraced2")
-    with open(os.path.join(OUT, "vmbench-gmem.json"), "w") as f:
-        json.dump(res, f)
-
-
-def vmbench(reps: int = 3) -> None:
-    """Overhead on a real 256 MiB memfd preserve: untraced baseline and each mode, same VM run."""
-    res = {}
-    for cfg in ("untraced", "light", "folio", "untraced2"):
-        times = []
-        for r in range(reps):
-            truth = os.path.join(OUT, f"bench-{cfg}-{r}.json")
-            drv = [PY, "-m", "workloads.liveupdate", "--json", truth, "keep:256M"]
-            if cfg.startswith("untraced"):
-                sh(drv)
-            else:
-                sh([PY, "-m", "tracer.cli", "record", "--mode", cfg, "--handler", "memfd", "--quiet", "-o",
-                    os.path.join(OUT, f"bench-{cfg}.luo"), "--", *drv])
-            with open(truth) as f:
-                times.append(json.load(f)["files"][0]["preserve_ns"])
-        res[cfg] = times
-    with open(os.path.join(OUT, "vmbench.json"), "w") as f:
-        json.dump(res, f)
+    runs("untraced2")
+    for h in handlers:
+        with open(os.path.join(OUT, BENCH_DRIVERS[h][0]), "w") as f:
+            json.dump(res[h], f)
 
 
 KEXEC_TESTS = ("luo_kexec_simple", "luo_multi_session", "luo_stress_files", "luo_stress_sessions")
@@ -257,6 +242,8 @@ def main() -> None:
         single_kernel(kdir)
     if only("gmem"):
         gmem_single_kernel()
+    if os.environ.get("LUOTRACE_VM_ONLY", "all") != "kexec":
+        vmbench(["memfd", "guest_memfd"] if only("kexec") else ["guest_memfd"])
     if kdir:
         if only("kexec"):
             kexec_selftests(kdir, 1, "kexec-untraced-1")
@@ -278,7 +265,6 @@ def single_kernel(kdir: str) -> None:
     if kdir:
         selftests(kdir)
     side_by_side()
-    vmbench()
 
 
 if __name__ == "__main__":
