@@ -53,3 +53,9 @@ def run_cli(*args: str, check: bool = False, timeout: float = 300, **kw) -> subp
 def load_json(path: str) -> dict:
     with open(path) as f:
         return json.load(f)
+
+
+def wait_tracing(p: subprocess.Popen) -> None:
+    """Read a `luotrace record` child's stderr until its probes are attached."""
+    while "luotrace: tracing" not in (line := p.stderr.readline()):
+        assert line, "luotrace ended before tracing: " + p.stderr.read()

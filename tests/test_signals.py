@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import LUOTRACE, REPO
+from tests.conftest import LUOTRACE, REPO, wait_tracing
 from tracer.session import replay
 
 
@@ -32,8 +32,7 @@ def test_signal_detaches_and_keeps_the_recording(sig, model, kvm, tmp_path):
     cmd = LUOTRACE + ["record", "-o", out, "--model", model, "--", model, "--json", str(tmp_path / "t.json"),
                       "--pause-ms", "150"] + ["kexec:gmem:1M"] * 8
     p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = p.stderr.readline()
-    assert "tracing" in line, line + p.stderr.read()
+    wait_tracing(p)
     time.sleep(1.5)
     during = bpf_prog_ids() - before
     assert during, "no program loaded while tracing"
@@ -67,8 +66,7 @@ def test_lost_events_counted_and_shown(model, kvm, tmp_path):
     cmd = LUOTRACE + ["record", "-o", out, "--mode", "trace", "--ringbuf-pages", "1", "--model", model, "--json",
                       "--", model, "--json", truth_path, "--pause-ms", "700", "keep:gmem:16M"]
     p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = p.stderr.readline()
-    assert "tracing" in line, line + p.stderr.read()
+    wait_tracing(p)
     time.sleep(0.2)
     os.kill(p.pid, signal.SIGSTOP)
     time.sleep(2.5)  # the fill pass runs while nobody reads the ring buffer
@@ -96,7 +94,7 @@ def test_sigkill_leaves_a_readable_recording(model, kvm, tmp_path):
     cmd = LUOTRACE + ["record", "-o", out, "--model", model, "--", model, "--json", str(tmp_path / "t.json"),
                       "--pause-ms", "200"] + ["kexec:gmem:1M"] * 10
     p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert "tracing" in p.stderr.readline()
+    wait_tracing(p)
     # wait until blocks of events reached the file (flushed at least every second)
     from tracer import recording as rec
     end = time.monotonic() + 30

@@ -15,6 +15,7 @@ from .errors import LuotraceError
 mode_option = click.option("--mode", type=click.Choice(MODES), default="folio", show_default=True,
                            help="light: lifecycle events only; folio: + per-folio counts and latency "
                                 "histograms kept in BPF maps; trace: + per-folio events streamed")
+force_option = click.option("--force", is_flag=True, help="overwrite OUTPUT if it exists (a regular file only)")
 json_option = click.option("--json", "as_json", is_flag=True, help="print the report as JSON (schema luotrace.report/1)")
 
 
@@ -92,13 +93,21 @@ def doctor(model: Optional[str], as_json: bool) -> None:
 @click.option("--strategy", type=click.Choice(["auto", "fentry", "kprobe"]), default="auto", show_default=True,
               help="kernel attach strategy: fentry/fexit where BTF and trampolines allow, else kprobe; "
                    "'kprobe' forces the fallback")
+@force_option
 @json_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(output: str, mode: str, model: Optional[str], handlers: Tuple[str, ...], duration: Optional[float],
            labels: Tuple[str, ...], sample: int, ringbuf_pages: int, quiet: bool, print_bpf: bool, strategy: str,
-           as_json: bool, command: Tuple[str, ...]) -> None:
+           force: bool, as_json: bool, command: Tuple[str, ...]) -> None:
     """Attach, record events to OUTPUT until COMMAND exits, --duration passes or
-    Ctrl-C / SIGTERM; then detach and print the report.
+    Ctrl-C / SIGTERM / SIGHUP / SIGQUIT; then detach and print the report.
+
+    COMMAND is never harmed by luotrace: a signal before the probes are
+    attached cancels the run before COMMAND starts; a full disk ends the
+    recording (said in one line) but not the run or its report; a failure of
+    luotrace detaches the probes and lets COMMAND finish untraced. OUTPUT is
+    never an existing file unless --force, never a device or FIFO, never a
+    file COMMAND names, and is locked while written.
 
     \b
     Example:
@@ -114,10 +123,13 @@ def record(output: str, mode: str, model: Optional[str], handlers: Tuple[str, ..
         from .loader import final_source
         click.echo(final_source(opts), nl=False)
         return
-    res = run(opts, output, command=list(command) or None, duration=duration, labels=_labels(labels))
+    res = run(opts, output, command=list(command) or None, duration=duration, labels=_labels(labels), force=force)
     if not quiet:
         _emit(res.report, as_json)
-    click.echo(f"luotrace: recording written to {output} ({res.stopped_by})", err=True)
+    if res.recording_error:
+        click.echo(f"luotrace: recording {output} is incomplete ({res.stopped_by}): {res.recording_error}", err=True)
+    else:
+        click.echo(f"luotrace: recording written to {output} ({res.stopped_by})", err=True)
     if res.stopped_by == "command exited" and res.command_rc:
         sys.exit(res.command_rc if 0 < res.command_rc < 128 else 1)
 
@@ -311,8 +323,9 @@ def compare(recordings: Tuple[str, ...], by: Optional[str], plot: Optional[str],
 @click.option("--lost", type=click.IntRange(min=0), default=0, help="lost per-folio events to report")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="label stored in the recording")
+@force_option
 def simulate(output: str, files: int, size: str, mode: str, folio_ns: float, slow: Tuple[str, ...], errors: int,
-             anomalies: Tuple[str, ...], lost: int, seed: int, labels: Tuple[str, ...]) -> None:
+             anomalies: Tuple[str, ...], lost: int, seed: int, labels: Tuple[str, ...], force: bool) -> None:
     """Write a synthetic recording of a preservation run at any scale (same
     format as `record`), for load tests of everything downstream.
 
@@ -330,7 +343,7 @@ def simulate(output: str, files: int, size: str, mode: str, folio_ns: float, slo
             raise LuotraceError(f"bad --slow '{item}'", "use PHASE=FACTOR, e.g. --slow fill_pass=1.1")
     spec = SimSpec(files=files, size=parse_size(size), mode=mode, folio_ns=folio_ns, phase_scale=scales,
                    errors=errors, anomalies=list(anomalies), lost=lost, seed=seed, labels=_labels(labels))
-    sim(spec, output, progress=lambda s: click.echo(s, err=True))
+    sim(spec, output, progress=lambda s: click.echo(s, err=True), force=force)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

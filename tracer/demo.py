@@ -62,5 +62,5 @@ def compare(report: dict, truth: dict) -> List[str]:
 
 def demo(mode: str = "folio", output: Optional[str] = None) -> Tuple[RunResult, dict, List[str]]:
     out = output or os.path.join(tempfile.gettempdir(), "luotrace-demo.luo")
-    res, truth = run_model(mode, DEFAULT_SESSIONS, out)
+    res, truth = run_model(mode, DEFAULT_SESSIONS, out, force=output is None)  # the default is the demo's own scratch file
     return res, truth, compare(res.report, truth)

@@ -38,7 +38,10 @@ class Options:
     mode: str = "folio"
     model: Optional[str] = None  # path of the reference model: uprobes
     handlers: Optional[List[str]] = None  # subset of catalog.TRACEABLE; None = every handler found
-    ringbuf_pages: int = 64  # lifecycle events: 256 KiB
+    # lifecycle events: 4 MiB, 65,536 events.  LUO sessions come in bursts
+    # (the kernel's 500-file stress test, with every handler asked about every
+    # file, overflowed 256 KiB under emulation: 317 events lost).
+    ringbuf_pages: int = 1024
     folio_ringbuf_pages: int = 1024  # trace mode's per-folio events: 4 MiB
     sample_every: int = 1
     max_files: int = 4096
@@ -222,7 +225,8 @@ class Tracer:
     """Loaded and attached BPF programs for one run.  Use as a context manager:
     leaving it detaches everything, whatever happened."""
 
-    def __init__(self, opts: Options, layout: Layout, on_bytes: Callable[[bytes], None]):
+    def __init__(self, opts: Options, layout: Layout, on_bytes: Callable[[bytes], None],
+                 before_compile: Callable[[], None] = lambda: None):
         from bcc import BPF  # imported late: doctor and report work without BCC
 
         _check_ringbuf_pages(opts.ringbuf_pages)
@@ -248,6 +252,7 @@ class Tracer:
         self.gmem_dev = self._gmem_dev(statuses) if self.population else None
         self.cflags = cflags(opts, layout) + [f"-DGMEM_DEV={self.gmem_dev if self.gmem_dev is not None else 0xFFFFFFFF}"]
         self._on_bytes = on_bytes
+        before_compile()
         self.bpf = self._compile(BPF, probes)
         try:
             self._attach(probes)

@@ -16,9 +16,11 @@ the cut is recovered and the result says it was truncated.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import mmap
 import os
+import stat
 import struct
 import time
 from dataclasses import dataclass, field
@@ -39,15 +41,51 @@ FLUSH_BYTES = 256 << 10
 FLUSH_SECONDS = 1.0  # a crash loses at most this much of a quiet stream
 
 
-class Writer:
-    """Appends chunks; events are buffered and flushed in blocks."""
+def check_output(path: str, force: bool = False, what: str = "output") -> None:
+    """Refuse, before any work, an output luotrace must not write: anything
+    but a regular file (a device, FIFO or directory), or an existing file
+    without FORCE."""
+    try:
+        st: Optional[os.stat_result] = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise LuotraceError(f"cannot write {what} {path}: {e.strerror}", "choose another path") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise LuotraceError(f"{what} {path} is not a regular file", "luotrace writes regular files only: choose another path")
+    if not force:
+        raise LuotraceError(f"{what} {path} already exists", "pass --force to overwrite it, or choose another path")
 
-    def __init__(self, path: str, header: dict):
+
+def open_output(path: str, force: bool = False, what: str = "output") -> BinaryIO:
+    """An output file luotrace may write (see check_output), locked
+    exclusively while open so that two luotraces never write one file."""
+    check_output(path, force, what)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (0 if force else os.O_EXCL), 0o644)
+    except FileExistsError:
+        raise LuotraceError(f"{what} {path} already exists", "pass --force to overwrite it, or choose another path") from None
+    except OSError as e:
+        raise LuotraceError(f"cannot write {what} {path}: {e.strerror}", "choose a writable path") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LuotraceError(f"another luotrace is writing {path}", "choose another path") from None
+    except OSError:
+        pass  # a filesystem without locks (some 9p mounts): written unlocked
+    os.ftruncate(fd, 0)
+    return os.fdopen(fd, "wb")
+
+
+class Writer:
+    """Appends chunks; events are buffered and flushed in blocks.  Any OSError
+    from a write is the caller's to handle (a live run stops recording and
+    goes on, see LiveSession)."""
+
+    def __init__(self, path: str, header: dict, force: bool = False):
         self.path = path
-        try:
-            self._f: BinaryIO = open(path, "wb")
-        except OSError as e:
-            raise LuotraceError(f"cannot write recording {path}: {e.strerror}", "choose a writable path with -o")
+        self._f: BinaryIO = open_output(path, force, "recording")
         blob = json.dumps(header, sort_keys=True).encode()
         self._f.write(PREAMBLE.pack(MAGIC, VERSION, 0, len(blob)) + blob)
         self._buf: List[bytes] = []
@@ -99,6 +137,15 @@ class Writer:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
+
+    def abandon(self) -> None:
+        """Stop writing after a write error: what reached the file stays (it
+        reads as truncated), the rest is dropped, nothing more is tried."""
+        self._buf, self._buffered = [], 0
+        try:
+            self._f.close()
+        except OSError:
+            pass
 
 
 @dataclass

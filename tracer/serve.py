@@ -4,6 +4,7 @@ explicit choice (``--listen 0.0.0.0:9477``)."""
 from __future__ import annotations
 
 import errno
+import os
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -87,7 +88,11 @@ def serve_replay(path: str, listen: str, progress: Callable[[str], None] = lambd
 
 
 def export_textfile(path: str, out: str) -> None:
-    """node_exporter textfile-collector format (written atomically)."""
+    """node_exporter textfile-collector format, written atomically (a
+    temporary file renamed over OUT): so OUT must be a regular file or none,
+    never a device or FIFO a rename would replace."""
+    if os.path.lexists(out) and not os.path.isfile(out):
+        raise LuotraceError(f"{out} is not a regular file", "the textfile collector reads regular files: choose another path")
     report = replay(path)
     registry = CollectorRegistry(auto_describe=False)
     LuotraceCollector(lambda: report, registry=registry)

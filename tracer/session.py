@@ -38,6 +38,7 @@ class RunResult:
     recording: Optional[str]
     command_rc: Optional[int] = None
     stopped_by: str = ""
+    recording_error: Optional[str] = None  # why the recording stopped early (the report is whole)
 
 
 def check_environment(opts: Options) -> None:
@@ -88,14 +89,17 @@ def make_header(opts: Options, tracer: Tracer, labels: Dict[str, str], base_ns: 
 
 
 class _Stop:
-    """SIGINT/SIGTERM handlers that ask the loop to stop, once."""
+    """SIGINT/SIGTERM/SIGHUP/SIGQUIT handlers that ask the loop to stop, once
+    (a hang-up or a quit ends the run cleanly, as SIGTERM does)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
     def __init__(self) -> None:
         self.reason = ""
         self._old: Dict[int, object] = {}
 
     def __enter__(self) -> "_Stop":
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in self.SIGNALS:
             self._old[sig] = signal.signal(sig, self._handler)
         return self
 
@@ -122,10 +126,13 @@ class LiveSession:
     """One live tracing run.  The poll loop feeds the aggregator; ``snapshot``
     may be called from another thread (a metrics scrape) at any time."""
 
-    def __init__(self, opts: Options, output: Optional[str], labels: Optional[Dict[str, str]] = None):
+    def __init__(self, opts: Options, output: Optional[str], labels: Optional[Dict[str, str]] = None,
+                 force: bool = False):
         check_environment(opts)
         self.opts = opts
         self.output = output
+        self.force = force
+        self.recording_error: Optional[str] = None
         self.layout = resolve_layout(opts)
         self.labels = labels or {}
         self.agg = Aggregator(opts.mode)
@@ -143,6 +150,20 @@ class LiveSession:
     def _on_bytes(self, raw: bytes) -> None:
         self._pending.append(raw)
 
+    def _write(self, what: Callable[["rec.Writer"], None]) -> None:
+        """One write to the recording.  The first failure (a full disk, an I/O
+        error) ends the recording, not the run: the traced command must not pay
+        for it, and the report stays whole; what was lost is said once."""
+        if self.writer is None:
+            return
+        try:
+            what(self.writer)
+        except OSError as e:
+            self.recording_error = (f"{e.strerror or e} after {self.writer.records} records: "
+                                    f"the recording is cut there, the report is complete")
+            self.writer.abandon()
+            self.writer = None
+
     def pump(self) -> None:
         if not self._pending:
             return
@@ -151,12 +172,11 @@ class LiveSession:
         batch = decode(raw)
         with self.lock:
             jump = self.writer is not None and not self.kexec_seen and bool((batch["probe"] == KEXEC_PROBE).any())
-            if self.writer is not None:
-                self.writer.add(raw)
-                if self.kexec_seen or jump:
-                    # The machine is jumping to the next kernel: what is not on
-                    # disk now is lost.  Written through before any Python work.
-                    self.writer.flush(sync=True)
+            self._write(lambda w: w.add(raw))
+            if self.kexec_seen or jump:
+                # The machine is jumping to the next kernel: what is not on
+                # disk now is lost.  Written through before any Python work.
+                self._write(lambda w: w.flush(sync=True))
             self.kexec_seen = self.kexec_seen or jump
             self.agg.feed(batch)
         if jump:
@@ -176,15 +196,16 @@ class LiveSession:
         for the recorder, and the per-file folio counts live only in the maps."""
         self._maps_mark = self._lifecycle_records()
         self._maps_at = time.monotonic()
-        self.writer.write_maps(self.tracer.dump_maps(), sync=sync)
+        maps = self.tracer.dump_maps()
+        self._write(lambda w: w.write_maps(maps, sync=sync))
 
-    def start(self) -> None:
+    def start(self, before_compile: Callable[[], None] = lambda: None) -> None:
         anchor0 = clock.anchor()  # two anchors seconds apart (the compile) give the TSC rate
         base_ns, real_ns = time.monotonic_ns(), time.time_ns()
         self.agg.base = base_ns
         self.prev_stats = kernel.set_bpf_stats(True)
         try:
-            self.tracer = Tracer(self.opts, self.layout, self._on_bytes)
+            self.tracer = Tracer(self.opts, self.layout, self._on_bytes, before_compile)
         except LuotraceError:
             raise
         except Exception as e:  # BCC compile or load failure
@@ -194,7 +215,7 @@ class LiveSession:
         self.header = make_header(self.opts, self.tracer, self.labels, base_ns, real_ns)
         self.header["clock"].update(boot_id=clock.boot_id(), anchors=[anchor0, clock.anchor()])
         if self.output:
-            self.writer = rec.Writer(self.output, self.header)
+            self.writer = rec.Writer(self.output, self.header, force=self.force)
 
     def attached(self) -> int:
         return sum(1 for s in self.tracer.statuses if s.status == "attached") if self.tracer else 0
@@ -204,9 +225,9 @@ class LiveSession:
         self.pump()
         if self.writer is not None:
             with self.lock:
-                self.writer.maybe_flush()
+                self._write(lambda w: w.maybe_flush())
                 # a lifecycle record since the last dump: per-file counters may have moved
-                if self._lifecycle_records() != self._maps_mark and \
+                if self.writer is not None and self._lifecycle_records() != self._maps_mark and \
                         time.monotonic() - self._maps_at >= rec.FLUSH_SECONDS:
                     self._dump_maps()
 
@@ -243,9 +264,8 @@ class LiveSession:
             kernel.restore_bpf_stats(self.prev_stats)
         end = self._end(progs, stopped_by)
         with self.lock:
-            if self.writer is not None:
-                self.writer.close(maps, end)
-                self.writer = None
+            self._write(lambda w: w.close(maps, end))
+            self.writer = None
             self.agg.finish(maps)
             self.final = build(self.agg, self.header, end)
         return self.final
@@ -255,26 +275,49 @@ class LiveSession:
         if self.tracer is not None:
             self.tracer.close()
         kernel.restore_bpf_stats(self.prev_stats)
-        if self.writer is not None:
-            self.writer.flush()
+        self._write(lambda w: w.flush())
+
+
+def uses_path(command: Optional[List[str]], path: str) -> Optional[str]:
+    """The argument of COMMAND that names the file at PATH, if any: the
+    recording must not be written over what the traced command runs or reads."""
+    for arg in command or []:
+        try:
+            if os.path.exists(arg) and os.path.exists(path) and os.path.samefile(arg, path):
+                return arg
+        except OSError:
+            continue
+    return None
 
 
 def run(opts: Options, output: Optional[str], command: Optional[List[str]] = None,
         duration: Optional[float] = None, labels: Optional[Dict[str, str]] = None,
         progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
         on_started: Optional[Callable[[LiveSession], None]] = None,
-        linger: bool = False) -> RunResult:
-    """Trace until COMMAND exits, DURATION passes or SIGINT/SIGTERM.  With
-    ``linger`` the session stays up after the command exits (serving its final
-    state through ``on_started``'s hooks) until a signal."""
-    sess = LiveSession(opts, output, labels)
+        linger: bool = False, force: bool = False) -> RunResult:
+    """Trace until COMMAND exits, DURATION passes or SIGINT/SIGTERM/SIGHUP/
+    SIGQUIT.  A signal before the probes are attached cancels the run before
+    COMMAND starts.  With ``linger`` the session stays up after the command
+    exits (serving its final state through ``on_started``'s hooks) until a
+    signal.  No failure of luotrace kills COMMAND: after one, the probes are
+    detached and COMMAND runs on untraced to its end."""
+    if output:
+        if arg := uses_path(command, output):
+            raise LuotraceError(f"the recording {output} is {arg}, which the traced command uses",
+                                "write the recording somewhere else")
+        rec.check_output(output, force, "recording")
     child: Optional[subprocess.Popen] = None
     stopped_by = ""
     with _Stop() as stop:
+        sess = LiveSession(opts, output, labels, force)
         try:
-            sess.start()
-            progress(f"luotrace: tracing {sess.attached()} probes in {opts.mode} mode"
-                     f"{' on ' + opts.model if opts.model else ''}; Ctrl-C to stop")
+            sess.start(lambda: progress("luotrace: compiling and attaching the probes..."))
+            if stop.reason:  # asked to stop while compiling and attaching: the command never starts
+                command = None
+                progress(f"luotrace: {stop.reason} before tracing started; the command was not run")
+            else:
+                progress(f"luotrace: tracing {sess.attached()} probes in {opts.mode} mode"
+                         f"{' on ' + opts.model if opts.model else ''}; Ctrl-C to stop")
             if on_started:
                 on_started(sess)
             if command:
@@ -301,7 +344,7 @@ def run(opts: Options, output: Optional[str], command: Optional[List[str]] = Non
                              f"{sess.tracer.counters()['lost']} lost")
             stop.quiet()
             if child is not None and child.poll() is None:
-                child.send_signal(signal.SIGTERM if stopped_by == "SIGTERM" else signal.SIGINT)
+                child.send_signal(signal.SIGINT if stopped_by == "SIGINT" else signal.SIGTERM)
                 try:
                     child.wait(5)
                 except subprocess.TimeoutExpired:
@@ -309,19 +352,22 @@ def run(opts: Options, output: Optional[str], command: Optional[List[str]] = Non
                     child.wait()
             progress("luotrace: detaching...")
             report = sess.stop(stopped_by)
-        except BaseException:
+        except BaseException as e:
             sess.abort()
-            raise
-        finally:
             if child is not None and child.poll() is None:
-                child.kill()
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                progress(f"luotrace: tracing failed ({why}); probes detached, the command runs on untraced")
+                stop.quiet()
                 child.wait()
+            raise
+        if sess.recording_error:
+            progress(f"luotrace: recording {output} stopped early: {sess.recording_error}")
         if linger and not stop.reason:
             stop.arm()
             progress("luotrace: probes detached; serving the final state until Ctrl-C")
             while not stop.reason:
                 time.sleep(0.2)
-    return RunResult(report, output, child.returncode if child else None, stopped_by)
+    return RunResult(report, output, child.returncode if child else None, stopped_by, sess.recording_error)
 
 
 def replay(path: str) -> dict:

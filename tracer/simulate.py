@@ -89,7 +89,7 @@ def _slot_probs(median_ns: float, sigma: float) -> np.ndarray:
     return p / p.sum()
 
 
-def simulate(spec: SimSpec, output: str, progress=lambda s: None) -> dict:
+def simulate(spec: SimSpec, output: str, progress=lambda s: None, force: bool = False) -> dict:
     if spec.files < 1:
         raise LuotraceError("--files must be at least 1", "e.g. --files 64")
     if spec.mode not in catalog.MODES:
@@ -203,7 +203,10 @@ def simulate(spec: SimSpec, output: str, progress=lambda s: None) -> dict:
         "simulation": {"files": spec.files, "size": spec.size, "seed": spec.seed, "folio_ns": spec.folio_ns,
                        "phase_scale": spec.phase_scale, "errors": spec.errors, "anomalies": spec.anomalies},
     }
-    w = rec.Writer(output, header)
+    try:
+        w = rec.Writer(output, header, force=force)
+    except OSError as e:
+        raise LuotraceError(f"cannot write {output}: {e.strerror}", "choose a writable path") from None
     step = 1 << 16
     for s in range(0, len(allev), step):
         w.add(allev[s:s + step].tobytes())

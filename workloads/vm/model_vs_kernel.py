@@ -59,9 +59,9 @@ def kernel_views(report: dict, truth: dict, scenarios) -> Dict[str, List[dict]]:
     return out
 
 
-def model_views(sessions: Dict[str, str], tmp: str) -> Dict[str, List[dict]]:
+def model_views(sessions: Dict[str, str], out: str) -> Dict[str, List[dict]]:
     names = list(sessions)
-    res, truth = run_model("folio", [sessions[n] for n in names], os.path.join(tmp, "model.luo"))
+    res, truth = run_model("folio", [sessions[n] for n in names], out)
     files = {f["inode"]: f for f in res.report["files"]}
     out: Dict[str, List[dict]] = {}
     for t in truth["files"]:
@@ -96,7 +96,7 @@ def compare(out: str) -> dict:
                 continue
             report, truth = (json.load(open(p)) for p in paths)
             kern = kernel_views(report, truth, sessions)
-            model = model_views({s: sessions[s] for s in kern}, tmp)
+            model = model_views({s: sessions[s] for s in kern}, os.path.join(tmp, f"{report_name}.luo"))
             for s in kern:
                 result[f"{tag}: {s}"] = {"kernel": kern[s], "model": model.get(s, []),
                                          "differences": differences(kern[s], model.get(s, []))}
