@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 
 from tests.conftest import MODEL, REPO, run_cli
 
@@ -154,3 +155,26 @@ def test_print_bpf_shows_final_text_with_resolved_offsets(model):
     r = run_cli("record", "-o", "/dev/null", "--model", model, "--print-bpf", check=True)
     assert "-DLUO_USER=1" in r.stdout and "-DOFF_ARGS_FILE=16" in r.stdout
     assert "int kho_preserve_folio_entry(struct pt_regs *ctx)" in r.stdout
+
+
+NUMBERS = [  # every numeric option: finite, in range, fitting the kernel's or numpy's type
+    (["record", "-o", "{tmp}/x.luo", "--duration", "nan", "--", "true"], "'nan' is not a number"),
+    (["record", "-o", "{tmp}/x.luo", "--duration", "inf", "--", "true"], "--duration"),
+    (["record", "-o", "{tmp}/x.luo", "--ringbuf-pages", "1048576", "--", "true"], "--ringbuf-pages"),
+    (["record", "-o", "{tmp}/x.luo", "--sample", str(2**40), "--", "true"], "--sample"),
+    (["serve", "--duration", "nan"], "'nan' is not a number"),
+    (["simulate", "-o", "{tmp}/s.luo", "--folio-ns", "inf"], "--folio-ns"),
+    (["simulate", "-o", "{tmp}/s.luo", "--folio-ns", "1e300"], "--folio-ns"),
+    (["simulate", "-o", "{tmp}/s.luo", "--slow", "fill_pass=nan"], "--slow"),
+    (["simulate", "-o", "{tmp}/s.luo", "--slow", "fill_pass=-1"], "--slow"),
+    (["simulate", "-o", "{tmp}/s.luo", "--slow", "nophase=2"], "unknown phase 'nophase'"),
+    (["simulate", "-o", "{tmp}/s.luo", "--seed", "-1"], "--seed"),
+    (["compare", "{tmp}/a.luo", "{tmp}/b.luo", "--seed", "-1"], "--seed"),
+]
+
+
+@pytest.mark.parametrize("args, says", NUMBERS, ids=[" ".join(a[:3] + a[-2:]) for a, _ in NUMBERS])
+def test_numeric_options_are_checked_before_any_work(args, says, tmp_path):
+    r = run_cli(*[a.format(tmp=tmp_path) for a in args], timeout=60)
+    assert_one_line_error(r, says)
+    assert not os.path.exists(tmp_path / "s.luo") and not os.path.exists(tmp_path / "x.luo")

@@ -15,6 +15,21 @@ from .errors import LuotraceError
 mode_option = click.option("--mode", type=click.Choice(MODES), default="folio", show_default=True,
                            help="light: lifecycle events only; folio: + per-folio counts and latency "
                                 "histograms kept in BPF maps; trace: + per-folio events streamed")
+def finite(lo: float, hi: float) -> click.FloatRange:
+    """A float option in [LO, HI]: click's FloatRange lets nan through
+    (every comparison with nan is false); the bounds keep inf out."""
+    class Finite(click.FloatRange):
+        def convert(self, value, param, ctx):
+            rv = super().convert(value, param, ctx)
+            if rv != rv:
+                self.fail(f"{value!r} is not a number", param, ctx)
+            return rv
+    return Finite(min=lo, max=hi)
+
+
+# The kernel's and numpy's integer limits: a seed must fit numpy's generator,
+# a sampling period the BPF program's u32.
+SEED = click.IntRange(min=0, max=2**63 - 1)
 force_option = click.option("--force", is_flag=True, help="overwrite OUTPUT if it exists (a regular file only)")
 json_option = click.option("--json", "as_json", is_flag=True, help="print the report as JSON (schema luotrace.report/1)")
 
@@ -81,11 +96,11 @@ def doctor(model: Optional[str], as_json: bool) -> None:
 @click.option("--handler", "handlers", multiple=True, type=click.Choice(list(TRACEABLE)),
               help="trace only these (repeatable; default: every handler found); 'population' alone "
                    "traces guest_memfd population on any kernel")
-@click.option("--duration", type=click.FloatRange(min=0.1), default=None, help="stop after this many seconds")
+@click.option("--duration", type=finite(0.1, 365 * 86400.0), default=None, help="stop after this many seconds")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="label stored in the recording (repeatable)")
-@click.option("--sample", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--sample", type=click.IntRange(min=1, max=2**32 - 1), default=1, show_default=True,
               help="trace mode: stream one per-folio event in N (counts stay exact)")
-@click.option("--ringbuf-pages", type=click.IntRange(min=1), default=1024, show_default=True,
+@click.option("--ringbuf-pages", type=click.IntRange(min=1, max=1 << 18), default=1024, show_default=True,
               help="trace mode: per-folio ring buffer size in 4 KiB pages (power of two); lifecycle "
                    "events have their own buffer")
 @click.option("--quiet", is_flag=True, help="do not print the report at the end")
@@ -211,7 +226,7 @@ def demo(mode: str, output: Optional[str], as_json: bool) -> None:
 @click.option("--model", type=click.Path(), default=None, help="trace the reference model binary with uprobes")
 @click.option("--handler", "handlers", multiple=True, type=click.Choice(list(TRACEABLE)),
               help="trace only these (repeatable)")
-@click.option("--duration", type=click.FloatRange(min=0.1), default=None,
+@click.option("--duration", type=finite(0.1, 365 * 86400.0), default=None,
               help="trace this many seconds, then keep serving the final state")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="label stored in the recording")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
@@ -285,7 +300,7 @@ def timeline(recordings: Tuple[str, ...], output: str) -> None:
 @click.option("--by", default=None, metavar="LABEL",
               help="group the recordings into two sides by this label (e.g. patch)")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="also write a PNG of the distributions")
-@click.option("--seed", type=int, default=0, show_default=True, help="bootstrap random seed")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="bootstrap random seed")
 @json_option
 def compare(recordings: Tuple[str, ...], by: Optional[str], plot: Optional[str], seed: int, as_json: bool) -> None:
     """Compare phase durations between two recordings, or two groups of
@@ -312,7 +327,7 @@ def compare(recordings: Tuple[str, ...], by: Optional[str], plot: Optional[str],
 @click.option("--files", type=click.IntRange(min=1, max=100_000), default=4, show_default=True)
 @click.option("--size", default="1G", show_default=True, help="total guest memory, split over the files (e.g. 1TiB)")
 @mode_option
-@click.option("--folio-ns", type=click.FloatRange(min=1), default=250.0, show_default=True,
+@click.option("--folio-ns", type=finite(1.0, 1e12), default=250.0, show_default=True,
               help="median kho_preserve_folio latency")
 @click.option("--slow", "slow", multiple=True, metavar="PHASE=FACTOR",
               help="scale a phase's duration, e.g. --slow fill_pass=1.1 (repeatable)")
@@ -321,7 +336,7 @@ def compare(recordings: Tuple[str, ...], by: Optional[str], plot: Optional[str],
               type=click.Choice(["holes", "folio_added_while_frozen", "pass_count_mismatch", "pfn_zero",
                                  "large_folios"]), help="inject this anomaly on one file (repeatable)")
 @click.option("--lost", type=click.IntRange(min=0), default=0, help="lost per-folio events to report")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="label stored in the recording")
 @force_option
 def simulate(output: str, files: int, size: str, mode: str, folio_ns: float, slow: Tuple[str, ...], errors: int,
@@ -331,16 +346,20 @@ def simulate(output: str, files: int, size: str, mode: str, folio_ns: float, slo
 
     Example: luotrace simulate --files 64 --size 1TiB -o big.luo && luotrace report big.luo
     """
-    from .simulate import SimSpec, parse_size, simulate as sim
+    from .simulate import SCALABLE, SimSpec, parse_size, simulate as sim
     scales = {}
     for item in slow:
         k, sep, v = item.partition("=")
+        if sep and k not in SCALABLE:
+            raise LuotraceError(f"unknown phase '{k}' in --slow", f"one of {', '.join(SCALABLE)}")
         try:
             scales[k] = float(v)
+            if not 0 < scales[k] < 1e6:  # also false for nan
+                sep = ""
         except ValueError:
             sep = ""
         if not sep or not k:
-            raise LuotraceError(f"bad --slow '{item}'", "use PHASE=FACTOR, e.g. --slow fill_pass=1.1")
+            raise LuotraceError(f"bad --slow '{item}'", "use PHASE=FACTOR with 0 < FACTOR < 1e6, e.g. --slow fill_pass=1.1")
     spec = SimSpec(files=files, size=parse_size(size), mode=mode, folio_ns=folio_ns, phase_scale=scales,
                    errors=errors, anomalies=list(anomalies), lost=lost, seed=seed, labels=_labels(labels))
     sim(spec, output, progress=lambda s: click.echo(s, err=True), force=force)

@@ -29,6 +29,10 @@ GMEM_DEV = 16
 SLOTS = np.arange(0, 64)
 
 
+# The phases whose durations --slow can scale (each drawn by scale() below).
+SCALABLE = ("count_pass", "fill_pass", "vmalloc", "luo_freeze", "retrieve", "finish")
+
+
 @dataclass
 class SimSpec:
     files: int = 4
