@@ -17,6 +17,7 @@ from typing import Dict, List
 import numpy as np
 
 from tracer import catalog
+from tracer.recording import write_output
 
 MAX_POINTS = 500
 NO_SESSION = 0
@@ -128,6 +129,5 @@ def _folio_counter(f: dict, pid: int, ts: np.ndarray, base: int) -> List[dict]:
 
 def write(events: np.ndarray, base: int, report: dict, out: str) -> int:
     doc = build(events, base, report)
-    with open(out, "w") as fh:
-        json.dump(doc, fh)
+    write_output(out, json.dumps(doc).encode(), "timeline")
     return len(doc["traceEvents"])

@@ -114,3 +114,20 @@ def test_sighup_during_the_run_stops_it_cleanly_and_the_command_gets_sigterm(tmp
     p.wait(60)
     assert "(SIGHUP)" in err and "Traceback" not in err
     assert not json.loads(run_cli("report", "--json", str(out), check=True).stdout)["truncated"]
+
+
+def test_timeline_and_plot_write_exactly_their_path_and_never_a_device(tmp_path):
+    a, b = tmp_path / "a.luo", tmp_path / "b.luo"
+    run_cli("simulate", "--files", "2", "--size", "8M", "--seed", "1", "-o", str(a), check=True)
+    run_cli("simulate", "--files", "2", "--size", "8M", "--seed", "2", "-o", str(b), check=True)
+    dev = tmp_path / "null"
+    os.mknod(dev, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    for args in (["timeline", str(a), "-o", str(dev)], ["compare", str(a), str(b), "--plot", str(dev)]):
+        r = run_cli(*args)
+        assert r.returncode == 1 and "not a regular file" in r.stderr, r.stderr
+    assert stat.S_ISCHR(os.stat(dev).st_mode)
+    plot = tmp_path / "p"  # no extension: written as named, not as p.png
+    r = run_cli("compare", str(a), str(b), "--plot", str(plot))
+    assert r.returncode == 0 and plot.read_bytes().startswith(b"\x89PNG") and not (tmp_path / "p.png").exists()
+    assert f"plot written to {plot}" in r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["a.luo", "b.luo", "null", "p"]  # no temporary file left

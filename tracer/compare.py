@@ -10,12 +10,14 @@ in-kernel log2 histograms (slot medians and p99).
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .errors import LuotraceError
+from .recording import write_output
 from .session import replay
 
 LEAF_PHASES = ("can_preserve", "count_pass", "fill_pass", "preserve_folios", "vmalloc", "luo_freeze",
@@ -179,5 +181,7 @@ def plot(a: Side, b: Side, out: str) -> None:
         ax.set_ylabel("µs")
     fig.suptitle(f"A = {a.name}   B = {b.name}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=100, format="png")  # OUT as given: no ".png" appended to a name without one
     plt.close(fig)
+    write_output(out, png.getvalue(), "plot")

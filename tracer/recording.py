@@ -78,6 +78,25 @@ def open_output(path: str, force: bool = False, what: str = "output") -> BinaryI
     return os.fdopen(fd, "wb")
 
 
+def write_output(path: str, data: bytes, what: str = "output") -> None:
+    """A whole output file (a timeline, a plot) written at once: a regular
+    file or none before (an existing one is replaced, a device or FIFO never
+    is), through a temporary file renamed over it, so a failed write leaves
+    no partial file."""
+    check_output(path, force=True, what=what)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "xb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise LuotraceError(f"cannot write {what} {path}: {e.strerror}", "choose a writable path") from None
+
+
 class Writer:
     """Appends chunks; events are buffered and flushed in blocks.  Any OSError
     from a write is the caller's to handle (a live run stops recording and
