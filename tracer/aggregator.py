@@ -212,7 +212,6 @@ class Aggregator:
             st.open_calls[probe.name] = ts
             if role == "preserve":
                 self.last_file[tid] = st.key
-            if role == "preserve":
                 if not int(ev["flags"]) & EVF_A0_UNKNOWN:
                     st.size = int(ev["a0"])
                 if not int(ev["flags"]) & EVF_A1_UNKNOWN:

@@ -15,6 +15,8 @@ from .errors import LuotraceError
 mode_option = click.option("--mode", type=click.Choice(MODES), default="folio", show_default=True,
                            help="light: lifecycle events only; folio: + per-folio counts and latency "
                                 "histograms kept in BPF maps; trace: + per-folio events streamed")
+
+
 def finite(lo: float, hi: float) -> click.FloatRange:
     """A float option in [LO, HI]: click's FloatRange lets nan through
     (every comparison with nan is false); the bounds keep inf out."""
@@ -27,8 +29,7 @@ def finite(lo: float, hi: float) -> click.FloatRange:
     return Finite(min=lo, max=hi)
 
 
-# The kernel's and numpy's integer limits: a seed must fit numpy's generator,
-# a sampling period the BPF program's u32.
+# A seed must fit numpy's generator (non-negative, 64-bit).
 SEED = click.IntRange(min=0, max=2**63 - 1)
 force_option = click.option("--force", is_flag=True, help="overwrite OUTPUT if it exists (a regular file only)")
 json_option = click.option("--json", "as_json", is_flag=True, help="print the report as JSON (schema luotrace.report/1)")
@@ -141,9 +142,7 @@ def record(output: str, mode: str, model: Optional[str], handlers: Tuple[str, ..
     res = run(opts, output, command=list(command) or None, duration=duration, labels=_labels(labels), force=force)
     if not quiet:
         _emit(res.report, as_json)
-    if res.recording_error:
-        click.echo(f"luotrace: recording {output} is incomplete ({res.stopped_by}): {res.recording_error}", err=True)
-    else:
+    if not res.recording_error:  # else run() has said, once, where the recording was cut
         click.echo(f"luotrace: recording written to {output} ({res.stopped_by})", err=True)
     if res.stopped_by == "command exited" and res.command_rc:
         sys.exit(res.command_rc if 0 < res.command_rc < 128 else 1)

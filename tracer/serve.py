@@ -4,7 +4,6 @@ explicit choice (``--listen 0.0.0.0:9477``)."""
 from __future__ import annotations
 
 import errno
-import os
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -15,6 +14,7 @@ from exporters.prometheus import LuotraceCollector
 
 from .errors import LuotraceError
 from .loader import Options
+from .recording import check_output
 from .session import LiveSession, RunResult, _Stop, replay, run
 
 DEFAULT_LISTEN = "127.0.0.1:9477"
@@ -91,8 +91,7 @@ def export_textfile(path: str, out: str) -> None:
     """node_exporter textfile-collector format, written atomically (a
     temporary file renamed over OUT): so OUT must be a regular file or none,
     never a device or FIFO a rename would replace."""
-    if os.path.lexists(out) and not os.path.isfile(out):
-        raise LuotraceError(f"{out} is not a regular file", "the textfile collector reads regular files: choose another path")
+    check_output(out, force=True, what="textfile")
     report = replay(path)
     registry = CollectorRegistry(auto_describe=False)
     LuotraceCollector(lambda: report, registry=registry)

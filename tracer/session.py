@@ -361,7 +361,7 @@ def run(opts: Options, output: Optional[str], command: Optional[List[str]] = Non
                 child.wait()
             raise
         if sess.recording_error:
-            progress(f"luotrace: recording {output} stopped early: {sess.recording_error}")
+            progress(f"luotrace: recording {output} is incomplete: {sess.recording_error}")
         if linger and not stop.reason:
             stop.arm()
             progress("luotrace: probes detached; serving the final state until Ctrl-C")

@@ -16,7 +16,6 @@ checks every byte written before the update and finishes them.
 from __future__ import annotations
 
 import argparse
-import errno as errno_mod
 import fcntl
 import json
 import mmap
@@ -25,6 +24,8 @@ import sys
 import tempfile
 import time
 from typing import Dict, List
+
+from tracer.events import errno_name  # names Linux errnos Python's errno module lacks
 
 from . import liveupdate_abi as abi
 from .truth import parse_size, write_truth
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
             try:
                 cases.append(("hugetlb memfd", os.memfd_create("luotrace-huge", MFD_HUGETLB)))
             except OSError as e:
-                truth["errors"].append({"case": "hugetlb memfd", "errno": errno_mod.errorcode[e.errno],
+                truth["errors"].append({"case": "hugetlb memfd", "errno": errno_name(-e.errno),
                                         "stage": "memfd_create"})
             tmp = tempfile.TemporaryFile()
             cases.append(("regular file", tmp.fileno()))
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
                     preserve_fd(sfd, fd, token)
                     truth["errors"].append({"case": what, "errno": None})
                 except OSError as e:
-                    truth["errors"].append({"case": what, "errno": errno_mod.errorcode.get(e.errno, str(e.errno)),
+                    truth["errors"].append({"case": what, "errno": errno_name(-e.errno),
                                             "inode": os.fstat(fd).st_ino})
             os.close(sfd)
             continue
