@@ -50,6 +50,10 @@ def render(report: dict) -> str:
     if report.get("truncated"):
         out.append(f"WARNING: recording truncated ({report.get('truncated_reason')}); "
                    "showing every complete record")
+    if report.get("damaged"):
+        n = (report.get("events") or {}).get("damaged", 0)
+        out.append(f"WARNING: {len(report['damaged'])} damaged part(s) skipped, checksum failed"
+                   + (f", {n} event records not used" if n else "") + ": " + "; ".join(report["damaged"][:4]))
     for i, b in enumerate(report.get("boots", [])):
         out.append(f"boot {i + 1}: kernel {b['kernel']}  {b['recording']}  ended by {b['ended_by']}"
                    + (f"  clock +{fmt_ns(b['clock_offset_ns'])} ({b['joined_by']})" if i else ""))

@@ -80,7 +80,7 @@ def populate_floor(tmp: str, size: str = "1G"):
     does nothing, bpf_stats on as in the traced runs.  What any per-folio
     probe costs here before it does any work."""
     from bcc import BPF
-    prev = kernel.set_bpf_stats(True)
+    stats = kernel.BpfStats()
     before = _progs()
     b = BPF(text="TRACEPOINT_PROBE(filemap, mm_filemap_add_to_page_cache) { return 0; }\n"
                  "TRACEPOINT_PROBE(filemap, mm_filemap_delete_from_page_cache) { return 0; }")
@@ -88,13 +88,13 @@ def populate_floor(tmp: str, size: str = "1G"):
         return populate(tmp, size), _new_prog_stats(before)
     finally:
         b.cleanup()
-        kernel.restore_bpf_stats(prev)
+        stats.close()
 
 
 def populate_bpftrace(tmp: str, dev: int, size: str = "1G"):
     """bpftrace doing the same per-inode count, its programs' cost read the same way (bpf_stats)."""
     prog = "tracepoint:filemap:mm_filemap_add_to_page_cache /args->s_dev == %d/ { @[args->i_ino] = count(); }" % dev
-    prev = kernel.set_bpf_stats(True)
+    stats = kernel.BpfStats()
     before = _progs()
     bt = subprocess.Popen(["bpftrace", "-e", prog], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -104,7 +104,7 @@ def populate_bpftrace(tmp: str, dev: int, size: str = "1G"):
         ns = populate(tmp, size)
         return ns, _new_prog_stats(before)
     finally:
-        kernel.restore_bpf_stats(prev)
+        stats.close()
         bt.send_signal(signal.SIGINT)
         bt.communicate(timeout=30)
 

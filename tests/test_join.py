@@ -39,13 +39,7 @@ def update_run(model, kvm, tmp_path_factory):
 def _chunks(path: str):
     """(type, offset, length) of every chunk: the file layout, as in tracer/recording.py."""
     data = open(path, "rb").read()
-    _m, _v, _r, hlen = rec.PREAMBLE.unpack_from(data, 0)
-    pos, out = rec.PREAMBLE.size + hlen, []
-    while pos < len(data):
-        kind, length = rec.CHUNK.unpack_from(data, pos)
-        out.append((kind, pos, length))
-        pos += rec.CHUNK.size + length
-    return data, out
+    return data, [(kind, pos, length) for kind, pos, _start, length in rec.walk(data)]
 
 
 def _kexec_maps_chunk(path: str):

@@ -131,3 +131,46 @@ def test_timeline_and_plot_write_exactly_their_path_and_never_a_device(tmp_path)
     assert r.returncode == 0 and plot.read_bytes().startswith(b"\x89PNG") and not (tmp_path / "p.png").exists()
     assert f"plot written to {plot}" in r.stderr
     assert sorted(os.listdir(tmp_path)) == ["a.luo", "b.luo", "null", "p"]  # no temporary file left
+
+
+def test_a_simulation_that_fills_the_disk_leaves_no_partial_file(small_fs):
+    r = run_cli("simulate", "--mode", "trace", "--size", "1G", "-o", str(small_fs / "big.luo"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and "No space left on device" in r.stderr and "removed" in r.stderr
+    assert list(small_fs.iterdir()) == []
+
+
+def test_fifo_and_device_inputs_are_refused_at_once(tmp_path):
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+    for args in (["report", str(fifo)], ["timeline", str(fifo), "-o", str(tmp_path / "t.json")],
+                 ["compare", str(fifo), str(fifo)], ["report", "/dev/zero"]):
+        r = run_cli(*args, timeout=20)  # a FIFO opened for reading would wait for a writer forever
+        assert r.returncode == 1 and "is not a regular file" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_a_model_that_is_not_the_model_is_refused(tmp_path, root):
+    """doctor names every probe a non-ELF or foreign binary cannot give; record refuses it."""
+    fake = tmp_path / "passwd"
+    fake.write_text(open("/etc/passwd").read())
+    fake.chmod(0o755)
+    r = run_cli("doctor", "--model", str(fake))
+    model_lines = [ln for ln in r.stdout.splitlines() if " model: " in ln and "tracepoint" not in ln]
+    assert model_lines and all(ln.startswith("no ") and "not in the symbol table" in ln for ln in model_lines)
+    r = run_cli("record", "--model", str(fake), "-o", str(tmp_path / "r.luo"), "--", "true")
+    assert r.returncode == 1 and "is not an ELF executable" in r.stderr
+
+
+def test_exit_status_of_a_command_killed_by_a_signal_is_the_shells(tmp_path, model):
+    r = run_cli("record", "--model", model, "--quiet", "-o", str(tmp_path / "r.luo"), "--", "sh", "-c", "kill -SEGV $$")
+    assert r.returncode == 128 + signal.SIGSEGV and "killed by SIGSEGV" in r.stderr
+    r = run_cli("record", "--model", model, "--quiet", "-o", str(tmp_path / "s.luo"), "--", "sh", "-c", "exit 7")
+    assert r.returncode == 7
+
+
+def test_labels_must_be_printable_and_prometheus_names(tmp_path):
+    for bad in ("a b=1", "x=line\nbreak", "1x=v", "x=" + "v" * 300):
+        r = run_cli("simulate", "-o", str(tmp_path / "s.luo"), "--label", bad)
+        assert r.returncode == 1 and "bad --label" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = run_cli("simulate", "-o", str(tmp_path / "s.luo"), "--label", "patch=v3-rc1 (rebased)")
+    assert r.returncode == 0, r.stderr

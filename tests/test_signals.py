@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import LUOTRACE, REPO, wait_tracing
+from tests.conftest import LUOTRACE, REPO, need, run_cli, wait_tracing
 from tracer.session import replay
 
 
@@ -113,3 +113,48 @@ def test_sigkill_leaves_a_readable_recording(model, kvm, tmp_path):
     # the kernel dropped our programs with the process
     r = subprocess.run(LUOTRACE + ["report", out], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0 and "WARNING: recording truncated" in r.stdout
+
+
+def _sysctl() -> str:
+    with open("/proc/sys/kernel/bpf_stats_enabled") as f:
+        return f.read().strip()
+
+
+def _preserve_runs(rep: dict) -> int:
+    return rep["bpf"]["programs"]["gmem_preserve_entry"]["run_cnt"]
+
+
+def test_bpf_stats_are_per_process_sigkill_leaves_nothing(model, kvm, tmp_path):
+    """Run-time statistics come from a BPF_ENABLE_STATS fd, never the sysctl:
+    a SIGKILLed recorder leaves kernel.bpf_stats_enabled as it was."""
+    need(_sysctl() == "0", "kernel.bpf_stats_enabled is already 1 here: nothing to observe")
+    out = str(tmp_path / "k.luo")
+    p = subprocess.Popen(LUOTRACE + ["record", "-o", out, "--model", model, "--", model, "--pause-ms", "200"]
+                         + ["kexec:gmem:1M"] * 20, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_tracing(p)
+    assert _sysctl() == "0"  # never written (its read side shows only what was written)
+    p.kill()
+    p.communicate(timeout=30)
+    assert _sysctl() == "0"
+    rep = replay(out)  # what was recorded before the kill still reads
+    assert rep["truncated"]
+
+
+def test_one_recorder_ending_does_not_stop_anothers_statistics(model, kvm, tmp_path):
+    """A records for a while; B records one model run and ends; a second
+    model run after B ended is still counted in A's BPF statistics, with the
+    sysctl at 0 all along."""
+    need(_sysctl() == "0", "kernel.bpf_stats_enabled is already 1 here: nothing to observe")
+    a = subprocess.Popen(LUOTRACE + ["record", "-o", str(tmp_path / "a.luo"), "--model", model, "--duration", "60",
+                                     "--json"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_tracing(a)
+    run_cli("record", "-o", str(tmp_path / "b.luo"), "--model", model, "--quiet", "--", model, "kexec:gmem:1M",
+            check=True)
+    subprocess.run([model, "kexec:gmem:1M", "kexec:gmem:1M"], check=True, capture_output=True)
+    a.send_signal(signal.SIGINT)
+    stdout, stderr = a.communicate(timeout=60)
+    rep_a, rep_b = json.loads(stdout), replay(str(tmp_path / "b.luo"))
+    assert rep_b["bpf"]["stats_enabled"] and _preserve_runs(rep_b) == 1
+    assert rep_a["bpf"]["stats_enabled"] and _preserve_runs(rep_a) == 3
+    assert rep_a["bpf"]["programs"]["gmem_preserve_entry"]["run_time_ns"] > 0
+    assert _sysctl() == "0"

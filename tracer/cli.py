@@ -3,12 +3,13 @@ library; errors are one line on stderr and a non-zero exit, never a traceback.""
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from typing import Dict, List, Optional, Tuple
 
 import click
 
-from . import __version__
+from . import __version__, schemas
 from .catalog import MODES, TRACEABLE
 from .errors import LuotraceError
 
@@ -49,6 +50,9 @@ def _labels(pairs: Tuple[str, ...]) -> Dict[str, str]:
         k, sep, v = p.partition("=")
         if not sep or not k:
             raise LuotraceError(f"bad --label '{p}'", "use --label key=value, e.g. --label patch=v3")
+        if schemas.labels_problem({k: v}):
+            raise LuotraceError(f"bad --label {p!r}", "the key is letters, digits and _ (not a digit first), "
+                                "the value up to 256 printable characters")
         out[k] = v
     return out
 
@@ -145,7 +149,15 @@ def record(output: str, mode: str, model: Optional[str], handlers: Tuple[str, ..
     if not res.recording_error:  # else run() has said, once, where the recording was cut
         click.echo(f"luotrace: recording written to {output} ({res.stopped_by})", err=True)
     if res.stopped_by == "command exited" and res.command_rc:
-        sys.exit(res.command_rc if 0 < res.command_rc < 128 else 1)
+        sys.exit(_shell_status(res.command_rc))
+
+
+def _shell_status(rc: int) -> int:
+    """The command's exit status as a shell gives it: killed by signal N is 128 + N."""
+    if rc < 0:
+        click.echo(f"luotrace: the command was killed by {signal.Signals(-rc).name}", err=True)
+        return 128 - rc
+    return rc
 
 
 @cli.command()

@@ -80,11 +80,10 @@ def run(model: Optional[str] = None) -> List[Check]:
     checks.append(Check("tracefs", why is None, "debugfs and tracefs mounted" if why is None else why))
     checks.append(Check("kprobes", kernel.kprobes_enabled(), "kprobe PMU present" if kernel.kprobes_enabled()
                         else "no CONFIG_KPROBES: kernel probes can be verified but not attached", essential=False))
-    prev = kernel.set_bpf_stats(True)
-    kernel.restore_bpf_stats(prev)
-    checks.append(Check("bpf_stats", prev is not None, "kernel.bpf_stats_enabled writable: tracer cost is measured"
-                        if prev is not None else "kernel.bpf_stats_enabled not writable: no tracer cost figures",
-                        essential=False))
+    with kernel.BpfStats() as stats:
+        checks.append(Check("bpf_stats", stats.fd is not None, "BPF_ENABLE_STATS works: tracer cost is measured"
+                            if stats.fd is not None else "BPF_ENABLE_STATS refused (kernel older than 5.8?): "
+                            "no tracer cost figures unless kernel.bpf_stats_enabled is 1", essential=False))
     checks.append(_kvm())
     for target, m in (("kernel", None), ("model", model)):
         if target == "model" and not m:

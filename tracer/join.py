@@ -92,7 +92,8 @@ def joined(paths: List[str]) -> Tuple[dict, np.ndarray, int]:
                    "stats_enabled": any((r.end or {}).get("bpf", {}).get("stats_enabled") for _, r in recs)}}
     cut = [b for b in boots if b["ended_by"] == "cut short"]
     report = build(agg, first.header, end, bool(cut), "; ".join(f"{b['recording']}: {b['truncated_reason']}"
-                                                               for b in cut))
+                                                               for b in cut),
+                   [f"{p}: {d}" for p, r in recs for d in r.damaged], sum(r.damaged_records for _, r in recs))
     probes: Dict[Tuple[str, str], dict] = {}
     for _, r in recs:  # a probe missing on one side and attached on the other: attached
         for pr in r.header.get("probes", []):

@@ -6,7 +6,9 @@ kallsyms, tracepoint format readable, fentry supported, bpf_stats writable.
 from __future__ import annotations
 
 import functools
+import ctypes
 import os
+import struct
 import platform
 import subprocess
 from typing import Dict, Optional, Set
@@ -108,26 +110,52 @@ def kprobes_enabled() -> bool:
             or os.path.exists(os.path.join(DEBUGFS, "tracing", "kprobe_events")))
 
 
-def set_bpf_stats(on: bool) -> Optional[int]:
-    """Enable kernel.bpf_stats_enabled; returns the previous value to restore."""
+# bpf(2) ABI, include/uapi/linux/bpf.h (Linux 5.8+): BPF_ENABLE_STATS returns
+# an fd; run-time statistics are collected while any such fd is open, and
+# the kernel drops it when the process dies, whatever killed it.
+SYS_BPF_X86_64 = 321
+BPF_ENABLE_STATS = 32
+BPF_STATS_RUN_TIME = 0
+
+
+def enable_bpf_stats() -> Optional[int]:
+    """An fd that keeps BPF run-time statistics on for as long as this
+    process holds it (never the global sysctl, which another recorder or a
+    SIGKILL would leave wrong); None where the kernel refuses."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = ctypes.create_string_buffer(struct.pack("<I", BPF_STATS_RUN_TIME), 8)
+    fd = libc.syscall(SYS_BPF_X86_64, BPF_ENABLE_STATS, attr, ctypes.sizeof(attr))
+    return fd if fd >= 0 else None
+
+
+def bpf_stats_on() -> bool:
+    """Statistics are being collected now (an fd somewhere, or the sysctl)."""
     try:
         with open(BPF_STATS) as f:
-            prev = int(f.read().strip() or 0)
-        with open(BPF_STATS, "w") as f:
-            f.write("1" if on else "0")
-        return prev
-    except (OSError, ValueError):
-        return None
-
-
-def restore_bpf_stats(prev: Optional[int]) -> None:
-    if prev is None:
-        return
-    try:
-        with open(BPF_STATS, "w") as f:
-            f.write(str(prev))
+            return f.read().strip() not in ("", "0")
     except OSError:
-        pass
+        return False
+
+
+class BpfStats:
+    """Holds a BPF_ENABLE_STATS fd from open() to close(); ``on`` says whether
+    run-time statistics are being collected (by this fd or already by the
+    sysctl)."""
+
+    def __init__(self) -> None:
+        self.fd = enable_bpf_stats()
+        self.on = self.fd is not None or bpf_stats_on()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "BpfStats":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def prog_stats(fd: int) -> Dict[str, int]:

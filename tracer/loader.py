@@ -19,7 +19,7 @@ import mmap
 import os
 import select
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Set
 
 from . import catalog, kernel
 from .catalog import Probe
@@ -97,6 +97,16 @@ def _check_ringbuf_pages(n: int) -> None:
         raise LuotraceError(f"--ringbuf-pages {n} is not a power of two", "use e.g. 64, 256 or 1024")
 
 
+def model_functions(path: str) -> Set[str]:
+    """Function symbols of the model binary (what a uprobe can attach to);
+    empty for a file that is not an ELF object with a symbol table."""
+    from bcc import BPF
+    try:
+        return {name.decode(errors="replace") for name, _addr in BPF.get_user_functions_and_addresses(path, ".*")}
+    except Exception:  # bcc raises plain Exception for unreadable files
+        return set()
+
+
 def plan(opts: Options) -> List[ProbeStatus]:
     """Decide, without loading anything, what each catalog probe would get here."""
     if opts.mode not in catalog.MODES:
@@ -104,7 +114,7 @@ def plan(opts: Options) -> List[ProbeStatus]:
     if opts.strategy not in STRATEGIES:
         raise LuotraceError(f"unknown strategy '{opts.strategy}'", f"choose one of {', '.join(STRATEGIES)}")
     out: List[ProbeStatus] = []
-    funcs = set() if opts.model else kernel.kallsyms_functions()
+    funcs = model_functions(opts.model) if opts.model else kernel.kallsyms_functions()
     kprobes = opts.model is None and kernel.kprobes_enabled()
     btf_funcs, fentry_why = (set(), "tracing the model") if opts.model else _fentry_support()
     for p in catalog.probes_for(opts.mode, opts.handlers):
@@ -116,7 +126,10 @@ def plan(opts: Options) -> List[ProbeStatus]:
             else:
                 st.reason = f"tracepoint {p.symbol} not found (is tracefs mounted?)"
         elif opts.model:
-            st.strategy, st.status = "uprobe", "planned"
+            if p.symbol in funcs:
+                st.strategy, st.status = "uprobe", "planned"
+            else:
+                st.reason = f"{p.symbol} not in the symbol table of {opts.model}"
         elif p.symbol not in funcs:
             st.reason = f"{p.symbol} not in /proc/kallsyms of {kernel.release()}"
         elif opts.strategy != "kprobe" and not fentry_why and p.symbol in btf_funcs:

@@ -1,10 +1,10 @@
 """The recording file: a versioned header, then framed chunks of raw event
 records as they arrived, then the final BPF map dumps and a trailer.
 
-Layout (all little endian)::
+Layout (all little endian), version 2::
 
-    "LUOTRACE" u16 version u16 0 u32 header_len  header (JSON, header_len bytes)
-    chunk*:  u32 type  u32 length  payload
+    "LUOTRACE" u16 version u16 0 u32 header_len  u32 header_crc  header (JSON)
+    chunk*:  u32 type  u32 length  u32 crc  payload
         1 EVENTS  length/64 raw struct luo_event records (a block: 256 KiB or 1 s)
         2 MAPS    JSON map dumps (folio counters, histograms, population, counters);
                   also written during the run (a second after lifecycle activity,
@@ -12,7 +12,10 @@ Layout (all little endian)::
         3 END     JSON trailer (duration, BPF run time); its presence = closed cleanly
 
 A file cut short (SIGKILL, full disk) still reads: every whole record before
-the cut is recovered and the result says it was truncated.
+the cut is recovered and the result says it was truncated.  Every chunk
+carries a CRC32C of its type, length and payload (version 1 had none, and
+still reads): a chunk that fails it is reported and skipped, never trusted.
+Every JSON part is checked against its schema (tracer/schemas/) before use.
 """
 from __future__ import annotations
 
@@ -24,17 +27,22 @@ import stat
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator, List, Optional
+from typing import BinaryIO, Iterator, List, Optional, Tuple
 
 import numpy as np
+from crc32c import crc32c
 
+from . import schemas
 from .errors import LuotraceError
 from .events import EVENT_DTYPE, EVENT_SIZE
 
 MAGIC = b"LUOTRACE"
-VERSION = 1
+VERSION = 2
 PREAMBLE = struct.Struct("<8sHHI")
-CHUNK = struct.Struct("<II")
+HEADER_CRC = struct.Struct("<I")  # version 2: after the preamble
+CHUNK = struct.Struct("<III")  # version 2: type, length, crc
+CHUNK_V1 = struct.Struct("<II")
+CHUNK_NAMES = {1: "event chunk", 2: "map dump", 3: "trailer"}
 CH_EVENTS, CH_MAPS, CH_END = 1, 2, 3
 MAX_HEADER = 16 << 20
 FLUSH_BYTES = 256 << 10
@@ -97,6 +105,17 @@ def write_output(path: str, data: bytes, what: str = "output") -> None:
         raise LuotraceError(f"cannot write {what} {path}: {e.strerror}", "choose a writable path") from None
 
 
+def frame(kind: int, payload: bytes) -> bytes:
+    """One chunk as written: its header (with the CRC32C of type, length
+    and payload) and the payload."""
+    head = CHUNK_V1.pack(kind, len(payload))
+    return CHUNK.pack(kind, len(payload), crc32c(payload, crc32c(head))) + payload
+
+
+def preamble(header_blob: bytes) -> bytes:
+    return PREAMBLE.pack(MAGIC, VERSION, 0, len(header_blob)) + HEADER_CRC.pack(crc32c(header_blob)) + header_blob
+
+
 class Writer:
     """Appends chunks; events are buffered and flushed in blocks.  Any OSError
     from a write is the caller's to handle (a live run stops recording and
@@ -105,8 +124,7 @@ class Writer:
     def __init__(self, path: str, header: dict, force: bool = False):
         self.path = path
         self._f: BinaryIO = open_output(path, force, "recording")
-        blob = json.dumps(header, sort_keys=True).encode()
-        self._f.write(PREAMBLE.pack(MAGIC, VERSION, 0, len(blob)) + blob)
+        self._f.write(preamble(json.dumps(header, sort_keys=True).encode()))
         self._buf: List[bytes] = []
         self._buffered = 0
         self.records = 0
@@ -129,7 +147,7 @@ class Writer:
         if self._buf:
             payload = b"".join(self._buf)
             payload = payload[: len(payload) - len(payload) % EVENT_SIZE]
-            self._f.write(CHUNK.pack(CH_EVENTS, len(payload)) + payload)
+            self._f.write(frame(CH_EVENTS, payload))
             self.records += len(payload) // EVENT_SIZE
             self._buf, self._buffered = [], 0
         self._f.flush()
@@ -137,8 +155,7 @@ class Writer:
             os.fsync(self._f.fileno())
 
     def _json_chunk(self, kind: int, obj: dict) -> None:
-        blob = json.dumps(obj, sort_keys=True).encode()
-        self._f.write(CHUNK.pack(kind, len(blob)) + blob)
+        self._f.write(frame(kind, json.dumps(obj, sort_keys=True).encode()))
 
     def write_maps(self, maps: dict, sync: bool = False) -> None:
         """A map dump now (the last one in a file wins): written while a run
@@ -175,6 +192,8 @@ class Recording:
     end: Optional[dict] = None
     truncated: bool = False
     truncated_reason: str = ""
+    damaged: List[str] = field(default_factory=list)  # chunks skipped: their checksum failed
+    damaged_records: int = 0  # event records in those chunks
     _events: Optional[np.ndarray] = field(default=None, repr=False)
 
     @property
@@ -196,14 +215,77 @@ def read(path: str) -> Recording:
     """Map the file (no copy: records are decoded in place, pages load as the
     replay walks them) and parse it."""
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except IsADirectoryError:
         raise _bad(path, "is a directory") from None
     except OSError as e:
         raise LuotraceError(f"cannot read {path}: {e.strerror}", "check the path") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise _bad(path, "is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise _bad(path, "is not a regular file (a FIFO, socket or device)")
+        data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if st.st_size else b""
+    except OSError as e:
+        raise LuotraceError(f"cannot read {path}: {e.strerror}", "check the path") from None
+    finally:
+        os.close(fd)
     return parse(data, path)
+
+
+def walk(data) -> Iterator[Tuple[int, int, int, int]]:
+    """(type, offset, payload offset, length) of each whole chunk, unchecked:
+    the file's layout, for tools and tests that rewrite recordings."""
+    _m, version, _r, hlen = PREAMBLE.unpack_from(data, 0)
+    chunk = CHUNK if version >= 2 else CHUNK_V1
+    pos = PREAMBLE.size + (HEADER_CRC.size if version >= 2 else 0) + hlen
+    while pos + chunk.size <= len(data):
+        kind, length = chunk.unpack_from(data, pos)[:2]
+        yield kind, pos, pos + chunk.size, length
+        pos += chunk.size + length
+
+
+def header_end(data) -> int:
+    """Offset of the first chunk (the end of the preamble and header)."""
+    _m, version, _r, hlen = PREAMBLE.unpack_from(data, 0)
+    return PREAMBLE.size + (HEADER_CRC.size if version >= 2 else 0) + hlen
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a number luotrace writes")
+
+
+def _json(blob, path: str, what: str) -> dict:
+    """A JSON part, parsed and checked against its schema: one-line errors
+    for anything luotrace would not have written (NaN, infinities, deep
+    nesting, wrong types, numbers out of range)."""
+    try:
+        obj = json.loads(bytes(blob), parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise _bad(path, f"{what} is corrupt (not JSON)") from None
+    problem = schemas.problem(what, obj)
+    if problem:
+        raise _bad(path, f"{what} is corrupt ({problem})")
+    return obj
+
+
+def _crc_ok(data, pos: int, end: int) -> bool:
+    kind, length, crc = CHUNK.unpack_from(data, pos)
+    return crc32c(memoryview(data)[pos + CHUNK.size: end], crc32c(CHUNK_V1.pack(kind, length))) == crc
+
+
+def _sound_chunk_at(data, pos: int) -> bool:
+    """A whole chunk with a good checksum starts at POS (or the file ends
+    there): how a damaged chunk's length is trusted enough to skip it."""
+    if pos == len(data):
+        return True
+    if pos + CHUNK.size > len(data):
+        return False
+    kind, length, _crc = CHUNK.unpack_from(data, pos)
+    return kind in CHUNK_NAMES and pos + CHUNK.size + length <= len(data) and \
+        _crc_ok(data, pos, pos + CHUNK.size + length)
 
 
 def parse(data, path: str = "<recording>") -> Recording:
@@ -218,51 +300,57 @@ def parse(data, path: str = "<recording>") -> Recording:
                             f"({VERSION})", "upgrade luotrace")
     if version < 1:
         raise _bad(path, f"unknown recording format version {version}")
-    if hlen > MAX_HEADER or PREAMBLE.size + hlen > len(data):
+    hstart = PREAMBLE.size + (HEADER_CRC.size if version >= 2 else 0)
+    if hlen > MAX_HEADER or hstart + hlen > len(data):
         raise _bad(path, "header cut short or corrupt")
-    try:
-        header = json.loads(bytes(view[PREAMBLE.size: PREAMBLE.size + hlen]))
-        if not isinstance(header, dict):
-            raise ValueError("header is not an object")
-    except (ValueError, UnicodeDecodeError):
-        raise _bad(path, "header is corrupt (not JSON)") from None
-    pos = PREAMBLE.size + hlen
-    chunks: List[np.ndarray] = []
-    maps = end = None
-    truncated, reason = False, ""
+    hblob = view[hstart: hstart + hlen]
+    if version >= 2 and crc32c(hblob) != HEADER_CRC.unpack_from(data, PREAMBLE.size)[0]:
+        raise _bad(path, "header is corrupt (checksum failed)")
+    header = _json(hblob, path, "header")
+    chunk = CHUNK if version >= 2 else CHUNK_V1
+    pos = hstart + hlen
+    rec = Recording(header, [])
     while pos < len(data):
-        if pos + CHUNK.size > len(data):
-            truncated, reason = True, f"cut inside a chunk header at byte {pos}"
+        if pos + chunk.size > len(data):
+            rec.truncated, rec.truncated_reason = True, f"cut inside a chunk header at byte {pos}"
             break
-        kind, length = CHUNK.unpack_from(data, pos)
-        body = view[pos + CHUNK.size: pos + CHUNK.size + length]
+        kind, length = chunk.unpack_from(data, pos)[:2]
+        start, stop = pos + chunk.size, pos + chunk.size + length
+        body = view[start: stop]
         short = len(body) < length
+        name = CHUNK_NAMES.get(kind, f"chunk of type {kind}")
+        if version >= 2 and not short and not _crc_ok(data, pos, stop):
+            if not _sound_chunk_at(data, stop):
+                rec.damaged.append(f"byte {pos} onwards (a chunk failed its checksum and its length cannot "
+                                   f"be trusted)")
+                rec.truncated, rec.truncated_reason = True, f"unreadable from byte {pos} (checksum failed)"
+                break
+            records = length // EVENT_SIZE if kind == CH_EVENTS else 0
+            rec.damaged.append(f"{name} at byte {pos}" + (f" ({records} records)" if records else ""))
+            rec.damaged_records += records
+            pos = stop
+            continue
         if kind == CH_EVENTS:
             if length % EVENT_SIZE and not short:
                 raise _bad(path, f"corrupt event chunk at byte {pos} (length {length} is not whole records)")
             n = len(body) // EVENT_SIZE
             if n:
-                chunks.append(np.frombuffer(body, dtype=EVENT_DTYPE, count=n))
+                rec.chunks.append(np.frombuffer(body, dtype=EVENT_DTYPE, count=n))
             if short:
-                truncated, reason = True, f"cut inside an event chunk at byte {len(data)}"
+                rec.truncated, rec.truncated_reason = True, f"cut inside an event chunk at byte {len(data)}"
                 break
         elif kind in (CH_MAPS, CH_END):
             if short:
-                truncated, reason = True, f"cut inside the {'map dump' if kind == CH_MAPS else 'trailer'}"
+                rec.truncated, rec.truncated_reason = True, f"cut inside the {name}"
                 break
-            try:
-                obj = json.loads(bytes(body))
-                if not isinstance(obj, dict):
-                    raise ValueError
-            except (ValueError, UnicodeDecodeError):
-                raise _bad(path, f"corrupt {'map dump' if kind == CH_MAPS else 'trailer'} at byte {pos}") from None
+            obj = _json(body, path, name)
             if kind == CH_MAPS:
-                maps = obj
+                rec.maps = obj
             else:
-                end = obj
+                rec.end = obj
         else:
             raise _bad(path, f"corrupt chunk type {kind} at byte {pos}")
-        pos += CHUNK.size + length
-    if end is None and not truncated:
-        truncated, reason = True, "no trailer: the recording was not closed (killed or still being written)"
-    return Recording(header, chunks, maps, end, truncated, reason)
+        pos = stop
+    if rec.end is None and not rec.truncated:
+        rec.truncated, rec.truncated_reason = True, "no trailer: the recording was not closed (killed or still being written)"
+    return rec

@@ -3,7 +3,7 @@ JSON-able dict with a versioned schema.  Renderers live in exporters/.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import anomalies
 from .aggregator import PHASE_ORDER, Aggregator, FileState
@@ -85,7 +85,8 @@ def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optio
 
 
 def build(agg: Aggregator, header: dict, end: Optional[dict], truncated: bool = False,
-          truncated_reason: str = "") -> dict:
+          truncated_reason: str = "", damaged: Sequence[str] = (), damaged_records: int = 0) -> dict:
+    """DAMAGED: the recording's chunks skipped because their checksum failed."""
     maps = agg.maps or {}
     folio_rows = _merge_ser_rows(agg, maps.get("folio_stats", []))
     pops = _index(maps.get("population", []))
@@ -126,6 +127,7 @@ def build(agg: Aggregator, header: dict, end: Optional[dict], truncated: bool = 
         "recording": {k: header.get(k) for k in ("kernel", "hostname", "mode", "target", "labels", "started")},
         "truncated": truncated,
         "truncated_reason": truncated_reason or None,
+        "damaged": list(damaged),
         "files": files,
         "sessions": sessions,
         "anomalies": all_anoms,
@@ -140,7 +142,8 @@ def build(agg: Aggregator, header: dict, end: Optional[dict], truncated: bool = 
                    "sampled_out": int(counters.get("sampled_out", 0)),
                    "inflight_dropped": int(counters.get("inflight_full", 0)),
                    "map_full": int(counters.get("map_full", 0)),
-                   "unknown_key": agg.unknown_key},
+                   "unknown_key": agg.unknown_key,
+                   "damaged": damaged_records},
         "bpf": {"run_time_ns": int(bpf.get("run_time_ns", 0)), "run_cnt": int(bpf.get("run_cnt", 0)),
                 "stats_enabled": bool(bpf.get("stats_enabled", False)),
                 "programs": {k: {"run_time_ns": int(v.get("run_time_ns", 0)), "run_cnt": int(v.get("run_cnt", 0))}

@@ -50,6 +50,10 @@ def check_environment(opts: Options) -> None:
                                 "build it with `make model` or pass the right --model path")
         if not os.access(opts.model, os.X_OK):
             raise LuotraceError(f"model binary {opts.model} is not executable", "rebuild it with `make model`")
+        with open(opts.model, "rb") as f:
+            if f.read(4) != b"\x7fELF":
+                raise LuotraceError(f"model binary {opts.model} is not an ELF executable",
+                                    "pass the reference model built by `make model`")
     else:
         kernel.require_btf()
     headers = f"/lib/modules/{kernel.release()}/build"
@@ -142,7 +146,7 @@ class LiveSession:
         self.tracer: Optional[Tracer] = None
         self.header: dict = {}
         self.final: Optional[dict] = None
-        self.prev_stats: Optional[int] = None
+        self.stats: Optional[kernel.BpfStats] = None
         self.kexec_seen = False
         self._maps_at = 0.0
         self._maps_mark = 0  # lifecycle records received when the maps were last written
@@ -203,7 +207,7 @@ class LiveSession:
         anchor0 = clock.anchor()  # two anchors seconds apart (the compile) give the TSC rate
         base_ns, real_ns = time.monotonic_ns(), time.time_ns()
         self.agg.base = base_ns
-        self.prev_stats = kernel.set_bpf_stats(True)
+        self.stats = kernel.BpfStats()
         try:
             self.tracer = Tracer(self.opts, self.layout, self._on_bytes, before_compile)
         except LuotraceError:
@@ -237,7 +241,7 @@ class LiveSession:
             "duration_ns": time.monotonic_ns() - self.agg.base,
             "bpf": {"run_time_ns": sum(p["run_time_ns"] for p in progs.values()),
                     "run_cnt": sum(p["run_cnt"] for p in progs.values()),
-                    "stats_enabled": self.prev_stats is not None, "programs": progs},
+                    "stats_enabled": bool(self.stats and self.stats.on), "programs": progs},
             "records": self.agg.received,
         }
 
@@ -261,7 +265,7 @@ class LiveSession:
             progs = tracer.prog_stats()
         finally:
             tracer.close()
-            kernel.restore_bpf_stats(self.prev_stats)
+            self._stats_off()
         end = self._end(progs, stopped_by)
         with self.lock:
             self._write(lambda w: w.close(maps, end))
@@ -270,11 +274,15 @@ class LiveSession:
             self.final = build(self.agg, self.header, end)
         return self.final
 
+    def _stats_off(self) -> None:
+        if self.stats is not None:
+            self.stats.close()
+
     def abort(self) -> None:
         """Error path: detach and keep what was recorded."""
         if self.tracer is not None:
             self.tracer.close()
-        kernel.restore_bpf_stats(self.prev_stats)
+        self._stats_off()
         self._write(lambda w: w.flush())
 
 
@@ -388,4 +396,4 @@ def _report_of(r: rec.Recording) -> dict:
     for batch in r.batches():
         agg.feed(batch)
     agg.finish(r.maps)
-    return build(agg, r.header, r.end, r.truncated, r.truncated_reason)
+    return build(agg, r.header, r.end, r.truncated, r.truncated_reason, r.damaged, r.damaged_records)

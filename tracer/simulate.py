@@ -12,6 +12,7 @@ everything downstream of the kernel, and by ``luotrace simulate``.
 from __future__ import annotations
 
 import math
+import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -212,12 +213,18 @@ def simulate(spec: SimSpec, output: str, progress=lambda s: None, force: bool = 
     except OSError as e:
         raise LuotraceError(f"cannot write {output}: {e.strerror}", "choose a writable path") from None
     step = 1 << 16
-    for s in range(0, len(allev), step):
-        w.add(allev[s:s + step].tobytes())
     maps = {"counters": {"lost": 0, "folio_lost": spec.lost, "emitted": len(allev)}, "folio_stats": folio_stats,
             "folio_hist": folio_hist, "population": population, "population_attached": spec.mode != "light"}
     end = {"stopped_by": "simulated", "duration_ns": int(t - base), "records": len(allev),
            "bpf": {"run_time_ns": 0, "run_cnt": 0, "stats_enabled": False, "programs": {}}}
-    w.close(maps, end)
+    try:
+        for s in range(0, len(allev), step):
+            w.add(allev[s:s + step].tobytes())
+        w.close(maps, end)
+    except OSError as e:  # a simulation cut short is worth nothing: remove it
+        w.abandon()
+        os.unlink(output)
+        raise LuotraceError(f"cannot write {output}: {e.strerror}; the partial file was removed",
+                            "choose a path with more room, or a smaller --size") from None
     progress(f"luotrace: simulated {spec.files} files, {spec.files * folios} folios, {len(allev)} records")
     return {"records": len(allev), "folios": spec.files * folios, "files": spec.files}
