@@ -2,6 +2,7 @@
 #   make demo   trace the reference model on real guest_memfds and print the report
 #   make test   the test suite (what .ci/run runs)
 #   make bench  overhead benchmarks, printed as ratios against an untraced baseline
+#   make soak   serve as a service for 30 minutes (memory and scrape time flat)
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ KREL := $(shell uname -r)
 APT_PACKAGES := python3-bpfcc bpfcc-tools bpftrace bpftool linux-headers-amd64 build-essential \
                 python3-venv prometheus util-linux
 
-.PHONY: setup apt headers mounts venv model demo test bench docs clean vm-deps vm-kernel vmtest
+.PHONY: setup apt headers mounts venv model demo test bench soak docs clean vm-deps vm-kernel vmtest
 
 setup: apt headers mounts venv model
 
@@ -61,6 +62,10 @@ test: setup
 
 bench: setup
 	$(PY) -m tests.bench
+
+# serve as a service for 30 minutes: RSS and scrape time flat, concurrent scrapers, a burst
+soak: setup
+	$(PY) -m tests.bench_soak 30
 
 # Real-kernel lane (Linux 7.2 with LUO under QEMU TCG); not part of `make test`.
 VM_PACKAGES := flex bison bc libelf-dev libssl-dev dwarves cpio rsync qemu-system-x86 kmod

@@ -15,12 +15,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from tracer import __version__
+from tracer.totals import BUCKETS_S, HANDLERS, NBUCKETS, Totals
 
-# Histogram bounds: powers of two nanoseconds, 2^10 ns (~1 us) .. 2^36 ns (~69 s),
-# expressed in seconds.  The in-kernel log2 slot s holds values in
-# [2^(s-1), 2^s - 1] ns (bcc's bpf_log2l), so it lands in the bucket le=2^s ns.
-LOG2_MIN, LOG2_MAX = 10, 36
-BUCKETS_S = [2 ** k / 1e9 for k in range(LOG2_MIN, LOG2_MAX + 1)]
 TOP_FILES = 16  # per-file series only for the largest files
 
 METRICS: Dict[str, str] = {
@@ -44,9 +40,9 @@ METRICS: Dict[str, str] = {
     "luotrace_build_info": "gauge",
     "luotrace_file_size_bytes": "gauge",
     "luotrace_file_preserve_duration_seconds": "gauge",
+    "luotrace_files_tracked": "gauge",
 }
 
-HANDLERS = ("guest_memfd", "memfd")
 
 
 def exported_series_names() -> List[str]:
@@ -62,30 +58,6 @@ def exported_series_names() -> List[str]:
     return out
 
 
-def _log2_buckets_from_ns(values_ns: Iterable[int]) -> Tuple[List[int], int, int]:
-    """Observations (ns) -> per-bucket counts on BUCKETS_S, count, sum."""
-    counts = [0] * (len(BUCKETS_S) + 1)
-    n = total = 0
-    for v in values_ns:
-        n += 1
-        total += v
-        counts[_bucket_index_ns(v)] += 1
-    return counts, n, total
-
-
-def _bucket_index_ns(v: int) -> int:
-    k = max(int(v).bit_length(), LOG2_MIN)  # smallest k with v < 2^k
-    return min(k - LOG2_MIN, len(BUCKETS_S))
-
-
-def _slot_counts(slots: Dict[int, int]) -> List[int]:
-    """In-kernel log2 slots -> per-bucket counts on BUCKETS_S (slot s <= 2^s - 1 ns)."""
-    counts = [0] * (len(BUCKETS_S) + 1)
-    for slot, c in slots.items():
-        counts[min(max(int(slot), LOG2_MIN) - LOG2_MIN, len(BUCKETS_S))] += c
-    return counts
-
-
 def _cumulative(counts: List[int]) -> List[Tuple[str, float]]:
     out, acc = [], 0
     for i, c in enumerate(counts[:-1]):
@@ -95,25 +67,16 @@ def _cumulative(counts: List[int]) -> List[Tuple[str, float]]:
     return out
 
 
-class _Hist:
-    """Accumulates per-label bucket counts; every bucket is always emitted."""
-
-    def __init__(self, name: str, doc: str, labels: List[str]):
-        self.fam = HistogramMetricFamily(name, doc, labels=labels)
-        self.data: Dict[Tuple[str, ...], Tuple[List[int], float]] = {}
-
-    def add_counts(self, labels: Tuple[str, ...], counts: List[int], sum_s: float) -> None:
-        cur, s = self.data.get(labels, ([0] * (len(BUCKETS_S) + 1), 0.0))
-        self.data[labels] = ([a + b for a, b in zip(cur, counts)], s + sum_s)
-
-    def observe_ns(self, labels: Tuple[str, ...], values: Iterable[int]) -> None:
-        counts, _n, total = _log2_buckets_from_ns(values)
-        self.add_counts(labels, counts, total / 1e9)
-
-    def family(self) -> HistogramMetricFamily:
-        for labels, (counts, s) in sorted(self.data.items()):
-            self.fam.add_metric(list(labels), _cumulative(counts), s)
-        return self.fam
+def _hist_family(name: str, doc: str, labels: List[str], data: Dict[Tuple[str, ...], Tuple[List[int], float]],
+                 always: Iterable[Tuple[str, ...]] = ()) -> HistogramMetricFamily:
+    """Every bucket of every label set is emitted; ALWAYS label sets exist even at zero."""
+    fam = HistogramMetricFamily(name, doc, labels=labels)
+    rows = dict(data)
+    for labels_ in always:
+        rows.setdefault(labels_, ([0] * NBUCKETS, 0.0))
+    for labels_, (counts, s) in sorted(rows.items()):
+        fam.add_metric(list(labels_), _cumulative(counts), s)
+    return fam
 
 
 class LuotraceCollector(Collector):
@@ -132,6 +95,17 @@ class LuotraceCollector(Collector):
         yield from families(rep)
 
 
+def totals_of(rep: dict) -> Totals:
+    """What the metrics count: the totals folded in by a long-running serve
+    (files it no longer keeps), plus every file and session of the report."""
+    t = Totals.from_json((rep.get("retired") or {}).get("totals") or {})
+    for f in rep.get("files", []):
+        t.add_file(f)
+    for s in rep.get("sessions", []):
+        t.add_session(s)
+    return t
+
+
 def families(rep: dict) -> List:
     files = rep.get("files", [])
     mode = (rep.get("recording") or {}).get("mode") or "unknown"
@@ -142,75 +116,39 @@ def families(rep: dict) -> List:
     info.add_metric([__version__, str((rep.get("recording") or {}).get("kernel")), mode], 1)
     out.append(info)
 
-    pres = _Hist("luotrace_preserve_duration_seconds", "Duration of each file's preserve call, by result",
-                 ["handler", "result"])
-    phase = _Hist("luotrace_phase_duration_seconds", "Duration of each preservation phase", ["handler", "phase"])
-    folio = _Hist("luotrace_folio_preserve_duration_seconds",
-                  "Latency of kho_preserve_folio, from the in-kernel log2 histogram", ["handler"])
-    counters = {k: CounterMetricFamily(f"luotrace_{k}", doc, labels=["handler"]) for k, doc in (
+    t = totals_of(rep)
+    for k, doc in (
         ("folios_preserved", "Folios preserved (successful kho_preserve_folio)"),
         ("folios_unpreserved", "Folios released again by unwind or cancel (kho_unpreserve_folio)"),
         ("folios_restored", "Folios taken back by retrieve or discard (kho_restore_folio)"),
         ("folios_populated", "Folios added to guest_memfd page caches (filemap tracepoint)"),
         ("bytes_preserved", "Bytes of files preserved successfully"),
-    )}
-    sums: Dict[str, Dict[str, int]] = {k: {h: 0 for h in HANDLERS} for k in counters}
-    files_by: Dict[Tuple[str, str], int] = {}
-    errors: Dict[Tuple[str, str], int] = {}
-    anomalies: Dict[Tuple[str, str], int] = {}
-    for f in files:
-        h = f["handler"]
-        if h not in HANDLERS:
-            continue
-        sums["folios_populated"][h] += f.get("folios_populated") or 0
-        if f["result"] == "none":
-            continue
-        sums["folios_preserved"][h] += f.get("folios_preserved") or 0
-        sums["folios_unpreserved"][h] += f.get("folios_unpreserved") or 0
-        sums["folios_restored"][h] += (f.get("folios_restored") or 0) + (f.get("folios_discarded") or 0)
-        if f["result"] in ("ok", "retrieved", "discarded"):
-            sums["bytes_preserved"][h] += f.get("size_bytes") or 0
-        files_by[(h, f["result"])] = files_by.get((h, f["result"]), 0) + 1
-        if f.get("errno"):
-            errors[(h, f["errno"])] = errors.get((h, f["errno"]), 0) + 1
-        for a in f.get("anomalies", []):
-            anomalies[(h, a["code"])] = anomalies.get((h, a["code"]), 0) + 1
-        if f.get("preserve"):
-            pres.observe_ns((h, f["result"]), [f["preserve"]["duration_ns"]])
-        for p in f.get("phases", []):
-            if p["name"] != "preserve":
-                phase.observe_ns((h, p["name"]), [p["duration_ns"]])
-        slots = f.get("folio_latency_log2_ns") or {}
-        if slots:
-            folio.add_counts((h,), _slot_counts({int(k): v for k, v in slots.items()}),
-                             (f.get("folio_preserve_ns_total") or 0) / 1e9)
-    for h in HANDLERS:  # stable series for both handlers even before any file
-        folio.data.setdefault((h,), ([0] * (len(BUCKETS_S) + 1), 0.0))
-    for k, fam in counters.items():
+    ):
+        fam = CounterMetricFamily(f"luotrace_{k}", doc, labels=["handler"])
         for h in HANDLERS:
-            fam.add_metric([h], sums[k][h])
+            fam.add_metric([h], t.counters[k].get(h, 0))
         out.append(fam)
-    out += [pres.family(), phase.family(), folio.family()]
-
-    ft = CounterMetricFamily("luotrace_files", "Files seen by the preserve path, by final result",
-                             labels=["handler", "result"])
-    for (h, r), n in sorted(files_by.items()):
-        ft.add_metric([h, r], n)
-    out.append(ft)
-    et = CounterMetricFamily("luotrace_preserve_errors", "Files whose preservation failed, by errno",
-                             labels=["handler", "errno"])
-    for (h, e), n in sorted(errors.items()):
-        et.add_metric([h, e], n)
-    out.append(et)
-    at = CounterMetricFamily("luotrace_anomalies", "Anomalies found (see the report for evidence), by kind",
-                             labels=["handler", "kind"])
-    for (h, k), n in sorted(anomalies.items()):
-        at.add_metric([h, k], n)
-    out.append(at)
-
-    blackout = _Hist("luotrace_blackout_duration_seconds", "LUO freeze span of each session (inside the blackout)", [])
-    blackout.observe_ns((), [s["blackout_ns"] for s in rep.get("sessions", []) if s.get("blackout_ns")])
-    out.append(blackout.family())
+    out += [
+        _hist_family("luotrace_preserve_duration_seconds", "Duration of each file's preserve call, by result",
+                     ["handler", "result"], t.hists["preserve"]),
+        _hist_family("luotrace_phase_duration_seconds", "Duration of each preservation phase", ["handler", "phase"],
+                     t.hists["phase"]),
+        _hist_family("luotrace_folio_preserve_duration_seconds",
+                     "Latency of kho_preserve_folio, from the in-kernel log2 histogram", ["handler"],
+                     t.hists["folio"], always=[(h,) for h in HANDLERS]),  # stable series before any file
+    ]
+    for name, doc, labels, data in (
+            ("luotrace_files", "Files seen by the preserve path, by final result", ["handler", "result"], t.files),
+            ("luotrace_preserve_errors", "Files whose preservation failed, by errno", ["handler", "errno"], t.errors),
+            ("luotrace_anomalies", "Anomalies found (see the report for evidence), by kind", ["handler", "kind"],
+             t.anomalies)):
+        fam = CounterMetricFamily(name, doc, labels=labels)
+        for key, n in sorted(data.items()):
+            fam.add_metric(list(key), n)
+        out.append(fam)
+    out.append(_hist_family("luotrace_blackout_duration_seconds",
+                            "LUO freeze span of each session (inside the blackout)", [], t.hists["blackout"],
+                            always=[()]))
 
     ev = rep.get("events", {})
     out.append(CounterMetricFamily("luotrace_events", "Event records received from the kernel",
@@ -231,6 +169,10 @@ def families(rep: dict) -> List:
         rc.add_metric([prog], st.get("run_cnt", 0))
     out += [rt, rc]
 
+    tracked = GaugeMetricFamily("luotrace_files_tracked", "Files held in detail now (finished ones bounded by "
+                                "serve --keep-files; older ones live on in the counters)")
+    tracked.add_metric([], len(files))
+    out.append(tracked)
     top = sorted((f for f in files if f["result"] != "none" and f.get("size_bytes")),
                  key=lambda f: (-f["size_bytes"], f["inode"]))[:TOP_FILES]
     size = GaugeMetricFamily("luotrace_file_size_bytes", f"Size of the {TOP_FILES} largest preserved files",

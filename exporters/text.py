@@ -103,6 +103,12 @@ def render(report: dict) -> str:
     out.append("")
     out.append(f"totals: {t.get('files', 0)} files ({', '.join(f'{k} {v}' for k, v in t.get('files_by_result', {}).items()) or '-'}),"
                f" {t.get('folios_preserved', 0)} folios preserved, {fmt_bytes(t.get('bytes_preserved', 0))} kept")
+    retired = report.get("retired") or {}
+    if retired.get("files"):
+        out.append(f"  of which {retired['files']} older finished files are kept as totals only (serve --keep-files)")
+    if report.get("untracked_files"):
+        out.append(f"WARNING: {report['untracked_files']} more files were counted, not followed: luotrace follows "
+                   f"at most {len(report.get('files', []))} files per report")
     probes = report.get("probes", [])
     att = [p for p in probes if p["status"] == "attached"]
     strategies = sorted({p["strategy"] for p in att})

@@ -39,6 +39,7 @@ from tracer.session import run
 from workloads.gmem import gmem_superblock_dev
 
 from .bench_ingest import ingest
+from .bench_soak import soak
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(REPO, "workloads", "model", "luo_model")
@@ -264,6 +265,7 @@ def main() -> None:
                         f" {c.get('run_time_ns', 0) / mbase:.3f} x baseline spent in BPF itself)")
         rows += exporter(tmp)
         rows += offline(tmp)
+        rows += soak(float(os.environ.get("LUOTRACE_SOAK_MINUTES", "3")))
         rows += ingest(tmp)
     print("\n".join(rows))
 

@@ -47,3 +47,32 @@ def test_a_frozen_guest_memfd_filled_late_is_counted_whole_and_kept_bounded(mode
         agg.feed(batch)
     st = next(s for k, s in agg.files.items() if k[2] == t["inode"])
     assert st.frozen_adds == 2048 and len(st.frozen_changes) == EVIDENCE_MAX < 2048
+
+
+def test_a_recording_claiming_50000_files_is_followed_up_to_the_bound(tmp_path):
+    """A crafted recording: one preserve call each for 50,000 distinct inodes.
+    The first FILES_MAX files are followed, the rest counted and reported;
+    what luotrace holds is bounded by FILES_MAX, not by the file's claims."""
+    import numpy as np
+
+    from tests.conftest import run_cli
+    from tracer import catalog
+    from tracer import recording as rec
+    from tracer.aggregator import FILES_MAX
+    from tracer.events import EV_ENTRY, EVENT_DTYPE
+    n = 50_000
+    ev = np.zeros(n, dtype=EVENT_DTYPE)
+    ev["ts"] = np.arange(1, n + 1) * 1000
+    ev["probe"], ev["kind"] = catalog.PROBE_IDS["gmem_preserve"], EV_ENTRY
+    ev["handler"], ev["dev"], ev["ino"] = 1, 16, np.arange(n) + 100
+    ev["tid"] = np.arange(n) % 70_000 + 1
+    header = {"format": "luotrace.recording", "mode": "light", "clock": {"base_monotonic_ns": 0, "base_realtime_ns": 0}}
+    path = tmp_path / "many.luo"
+    path.write_bytes(rec.preamble(json.dumps(header).encode()) + rec.frame(rec.CH_EVENTS, ev.tobytes()))
+    r = run_cli("report", "--json", str(path), timeout=600)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert len(rep["files"]) == FILES_MAX
+    assert rep["untracked_files"] == n - FILES_MAX and rep["events"]["untracked"] == n - FILES_MAX
+    text = run_cli("report", str(path), timeout=600).stdout
+    assert f"{n - FILES_MAX} more files were counted, not followed" in text

@@ -8,8 +8,9 @@ counted vectorised; only lifecycle records go through Python one by one.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Deque, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -23,6 +24,14 @@ _PROBE_ROLE = [p.role for p in catalog.PROBES]
 _PER_FOLIO = np.array([p.per_folio and p.kind != "tracepoint" for p in catalog.PROBES], dtype=bool)
 _WALK_PHASE = {"gmem_walk": ("count_pass", "fill_pass"), "memfd_preserve_folios": ("preserve_folios",) * 2}
 EVIDENCE_MAX = 64  # page-cache changes kept per file as anomaly evidence (all are counted)
+# Memory is bounded by these, whatever a recording claims: files followed (the
+# BPF side tracks 4096), phases kept per file, calls in flight per thread,
+# kexec instants.  What falls beyond a bound is counted and reported.
+FILES_MAX = 16384
+PHASES_MAX = 64
+TIDS_MAX = 65536
+KEXEC_MAX = 64
+RETIRED_REMEMBERED = 4096  # keys of forgotten files whose late events are ignored
 PHASE_ORDER = ["can_preserve", "preserve", "count_pass", "fill_pass", "preserve_folios", "vmalloc",
                "luo_freeze", "unpreserve", "retrieve", "finish"]
 
@@ -73,6 +82,13 @@ class FileState:
     can_preserve: Optional[bool] = None
     streamed: Dict[str, int] = field(default_factory=dict)
     open_calls: Dict[str, int] = field(default_factory=dict)
+    phases_dropped: int = 0
+
+    def add_phase(self, p: Phase) -> None:
+        if len(self.phases) >= PHASES_MAX:
+            self.phases_dropped += 1
+            return
+        self.phases.append(p)
 
     @property
     def handler(self) -> str:
@@ -89,19 +105,34 @@ class FileState:
 class Session:
     id: int  # ordinal in order of appearance; handle = the kernel's luo_file_set pointer
     handle: int = 0
-    files: List[Key] = field(default_factory=list)
+    files: Dict[Key, None] = field(default_factory=dict)  # an ordered set
     freeze_start: Optional[int] = None
     freeze_ns: Optional[int] = None
     freeze_ret: Optional[int] = None
     cancelled: bool = False
 
 
+def _put(d: dict, key, value, limit: int = TIDS_MAX) -> None:
+    """d[key] = value, the oldest entry evicted at LIMIT: calls whose return
+    never came (a crafted stream, a crash) must not accumulate."""
+    if key not in d and len(d) >= limit:
+        d.pop(next(iter(d)))
+    d[key] = value
+
+
 class Aggregator:
-    def __init__(self, mode: str, clock_base_ns: int = 0):
+    def __init__(self, mode: str, clock_base_ns: int = 0, max_files: int = FILES_MAX):
         self.mode = mode
         self.base = clock_base_ns
-        self.files: Dict[Key, FileState] = {}
-        self.order: List[Key] = []
+        self.max_files = max_files
+        self.files: Dict[Key, FileState] = {}  # in order of first appearance
+        self.untracked_files = 0  # files first seen when max_files were followed: counted, not followed
+        self.untracked_events = 0  # their records
+        self._retired: Set[Key] = set()  # files forgotten (folded into totals by serve) ...
+        self._retired_order: Deque[Key] = deque()  # ... remembered for a while: late events are ignored
+        self.retired: dict = {}  # tracer.totals.Totals as JSON: what the forgotten files and sessions count
+        self.retired_files = 0
+        self.retired_sessions = 0
         self.ser_map: Dict[Tuple[int, int], Key] = {}  # (handler, ser handle) -> file
         self.sessions: Dict[int, Session] = {}  # by handle: the latest session at that address
         self.all_sessions: List[Session] = []  # the kernel reuses a freed session's memory for a new one
@@ -165,14 +196,40 @@ class Aggregator:
             groups = list(zip(i_s[starts].tolist(), k_s[starts].tolist(), counts.tolist()))
         for i, k2, n in groups:
             k = (int(k2 >> 48), int(k2 & 0xFFFFFFFF), int(i), int((k2 >> 32) & 0xFFFF))
+            if k not in self.streamed and len(self.streamed) >= 4 * self.max_files:
+                self.untracked_events += int(n)  # per-folio records of more files than are followed
+                continue
             self.streamed[k] = self.streamed.get(k, 0) + int(n)
 
-    def _file(self, key: Key, ts: int) -> FileState:
+    def _file(self, key: Key, ts: int) -> Optional[FileState]:
+        """The file's state, created on first sight; None (counted) beyond max_files."""
         st = self.files.get(key)
         if st is None:
+            if key in self._retired:
+                self.untracked_events += 1
+                return None
+            if len(self.files) >= self.max_files:
+                self.untracked_files += 1
+                self.untracked_events += 1
+                return None
             st = self.files[key] = FileState(key, ts)
-            self.order.append(key)
         return st
+
+    def forget(self, keys: List[Key]) -> None:
+        """Drop files whose rows were folded into totals (a long-running serve):
+        their ser handles and streamed counts go too; late events are ignored."""
+        gone = set(keys)
+        for k in keys:
+            self.files.pop(k, None)
+            self._retired.add(k)
+            self._retired_order.append(k)
+        while len(self._retired_order) > RETIRED_REMEMBERED:
+            self._retired.discard(self._retired_order.popleft())
+        self.ser_map = {sk: k for sk, k in self.ser_map.items() if k not in gone}
+        self.streamed = {sk: n for sk, n in self.streamed.items() if sk[:3] not in gone}
+        for s in self.all_sessions:
+            for k in gone & s.files.keys():
+                del s.files[k]
 
     def _resolve(self, key: Key, ts: int = 0, create: bool = False) -> Optional[FileState]:
         """Map a serialized-data handle back to its file; else the file itself."""
@@ -196,7 +253,8 @@ class Aggregator:
             self._session_event(role, kind, ev, tid, ts)
             return
         if role == "kexec":
-            self.kexec_ts.append(ts)
+            if len(self.kexec_ts) < KEXEC_MAX:
+                self.kexec_ts.append(ts)
             return
         if int(ev["flags"]) & EVF_KEY_UNKNOWN:
             self.unknown_key += 1
@@ -204,14 +262,16 @@ class Aggregator:
         if role == "can_preserve":
             self._can_preserve(kind, ev, key, tid, ts, ret)
             return
-        st = self._resolve(key, ts, create=key[1] != SER_DEV and key[0] in (1, 2))
+        create = key[1] != SER_DEV and key[0] in (1, 2)
+        st = self._resolve(key, ts, create=create)
         if st is None:
-            self.unknown_key += 1
+            if not create:  # else counted as untracked by _file
+                self.unknown_key += 1
             return
         if kind == EV_ENTRY:
             st.open_calls[probe.name] = ts
             if role == "preserve":
-                self.last_file[tid] = st.key
+                _put(self.last_file, tid, st.key)
                 if not int(ev["flags"]) & EVF_A0_UNKNOWN:
                     st.size = int(ev["a0"])
                 if not int(ev["flags"]) & EVF_A1_UNKNOWN:
@@ -222,7 +282,8 @@ class Aggregator:
             return
         if kind == EV_INSTANT:
             if role == "freeze_inode":
-                st.freeze_log.append((ts, int(ev["a0"])))
+                if len(st.freeze_log) < EVIDENCE_MAX:
+                    st.freeze_log.append((ts, int(ev["a0"])))
             elif role in ("pop_add", "pop_delete"):
                 st.frozen_adds += role == "pop_add"
                 if len(st.frozen_changes) >= EVIDENCE_MAX:
@@ -238,24 +299,24 @@ class Aggregator:
             if self._op_phase(st, "preserve", start, dur, ret):
                 st.result = "ok"
                 st.ser = int(ev["a0"])
-                self.ser_map[(st.key[0], st.ser)] = st.key
+                _put(self.ser_map, (st.key[0], st.ser), st.key, 4 * self.max_files)
         elif role == "walk":
             fill = int(ev["a1"])
             name = _WALK_PHASE[probe.name][1 if fill else 0]
-            st.phases.append(Phase(name, start, dur, ret, parent="preserve", count=int(ev["a0"])))
+            st.add_phase(Phase(name, start, dur, ret, parent="preserve", count=int(ev["a0"])))
             if fill:
                 st.fill_count, st.fill_ret = int(ev["a0"]), ret
             else:
                 st.count_pass = int(ev["a0"])
         elif role == "vmalloc":
-            st.phases.append(Phase("vmalloc", start, dur, ret, parent="preserve"))
+            st.add_phase(Phase("vmalloc", start, dur, ret, parent="preserve"))
         elif role == "luo_freeze":
             self._op_phase(st, "luo_freeze", start, dur, ret)
         elif role == "token":
             if ret == 0:
                 st.vm_token = int(ev["a0"])
         elif role == "unpreserve":
-            st.phases.append(Phase("unpreserve", start, dur))
+            st.add_phase(Phase("unpreserve", start, dur))
             if st.result != "error":
                 st.result = "cancelled"
         elif role == "retrieve":
@@ -264,13 +325,13 @@ class Aggregator:
                 st.retrieved_inode = int(ev["a0"]) or None
                 st.result = "retrieved"
         elif role == "finish":
-            st.phases.append(Phase("finish", start, dur))
+            st.add_phase(Phase("finish", start, dur))
             if not st.retrieved and st.result != "error":
                 st.result = "discarded"
 
     def _can_preserve(self, kind: int, ev, key: Key, tid: int, ts: int, ret: int) -> None:
         if kind == EV_ENTRY:
-            self._asked_magic[tid] = None if int(ev["flags"]) & EVF_A1_UNKNOWN else int(ev["a1"])
+            _put(self._asked_magic, tid, None if int(ev["flags"]) & EVF_A1_UNKNOWN else int(ev["a1"]))
             return
         if kind != EV_RETURN:
             return
@@ -278,19 +339,28 @@ class Aggregator:
         dur = int(ev["a2"])
         if ret & 0xFF:  # this handler takes the file
             st = self._file(key, ts - dur)
+            if st is None:
+                return
             st.can_preserve = True
-            st.phases.append(Phase("can_preserve", ts - dur, dur))
-            self.last_file[tid] = key
+            st.add_phase(Phase("can_preserve", ts - dur, dur))
+            _put(self.last_file, tid, key)
             self._refused.pop(tid, None)
         elif tid in self.pending_session:
-            self._refused.setdefault(tid, []).append((key, ts - dur, dur, magic))
+            refused = self._refused.get(tid)
+            if refused is None:
+                refused = []
+                _put(self._refused, tid, refused)
+            if len(refused) < PHASES_MAX:  # one per registered handler in a real run
+                refused.append((key, ts - dur, dur, magic))
         else:  # asked outside luo_preserve_file (not seen): the "no" stands
             self._reject(key, ts - dur, dur)
 
-    def _reject(self, key: Key, start: int, dur: int) -> FileState:
+    def _reject(self, key: Key, start: int, dur: int) -> Optional[FileState]:
         st = self._file(key, start)
+        if st is None:
+            return None
         st.can_preserve = False
-        st.phases.append(Phase("can_preserve", start, dur))
+        st.add_phase(Phase("can_preserve", start, dur))
         st.result = "rejected"
         return st
 
@@ -303,12 +373,13 @@ class Aggregator:
             return None
         own = [r for r in refused if r[3] is not None and r[3] in catalog.FS_MAGIC.get(HANDLER_NAMES.get(r[0][0]), ())]
         key, start, dur, _ = (own or refused)[-1]
-        return self._reject(key, start, dur).key
+        st = self._reject(key, start, dur)
+        return st.key if st else None
 
     @staticmethod
     def _op_phase(st: FileState, name: str, start: int, dur: int, ret: int) -> bool:
         """Record a handler op's phase; a negative return fails the file. True if it succeeded."""
-        st.phases.append(Phase(name, start, dur, ret))
+        st.add_phase(Phase(name, start, dur, ret))
         if ret < 0:
             st.fail(name, ret)
             return False
@@ -318,8 +389,7 @@ class Aggregator:
         """PEND: (session handle, token, fd) of the luo_preserve_file call that offered ST."""
         sess = self._session(pend[0])
         st.session, st.token, st.fd = sess.id, pend[1], pend[2]
-        if st.key not in sess.files:
-            sess.files.append(st.key)
+        sess.files[st.key] = None
 
     def _session(self, handle: int, fresh: bool = False) -> Session:
         """The session at HANDLE (its luo_file_set's address); with FRESH, a new
@@ -327,14 +397,17 @@ class Aggregator:
         went back to the allocator and the next session may get it."""
         s = self.sessions.get(handle)
         if s is None or (fresh and s.cancelled):
-            s = self.sessions[handle] = Session(len(self.all_sessions) + 1, handle)
+            s = Session(len(self.all_sessions) + 1, handle)
+            if len(self.all_sessions) >= self.max_files:
+                return s  # beyond the bound: used for this event, not kept
+            _put(self.sessions, handle, s, self.max_files)
             self.all_sessions.append(s)
         return s
 
     def _session_event(self, role: str, kind: int, ev, tid: int, ts: int) -> None:
         if role == "session_preserve":
             if kind == EV_ENTRY:
-                self.pending_session[tid] = (int(ev["a2"]), int(ev["a0"]), int(ev["a1"]))
+                _put(self.pending_session, tid, (int(ev["a2"]), int(ev["a0"]), int(ev["a1"])))
                 self.last_file.pop(tid, None)
                 self._refused.pop(tid, None)
                 self._session(int(ev["a2"]), fresh=True)
@@ -356,10 +429,10 @@ class Aggregator:
         elif role == "session_freeze":
             if kind == EV_ENTRY:
                 self._session(int(ev["a2"])).freeze_start = ts
-                self._freezing[tid] = int(ev["a2"])
+                _put(self._freezing, tid, int(ev["a2"]))
             elif kind == EV_RETURN:
                 handle = self._freezing.pop(tid, None)
-                if handle is not None:
+                if handle is not None and handle in self.sessions:
                     s = self.sessions[handle]
                     s.freeze_ns = int(ev["a2"])
                     s.freeze_ret = int(ev["ret"])

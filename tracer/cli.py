@@ -240,9 +240,12 @@ def demo(mode: str, output: Optional[str], as_json: bool) -> None:
 @click.option("--duration", type=finite(0.1, 365 * 86400.0), default=None,
               help="trace this many seconds, then keep serving the final state")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="label stored in the recording")
+@click.option("--keep-files", type=click.IntRange(0, 16384), default=256, show_default=True,
+              help="finished files kept in detail (per-file series, report rows); older ones are folded into "
+                   "the counters, so memory and scrape time stay flat however long serve runs")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def serve(listen: str, replay_path: Optional[str], output: Optional[str], mode: str, model: Optional[str],
-          handlers: Tuple[str, ...], duration: Optional[float], labels: Tuple[str, ...],
+          handlers: Tuple[str, ...], duration: Optional[float], labels: Tuple[str, ...], keep_files: int,
           command: Tuple[str, ...]) -> None:
     """Export metrics for Prometheus at http://LISTEN/metrics, read from the
     BPF maps at scrape time.  With COMMAND or --duration, keeps serving the
@@ -261,7 +264,7 @@ def serve(listen: str, replay_path: Optional[str], output: Optional[str], mode: 
         return
     from .loader import Options
     opts = Options(mode=mode, model=model, handlers=list(handlers) or None)
-    serve_live(opts, listen, output, list(command) or None, duration, _labels(labels))
+    serve_live(opts, listen, output, list(command) or None, duration, _labels(labels), keep_files=keep_files)
 
 
 @cli.command()

@@ -19,7 +19,7 @@ import mmap
 import os
 import select
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from . import catalog, kernel
 from .catalog import Probe
@@ -408,6 +408,32 @@ class Tracer:
         for key in ("folio_stats", "folio_hist", "population"):
             dump[key].sort(key=lambda r: tuple(r.values()))
         return dump
+
+    def forget(self, keys: List[Tuple[int, int, int]]) -> None:
+        """Delete the per-file rows of KEYS (handler, dev, ino) from every BPF
+        map that holds them: the files a long-running serve has folded into
+        its totals, so that the maps (MAX_FILES entries) never fill."""
+        want = set(keys)
+        for name in ("folio_stats", "population", "frozen"):
+            try:
+                t = self.bpf[name]
+            except KeyError:
+                continue  # not compiled in this mode
+            for h, dev, ino in keys:
+                k = t.Key(ino=ino, dev=dev, handler=h)
+                try:
+                    del t[k]
+                except KeyError:
+                    pass
+        try:
+            hist = self.bpf["folio_preserve_duration_seconds"]
+        except KeyError:
+            return
+        for k in [k for k in hist.keys() if (k.key.handler, k.key.dev, k.key.ino) in want]:
+            try:
+                del hist[k]
+            except KeyError:
+                pass
 
     def prog_stats(self) -> Dict[str, Dict[str, int]]:
         out = {}

@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import anomalies
-from .aggregator import PHASE_ORDER, Aggregator, FileState
+from .aggregator import PHASE_ORDER, Aggregator, FileState, Key
 from .catalog import HANDLERS, SER_DEV
 from .events import errno_name
+from .totals import Totals
 
 SCHEMA = "luotrace.report/1"
 
@@ -84,9 +85,13 @@ def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optio
     return d
 
 
-def build(agg: Aggregator, header: dict, end: Optional[dict], truncated: bool = False,
-          truncated_reason: str = "", damaged: Sequence[str] = (), damaged_records: int = 0) -> dict:
-    """DAMAGED: the recording's chunks skipped because their checksum failed."""
+FINAL_RESULTS = ("retrieved", "discarded", "cancelled", "rejected", "error")
+
+
+def _rows(agg: Aggregator) -> Tuple[List[Tuple[Key, dict]], Dict[Key, dict], List[Key]]:
+    """(file key, report row) of every file in order of appearance, the
+    merged folio rows, and the files a retrieve created (shown on their
+    original's row)."""
     maps = agg.maps or {}
     folio_rows = _merge_ser_rows(agg, maps.get("folio_stats", []))
     pops = _index(maps.get("population", []))
@@ -94,12 +99,56 @@ def build(agg: Aggregator, header: dict, end: Optional[dict], truncated: bool = 
     for r in maps.get("folio_hist", []):
         hists.setdefault((r["handler"], r["dev"], r["ino"]), {})[r["slot"]] = r["count"]
     retrieved_inodes = {st.retrieved_inode for st in agg.files.values() if st.retrieved_inode}
-    files = []
-    for key in agg.order:
-        st = agg.files[key]
+    rows, created = [], []
+    for key, st in agg.files.items():
         if st.result == "none" and key[2] in retrieved_inodes:
-            continue  # the file a retrieve created: reported on its original's row
-        files.append(_file_json(st, agg, folio_rows.get(key), pops.get(key), hists.get(key, {})))
+            created.append(key)
+            continue
+        rows.append((key, _file_json(st, agg, folio_rows.get(key), pops.get(key), hists.get(key, {}))))
+    return rows, folio_rows, created
+
+
+def retire(agg: Aggregator, keep: int) -> List[Key]:
+    """Fold the rows of finished files, all but the KEEP most recent, into
+    ``agg.retired`` and forget them; likewise sessions whose files are all
+    gone.  Returns the BPF map keys of what was forgotten (the files and
+    their serialized-data handles), for the caller to delete.  This is what
+    keeps a long-running serve's memory and scrape time flat."""
+    rows, _folio, created = _rows(agg)
+    done = [(k, r) for k, r in rows if r["result"] in FINAL_RESULTS and not r["in_progress"]]
+    old = done[: max(0, len(done) - keep)]
+    if not old:
+        return []
+    t = Totals.from_json(agg.retired)
+    for _k, r in old:
+        t.add_file(r)
+    gone = {k for k, _r in old}
+    inodes = {agg.files[k].retrieved_inode for k in gone if agg.files[k].retrieved_inode}
+    gone |= {k for k in created if k[2] in inodes}
+    map_keys = sorted(gone) + [(h, SER_DEV, ser) for (h, ser), k in agg.ser_map.items() if k in gone]
+    agg.forget(sorted(gone))
+    alive = []
+    recent = {id(x) for x in agg.all_sessions[-keep:]} if keep else set()
+    for sess in agg.all_sessions:
+        if not sess.files and id(sess) not in recent:
+            t.add_session({"blackout_ns": sess.freeze_ns})
+            agg.retired_sessions += 1
+            if agg.sessions.get(sess.handle) is sess:
+                del agg.sessions[sess.handle]
+        else:
+            alive.append(sess)
+    agg.all_sessions = alive
+    agg.retired = t.to_json()
+    agg.retired_files += len(old)
+    return map_keys
+
+
+def build(agg: Aggregator, header: dict, end: Optional[dict], truncated: bool = False,
+          truncated_reason: str = "", damaged: Sequence[str] = (), damaged_records: int = 0) -> dict:
+    """DAMAGED: the recording's chunks skipped because their checksum failed."""
+    maps = agg.maps or {}
+    rows, folio_rows, _created = _rows(agg)
+    files = [r for _k, r in rows]
     unattributed = folio_rows.get((HANDLERS["kho"], 0, 0))
     all_anoms = [{"code": a["code"], "handler": f["handler"], "inode": f["inode"], "detail": a["detail"]}
                  for f in files for a in f["anomalies"]]
@@ -122,6 +171,16 @@ def build(agg: Aggregator, header: dict, end: Optional[dict], truncated: bool = 
         "anomalies": _count(a["code"] for a in all_anoms),
         "unattributed_folio_calls": (unattributed or {}).get("preserved", 0),
     }
+    if agg.retired_files:  # a long-running serve: older finished files live on as totals
+        old = Totals.from_json(agg.retired)
+        totals["files"] += agg.retired_files
+        for (_h, result), n in old.files.items():
+            totals["files_by_result"][result] = totals["files_by_result"].get(result, 0) + n
+        totals["files_by_result"] = dict(sorted(totals["files_by_result"].items()))
+        totals["folios_preserved"] += sum(old.counters["folios_preserved"].values())
+        totals["bytes_preserved"] += sum(old.counters["bytes_preserved"].values())
+        for (_h, code), n in old.anomalies.items():
+            totals["anomalies"][code] = totals["anomalies"].get(code, 0) + n
     return {
         "schema": SCHEMA,
         "recording": {k: header.get(k) for k in ("kernel", "hostname", "mode", "target", "labels", "started")},
@@ -143,7 +202,10 @@ def build(agg: Aggregator, header: dict, end: Optional[dict], truncated: bool = 
                    "inflight_dropped": int(counters.get("inflight_full", 0)),
                    "map_full": int(counters.get("map_full", 0)),
                    "unknown_key": agg.unknown_key,
-                   "damaged": damaged_records},
+                   "damaged": damaged_records,
+                   "untracked": agg.untracked_events},
+        "untracked_files": agg.untracked_files,
+        "retired": {"files": agg.retired_files, "sessions": agg.retired_sessions, "totals": agg.retired},
         "bpf": {"run_time_ns": int(bpf.get("run_time_ns", 0)), "run_cnt": int(bpf.get("run_cnt", 0)),
                 "stats_enabled": bool(bpf.get("stats_enabled", False)),
                 "programs": {k: {"run_time_ns": int(v.get("run_time_ns", 0)), "run_cnt": int(v.get("run_cnt", 0))}

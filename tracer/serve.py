@@ -4,11 +4,15 @@ explicit choice (``--listen 0.0.0.0:9477``)."""
 from __future__ import annotations
 
 import errno
+import socket
 import sys
+import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server, write_to_textfile
+from prometheus_client import CollectorRegistry, make_wsgi_app, write_to_textfile
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from exporters.prometheus import LuotraceCollector
 
@@ -18,6 +22,8 @@ from .recording import check_output
 from .session import LiveSession, RunResult, _Stop, replay, run
 
 DEFAULT_LISTEN = "127.0.0.1:9477"
+KEEP_FILES = 256  # finished files a live serve keeps in detail; older ones live on in the counters
+SNAPSHOT_TTL_S = 0.5  # scrapes within this share one snapshot: concurrent scrapers cost one
 
 
 def parse_listen(listen: str) -> Tuple[str, int]:
@@ -28,21 +34,63 @@ def parse_listen(listen: str) -> Tuple[str, int]:
     return host, int(port)
 
 
+class _Server(ThreadingWSGIServer):
+    """One thread per connection (daemon), and an accept backlog that queues a
+    burst of scrapers instead of refusing them (socketserver's default is 5)."""
+    request_queue_size = 1024
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that timed out or went away is routine; anything else is
+        one line on stderr, never a traceback per request."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (TimeoutError, ConnectionError)):
+            return
+        print(f"luotrace: serving {client_address[0]} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+class _Handler(WSGIRequestHandler):
+    timeout = 10  # seconds: a client that opens a connection and sends nothing is dropped
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the stdlib's name
+        pass
+
+
+def shared(snapshot: Callable[[], dict], ttl: float = SNAPSHOT_TTL_S) -> Callable[[], dict]:
+    """SNAPSHOT, called at most once per TTL: scrapers arriving together wait
+    for one snapshot and share it."""
+    lock = threading.Lock()
+    cache: Dict[str, object] = {"at": -1e9, "rep": None}
+
+    def get() -> dict:
+        with lock:
+            if time.monotonic() - cache["at"] >= ttl:  # type: ignore[operator]
+                cache["rep"], cache["at"] = snapshot(), time.monotonic()
+            return cache["rep"]  # type: ignore[return-value]
+    return get
+
+
 class MetricsServer:
-    """prometheus_client's HTTP server around a LuotraceCollector."""
+    """An HTTP server for /metrics around a LuotraceCollector."""
 
     def __init__(self, listen: str, snapshot: Callable[[], dict]):
         self.host, self.port = parse_listen(listen)
         self.registry = CollectorRegistry(auto_describe=False)
-        LuotraceCollector(snapshot, registry=self.registry)
+        LuotraceCollector(shared(snapshot), registry=self.registry)
         try:
-            self.server, self.thread = start_http_server(self.port, addr=self.host, registry=self.registry)
+            family = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+            server_class = type("_Server", (_Server,), {"address_family": family})
+            self.server = make_server(self.host, self.port, make_wsgi_app(self.registry), server_class,
+                                      handler_class=_Handler)
+        except socket.gaierror as e:
+            raise LuotraceError(f"cannot listen on {self.host}:{self.port}: {e.strerror}", "check --listen") from None
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 raise LuotraceError(f"port {self.port} on {self.host} is already in use",
                                     "stop the other exporter or choose another port with --listen") from None
             raise LuotraceError(f"cannot listen on {self.host}:{self.port}: {e.strerror}",
                                 "check --listen") from None
+        self.thread = threading.Thread(target=self.server.serve_forever, name="luotrace-metrics", daemon=True)
+        self.thread.start()
 
     def close(self) -> None:
         self.server.shutdown()
@@ -51,14 +99,17 @@ class MetricsServer:
 
 def serve_live(opts: Options, listen: str, output: Optional[str], command: Optional[List[str]],
                duration: Optional[float], labels: Dict[str, str],
-               progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> RunResult:
+               progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+               keep_files: int = KEEP_FILES) -> RunResult:
     """Trace and export; after COMMAND (or --duration) ends, keep serving the
-    final state until SIGINT/SIGTERM."""
+    final state until SIGINT/SIGTERM.  Finished files beyond KEEP_FILES are
+    folded into the counters at each scrape, so that a service running for
+    months holds and scrapes the files of the moment, not all of history."""
     live: Dict[str, LiveSession] = {}
 
     def snapshot() -> dict:
         sess = live.get("sess")
-        return sess.snapshot() if sess else {"recording": {"mode": opts.mode}, "files": []}
+        return sess.snapshot(keep_files) if sess else {"recording": {"mode": opts.mode}, "files": []}
 
     srv = MetricsServer(listen, snapshot)  # bind first: a taken port fails before anything is attached
 

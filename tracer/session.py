@@ -26,7 +26,7 @@ from .errors import LuotraceError
 from .events import EVENT_SIZE, decode
 from .layout import Layout, kernel_layout, model_layout
 from .loader import Options, Tracer
-from .report import build
+from .report import build, retire
 
 
 KEXEC_PROBE = PROBE_IDS["kexec"]
@@ -245,15 +245,22 @@ class LiveSession:
             "records": self.agg.received,
         }
 
-    def snapshot(self) -> dict:
-        """The report as of now (maps read now); after stop, the final report."""
+    def snapshot(self, keep_finished: Optional[int] = None) -> dict:
+        """The report as of now (maps read now); after stop, the final report.
+        With KEEP_FINISHED (a long-running serve), finished files beyond that
+        many are then folded into totals and deleted from the BPF maps."""
         with self.lock:
             if self.final is not None:
                 return self.final
             maps = self.tracer.dump_maps()
             progs = self.tracer.prog_stats()
             self.agg.finish(maps)
-            return build(self.agg, self.header, self._end(progs, "running"))
+            rep = build(self.agg, self.header, self._end(progs, "running"))
+            if keep_finished is not None:
+                gone = retire(self.agg, keep_finished)
+                if gone:
+                    self.tracer.forget(gone)
+            return rep
 
     def stop(self, stopped_by: str) -> dict:
         """Drain, read the maps, detach, close the recording; returns the final report."""
