@@ -240,7 +240,7 @@ def demo(mode: str, output: Optional[str], as_json: bool) -> None:
 @click.option("--duration", type=finite(0.1, 365 * 86400.0), default=None,
               help="trace this many seconds, then keep serving the final state")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="label stored in the recording")
-@click.option("--keep-files", type=click.IntRange(0, 16384), default=256, show_default=True,
+@click.option("--keep-files", type=click.IntRange(0, 16384), default=64, show_default=True,
               help="finished files kept in detail (per-file series, report rows); older ones are folded into "
                    "the counters, so memory and scrape time stay flat however long serve runs")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)

@@ -86,9 +86,10 @@ def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optio
 
 
 FINAL_RESULTS = ("retrieved", "discarded", "cancelled", "rejected", "error")
+Rows = Tuple[List[Tuple[Key, dict]], Dict[Key, dict], List[Key]]  # see file_rows
 
 
-def _rows(agg: Aggregator) -> Tuple[List[Tuple[Key, dict]], Dict[Key, dict], List[Key]]:
+def file_rows(agg: Aggregator) -> Rows:
     """(file key, report row) of every file in order of appearance, the
     merged folio rows, and the files a retrieve created (shown on their
     original's row)."""
@@ -108,14 +109,15 @@ def _rows(agg: Aggregator) -> Tuple[List[Tuple[Key, dict]], Dict[Key, dict], Lis
     return rows, folio_rows, created
 
 
-def retire(agg: Aggregator, keep: int) -> List[Key]:
+def retire(agg: Aggregator, keep: int, rows: Optional[Rows] = None) -> List[Key]:
     """Fold the rows of finished files, all but the KEEP most recent, into
     ``agg.retired`` and forget them; likewise sessions whose files are all
     gone.  Returns the BPF map keys of what was forgotten (the files and
     their serialized-data handles), for the caller to delete.  This is what
-    keeps a long-running serve's memory and scrape time flat."""
-    rows, _folio, created = _rows(agg)
-    done = [(k, r) for k, r in rows if r["result"] in FINAL_RESULTS and not r["in_progress"]]
+    keeps a long-running serve's memory and scrape time flat.  ROWS: those
+    ``file_rows(agg)`` gave for the report just built, if any (not built twice)."""
+    keyed, _folio, created = rows or file_rows(agg)
+    done = [(k, r) for k, r in keyed if r["result"] in FINAL_RESULTS and not r["in_progress"]]
     old = done[: max(0, len(done) - keep)]
     if not old:
         return []
@@ -144,11 +146,13 @@ def retire(agg: Aggregator, keep: int) -> List[Key]:
 
 
 def build(agg: Aggregator, header: dict, end: Optional[dict], truncated: bool = False,
-          truncated_reason: str = "", damaged: Sequence[str] = (), damaged_records: int = 0) -> dict:
-    """DAMAGED: the recording's chunks skipped because their checksum failed."""
+          truncated_reason: str = "", damaged: Sequence[str] = (), damaged_records: int = 0,
+          rows: Optional[Rows] = None) -> dict:
+    """DAMAGED: the recording's chunks skipped because their checksum failed.
+    ROWS: ``file_rows(agg)``, when the caller needs them too."""
     maps = agg.maps or {}
-    rows, folio_rows, _created = _rows(agg)
-    files = [r for _k, r in rows]
+    keyed, folio_rows, _created = rows or file_rows(agg)
+    files = [r for _k, r in keyed]
     unattributed = folio_rows.get((HANDLERS["kho"], 0, 0))
     all_anoms = [{"code": a["code"], "handler": f["handler"], "inode": f["inode"], "detail": a["detail"]}
                  for f in files for a in f["anomalies"]]

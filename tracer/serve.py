@@ -11,7 +11,7 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app, write_to_textfile
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, write_to_textfile
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from exporters.prometheus import LuotraceCollector
@@ -22,8 +22,8 @@ from .recording import check_output
 from .session import LiveSession, RunResult, _Stop, replay, run
 
 DEFAULT_LISTEN = "127.0.0.1:9477"
-KEEP_FILES = 256  # finished files a live serve keeps in detail; older ones live on in the counters
-SNAPSHOT_TTL_S = 0.5  # scrapes within this share one snapshot: concurrent scrapers cost one
+KEEP_FILES = 64  # finished files a live serve keeps in detail; older ones live on in the counters
+SNAPSHOT_TTL_S = 0.5  # scrapes within this share one exposition: concurrent scrapers cost one
 
 
 def parse_listen(listen: str) -> Tuple[str, int]:
@@ -55,18 +55,43 @@ class _Handler(WSGIRequestHandler):
         pass
 
 
-def shared(snapshot: Callable[[], dict], ttl: float = SNAPSHOT_TTL_S) -> Callable[[], dict]:
-    """SNAPSHOT, called at most once per TTL: scrapers arriving together wait
-    for one snapshot and share it."""
-    lock = threading.Lock()
-    cache: Dict[str, object] = {"at": -1e9, "rep": None}
+def metrics_app(registry: CollectorRegistry, ttl: float = SNAPSHOT_TTL_S) -> Callable:
+    """A WSGI app for /metrics whose exposition is built at most once per TTL.
+    When it is stale, one scraper rebuilds it while the others are answered
+    at once with the previous one (at most 2 x TTL old): twenty concurrent
+    scrapers cost one build, and only one of them waits for it."""
+    cond = threading.Condition()
+    cache: Dict[str, object] = {"at": -1e9, "body": None, "building": False}
 
-    def get() -> dict:
-        with lock:
-            if time.monotonic() - cache["at"] >= ttl:  # type: ignore[operator]
-                cache["rep"], cache["at"] = snapshot(), time.monotonic()
-            return cache["rep"]  # type: ignore[return-value]
-    return get
+    def body() -> bytes:
+        with cond:
+            fresh = time.monotonic() - cache["at"] < ttl  # type: ignore[operator]
+            if fresh or (cache["building"] and cache["body"] is not None):
+                return cache["body"]  # type: ignore[return-value]
+            while cache["building"]:  # the very first build: wait for it
+                cond.wait()
+            if cache["body"] is not None and time.monotonic() - cache["at"] < ttl:  # type: ignore[operator]
+                return cache["body"]  # type: ignore[return-value]
+            cache["building"] = True
+        new = None
+        try:
+            new = generate_latest(registry)
+        finally:
+            with cond:
+                if new is not None:
+                    cache["body"], cache["at"] = new, time.monotonic()
+                cache["building"] = False
+                cond.notify_all()
+        return new
+
+    def app(environ: dict, start_response: Callable) -> List[bytes]:
+        if environ.get("PATH_INFO", "/") not in ("/", "/metrics"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"luotrace serves /metrics only\n"]
+        data = body()
+        start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(data)))])
+        return [data]
+    return app
 
 
 class MetricsServer:
@@ -75,11 +100,11 @@ class MetricsServer:
     def __init__(self, listen: str, snapshot: Callable[[], dict]):
         self.host, self.port = parse_listen(listen)
         self.registry = CollectorRegistry(auto_describe=False)
-        LuotraceCollector(shared(snapshot), registry=self.registry)
+        LuotraceCollector(snapshot, registry=self.registry)
         try:
             family = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
             server_class = type("_Server", (_Server,), {"address_family": family})
-            self.server = make_server(self.host, self.port, make_wsgi_app(self.registry), server_class,
+            self.server = make_server(self.host, self.port, metrics_app(self.registry), server_class,
                                       handler_class=_Handler)
         except socket.gaierror as e:
             raise LuotraceError(f"cannot listen on {self.host}:{self.port}: {e.strerror}", "check --listen") from None

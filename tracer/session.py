@@ -26,7 +26,7 @@ from .errors import LuotraceError
 from .events import EVENT_SIZE, decode
 from .layout import Layout, kernel_layout, model_layout
 from .loader import Options, Tracer
-from .report import build, retire
+from .report import build, file_rows, retire
 
 
 KEXEC_PROBE = PROBE_IDS["kexec"]
@@ -255,9 +255,10 @@ class LiveSession:
             maps = self.tracer.dump_maps()
             progs = self.tracer.prog_stats()
             self.agg.finish(maps)
-            rep = build(self.agg, self.header, self._end(progs, "running"))
+            rows = file_rows(self.agg)
+            rep = build(self.agg, self.header, self._end(progs, "running"), rows=rows)
             if keep_finished is not None:
-                gone = retire(self.agg, keep_finished)
+                gone = retire(self.agg, keep_finished, rows)
                 if gone:
                     self.tracer.forget(gone)
             return rep
