@@ -9,9 +9,9 @@ PY := $(VENV)/bin/python
 MODEL := workloads/model/luo_model
 KREL := $(shell uname -r)
 APT_PACKAGES := python3-bpfcc bpfcc-tools bpftrace bpftool linux-headers-amd64 build-essential \
-                python3-venv prometheus util-linux
+                python3-venv prometheus prometheus-pushgateway prometheus-node-exporter util-linux
 
-.PHONY: setup apt headers mounts venv model demo test bench soak docs clean vm-deps vm-kernel vmtest
+.PHONY: setup apt headers mounts venv model demo test bench soak install-service docs clean vm-deps vm-kernel vmtest
 
 setup: apt headers mounts venv model
 
@@ -62,6 +62,16 @@ test: setup
 
 bench: setup
 	$(PY) -m tests.bench
+
+# luotrace serve as a systemd service (exporters/systemd/luotrace.service, this
+# checkout's venv); `systemctl enable --now luotrace` starts it.
+SYSTEMD_DIR ?= /etc/systemd/system
+install-service: venv
+	@mkdir -p $(SYSTEMD_DIR) /var/lib/prometheus/node-exporter
+	@sed 's#@LUOTRACE_HOME@#$(CURDIR)#g' exporters/systemd/luotrace.service > $(SYSTEMD_DIR)/luotrace.service
+	@systemd-analyze verify $(SYSTEMD_DIR)/luotrace.service
+	@if [ -d /run/systemd/system ] && [ "$(SYSTEMD_DIR)" = /etc/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "installed $(SYSTEMD_DIR)/luotrace.service; start it with: systemctl enable --now luotrace"
 
 # serve as a service for 30 minutes: RSS and scrape time flat, concurrent scrapers, a burst
 soak: setup

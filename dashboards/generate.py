@@ -45,9 +45,12 @@ PANELS: List[PanelSpec] = [
     PanelSpec("Bytes preserved", "stat", [
         (f"sum by (handler) (luotrace_bytes_preserved_total{{{HSEL}}})", "{{handler}}"),
     ], unit="bytes", width=6),
-    PanelSpec("Files by result", "stat", [
-        (f"sum by (result) (luotrace_files_total{{{HSEL}}})", "{{result}}"),
-    ], width=6),
+    PanelSpec("Files finished in range, by result", "stat", [
+        (f"sum by (result) (increase(luotrace_files_total{{{HSEL}}}[$__range]))", "{{result}}"),
+    ], width=6, description="Files that reached retrieved, discarded, cancelled, rejected or error"),
+    PanelSpec("Files now, by state", "stat", [
+        (f"sum by (state) (luotrace_files_current{{{HSEL}}})", "{{state}}"),
+    ], width=6, description="ok = preserved, waiting for the kexec"),
     PanelSpec("Preservation errors by errno", "bargauge", [
         (f"sum by (handler, errno) (luotrace_preserve_errors_total{{{HSEL}}})", "{{handler}} {{errno}}"),
     ], width=6),
@@ -55,7 +58,7 @@ PANELS: List[PanelSpec] = [
         (f"sum by (kind) (luotrace_anomalies_total{{{HSEL}}})", "{{kind}}"),
     ], description="Review points of the patch seen on a live run; `luotrace report` gives the evidence", width=6),
     PanelSpec("Blackout (LUO freeze span per session)", "timeseries", [
-        ("luotrace:blackout_duration_seconds:p99", "p99 {{instance}}"),
+        (f"luotrace:blackout_duration_seconds:p99{{{SEL}}}", "p99 {{instance}}"),
         (f"luotrace_blackout_duration_seconds_sum{{{SEL}}} / luotrace_blackout_duration_seconds_count{{{SEL}}}",
          "mean {{instance}}"),
     ], unit="s", description="luo_file_freeze spans: the part of the update the guest cannot run"),
@@ -66,19 +69,22 @@ PANELS: List[PanelSpec] = [
         (f"sum by (le) (rate(luotrace_folio_preserve_duration_seconds_bucket{{{HSEL}}}[$__rate_interval]))", "{{le}}"),
     ], unit="s", description="From the in-kernel log2 histogram (folio and trace modes)"),
     PanelSpec("Folio latency p99 (recorded)", "timeseries", [
-        ("luotrace:folio_preserve_duration_seconds:p99", "p99 {{handler}}"),
+        (f"luotrace:folio_preserve_duration_seconds:p99{{{HSEL}}}", "p99 {{instance}} {{handler}}"),
     ], unit="s"),
     PanelSpec("Events and lost events", "timeseries", [
         (f"rate(luotrace_events_total{{{SEL}}}[$__rate_interval])", "received {{instance}}"),
-        (f"luotrace_events_lost_total{{{SEL}}}", "lost {{instance}}"),
+        (f"increase(luotrace_events_lost_total{{{SEL}}}[$__rate_interval])", "lost {{instance}}"),
     ], description="Lost events are counted in BPF when a ring buffer is full"),
     PanelSpec("Probes attached and strategy", "table", [
         (f"luotrace_probe_attached{{{SEL}}}", ""),
     ], description="1 = attached; strategy kprobe, fentry, uprobe or tracepoint", width=12),
     PanelSpec("Tracer's own CPU cost", "timeseries", [
-        ("luotrace:bpf_cpu_seconds:rate5m", "{{instance}}"),
-        (f"sum by (instance) (rate(luotrace_bpf_runs_total{{{SEL}}}[$__rate_interval]))", "runs/s {{instance}}"),
-    ], unit="percentunit", description="Seconds of CPU per second spent in luotrace's BPF programs (kernel.bpf_stats)"),
+        (f"luotrace:bpf_cpu_seconds:rate5m{{{SEL}}}", "{{instance}}"),
+    ], unit="percentunit", width=6,
+        description="Share of one CPU spent in luotrace's BPF programs (BPF_ENABLE_STATS)"),
+    PanelSpec("Tracer's BPF program runs", "timeseries", [
+        (f"sum by (instance) (rate(luotrace_bpf_runs_total{{{SEL}}}[$__rate_interval]))", "{{instance}}"),
+    ], unit="ops", width=6, description="Runs per second of luotrace's BPF programs"),
 ]
 
 

@@ -9,19 +9,27 @@ in METRICS, and tests/test_prometheus.py checks it against a real Prometheus.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Dict, Iterable, Iterator, List, Tuple
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client import CollectorRegistry, generate_latest, push_to_gateway
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 from tracer import __version__
-from tracer.totals import BUCKETS_S, HANDLERS, NBUCKETS, Totals
+from tracer.aggregator import FINAL_RESULTS
+from tracer.totals import BUCKETS_S, HANDLERS, NBUCKETS, OUTCOMES, PHASES, Totals
 
 TOP_FILES = 16  # per-file series only for the largest files
+# Series a host exports with the defaults, whatever the number of files (every
+# catalog probe, both handlers, all results, 16 largest files, a few errnos and
+# anomaly kinds); tests/test_prometheus.py holds it to this.
+SERIES_BUDGET = 300
 
 METRICS: Dict[str, str] = {
     "luotrace_preserve_duration_seconds": "histogram",
-    "luotrace_phase_duration_seconds": "histogram",
+    "luotrace_phase_duration_seconds": "summary",
     "luotrace_folio_preserve_duration_seconds": "histogram",
     "luotrace_blackout_duration_seconds": "histogram",
     "luotrace_folios_preserved_total": "counter",
@@ -41,6 +49,9 @@ METRICS: Dict[str, str] = {
     "luotrace_file_size_bytes": "gauge",
     "luotrace_file_preserve_duration_seconds": "gauge",
     "luotrace_files_tracked": "gauge",
+    "luotrace_files_current": "gauge",
+    "luotrace_update_info": "gauge",
+    "luotrace_last_update_timestamp_seconds": "gauge",
 }
 
 
@@ -51,10 +62,10 @@ def exported_series_names() -> List[str]:
     for name, kind in METRICS.items():
         if kind == "histogram":
             out += [f"{name}_bucket", f"{name}_sum", f"{name}_count"]
-        elif kind == "counter":
-            out.append(name)  # already ends in _total
+        elif kind == "summary":
+            out += [f"{name}_sum", f"{name}_count"]
         else:
-            out.append(name)
+            out.append(name)  # a counter's name already ends in _total
     return out
 
 
@@ -82,8 +93,9 @@ def _hist_family(name: str, doc: str, labels: List[str], data: Dict[Tuple[str, .
 class LuotraceCollector(Collector):
     """Reads ``snapshot()`` (a luotrace report dict) at every scrape."""
 
-    def __init__(self, snapshot: Callable[[], dict], registry=None):
+    def __init__(self, snapshot: Callable[[], dict], registry=None, per_program: bool = False):
         self._snapshot = snapshot
+        self._per_program = per_program
         if registry is not None:
             registry.register(self)
 
@@ -92,7 +104,22 @@ class LuotraceCollector(Collector):
 
     def collect(self) -> Iterator:
         rep = self._snapshot()
-        yield from families(rep)
+        yield from families(rep, self._per_program)
+
+
+def _phase_family(t: Totals) -> SummaryMetricFamily:
+    """Phase durations as a count and a sum per handler and phase (a summary
+    without quantiles): what the time-per-phase panel needs, at 2 series a
+    phase instead of 16."""
+    fam = SummaryMetricFamily("luotrace_phase_duration_seconds", "Duration of each preservation phase",
+                              labels=["handler", "phase"])
+    data = dict(t.hists["phase"])
+    for h, phases in PHASES.items():
+        for p in phases:
+            data.setdefault((h, p), ([0] * NBUCKETS, 0.0))
+    for labels, (counts, s) in sorted(data.items()):
+        fam.add_metric(list(labels), count_value=sum(counts), sum_value=s)
+    return fam
 
 
 def totals_of(rep: dict) -> Totals:
@@ -106,7 +133,34 @@ def totals_of(rep: dict) -> Totals:
     return t
 
 
-def families(rep: dict) -> List:
+IDENTITY = ("kernel", "boot_id", "host")
+
+
+def _identity(rep: dict) -> List:
+    """Which update these numbers are of: kernel, boot and host, and the
+    recording's labels (`--label patch=v3`), as an info metric; the wall-clock
+    time of the last kexec seen, when one was."""
+    rec = rep.get("recording") or {}
+    upd = rep.get("update") or {}
+    labels = {"kernel": str(rec.get("kernel")), "boot_id": str(upd.get("boot_id") or ""),
+              "host": str(rec.get("hostname") or "")}
+    for k, v in sorted((rec.get("labels") or {}).items()):
+        labels[f"label_{k}" if k in IDENTITY else k] = str(v)
+    info = GaugeMetricFamily("luotrace_update_info", "The traced kernel, boot and host, and the recording's "
+                             "labels (value 1)", labels=list(labels))
+    info.add_metric(list(labels.values()), 1)
+    out = [info]
+    if upd.get("last_kexec_realtime_ns"):
+        out.append(GaugeMetricFamily("luotrace_last_update_timestamp_seconds",
+                                     "Wall-clock time of the last kexec (the jump to the next kernel) seen",
+                                     value=upd["last_kexec_realtime_ns"] / 1e9))
+    return out
+
+
+def families(rep: dict, per_program: bool = False) -> List:
+    """Every family, every label set that can appear initialised at zero (a
+    rate() sees the first update).  PER_PROGRAM: the BPF cost per program
+    (`--bpf-stats`), else one total: 50 series a host does not need daily."""
     files = rep.get("files", [])
     mode = (rep.get("recording") or {}).get("mode") or "unknown"
     out: List = []
@@ -115,6 +169,7 @@ def families(rep: dict) -> List:
                              labels=["version", "kernel", "mode"])
     info.add_metric([__version__, str((rep.get("recording") or {}).get("kernel")), mode], 1)
     out.append(info)
+    out += _identity(rep)
 
     t = totals_of(rep)
     for k, doc in (
@@ -129,16 +184,31 @@ def families(rep: dict) -> List:
             fam.add_metric([h], t.counters[k].get(h, 0))
         out.append(fam)
     out += [
-        _hist_family("luotrace_preserve_duration_seconds", "Duration of each file's preserve call, by result",
-                     ["handler", "result"], t.hists["preserve"]),
-        _hist_family("luotrace_phase_duration_seconds", "Duration of each preservation phase", ["handler", "phase"],
-                     t.hists["phase"]),
+        _hist_family("luotrace_preserve_duration_seconds", "Duration of each file's preserve call, by outcome",
+                     ["handler", "result"], t.hists["preserve"], always=[(h, o) for h in HANDLERS for o in OUTCOMES]),
+        _phase_family(t),
         _hist_family("luotrace_folio_preserve_duration_seconds",
                      "Latency of kho_preserve_folio, from the in-kernel log2 histogram", ["handler"],
                      t.hists["folio"], always=[(h,) for h in HANDLERS]),  # stable series before any file
     ]
+    finished = CounterMetricFamily("luotrace_files", "Files that reached a final result (each time they did)",
+                                   labels=["handler", "result"])
+    done = {(h, r): n for h, r, n in rep.get("files_finished", [])}
+    for h in HANDLERS:
+        for r in FINAL_RESULTS:
+            finished.add_metric([h, r], done.get((h, r), 0))
+    out.append(finished)
+    current = GaugeMetricFamily("luotrace_files_current", "Files held now, by their current state (ok: preserved, "
+                                "waiting for the kexec)", labels=["handler", "state"])
+    now: Dict[Tuple[str, str], int] = {}
+    for f in files:
+        if f["result"] != "none":
+            now[(f["handler"], f["result"])] = now.get((f["handler"], f["result"]), 0) + 1
+    for h in HANDLERS:
+        for r in ("ok",) + FINAL_RESULTS:
+            current.add_metric([h, r], now.get((h, r), 0))
+    out.append(current)
     for name, doc, labels, data in (
-            ("luotrace_files", "Files seen by the preserve path, by final result", ["handler", "result"], t.files),
             ("luotrace_preserve_errors", "Files whose preservation failed, by errno", ["handler", "errno"], t.errors),
             ("luotrace_anomalies", "Anomalies found (see the report for evidence), by kind", ["handler", "kind"],
              t.anomalies)):
@@ -161,12 +231,17 @@ def families(rep: dict) -> List:
         att.add_metric([p["symbol"], p["strategy"], "true" if p.get("required") else "false"],
                        1 if p["status"] == "attached" else 0)
     out.append(att)
-    rt = CounterMetricFamily("luotrace_bpf_run_time_seconds", "Time spent in luotrace's BPF programs "
-                             "(kernel.bpf_stats): the tracer's own cost", labels=["program"])
-    rc = CounterMetricFamily("luotrace_bpf_runs", "Runs of luotrace's BPF programs", labels=["program"])
-    for prog, st in sorted((rep.get("bpf", {}).get("programs") or {}).items()):
-        rt.add_metric([prog], st.get("run_time_ns", 0) / 1e9)
-        rc.add_metric([prog], st.get("run_cnt", 0))
+    bpf = rep.get("bpf") or {}
+    doc = "Time spent in luotrace's BPF programs (BPF_ENABLE_STATS): the tracer's own cost"
+    if per_program:
+        rt = CounterMetricFamily("luotrace_bpf_run_time_seconds", doc, labels=["program"])
+        rc = CounterMetricFamily("luotrace_bpf_runs", "Runs of luotrace's BPF programs", labels=["program"])
+        for prog, st in sorted((bpf.get("programs") or {}).items()):
+            rt.add_metric([prog], st.get("run_time_ns", 0) / 1e9)
+            rc.add_metric([prog], st.get("run_cnt", 0))
+    else:
+        rt = CounterMetricFamily("luotrace_bpf_run_time_seconds", doc, value=bpf.get("run_time_ns", 0) / 1e9)
+        rc = CounterMetricFamily("luotrace_bpf_runs", "Runs of luotrace's BPF programs", value=bpf.get("run_cnt", 0))
     out += [rt, rc]
 
     tracked = GaugeMetricFamily("luotrace_files_tracked", "Files held in detail now (finished ones bounded by "
@@ -187,12 +262,51 @@ def families(rep: dict) -> List:
     return out
 
 
-def exposition(rep: dict) -> str:
+def exposition(rep: dict, per_program: bool = False) -> str:
     """The text exposition `luotrace serve` would give for this report."""
-    from prometheus_client import CollectorRegistry, generate_latest
+    return generate_latest(_registry(rep, per_program)).decode()
+
+
+def _registry(rep: dict, per_program: bool) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    LuotraceCollector(lambda: rep, registry=registry)
-    return generate_latest(registry).decode()
+    LuotraceCollector(lambda: rep, registry=registry, per_program=per_program)
+    return registry
+
+
+TEXTFILE = "luotrace.prom"
+
+
+def write_textfile(directory: str, rep: dict, per_program: bool = False) -> str:
+    """REP's metrics as DIRECTORY/luotrace.prom for node_exporter's textfile
+    collector: written to a temporary file, fsynced, renamed over the old
+    one and the directory fsynced, so that a kexec a moment later finds the
+    whole file on disk or the previous one, never half of it."""
+    path = os.path.join(directory, TEXTFILE)
+    tmp = f"{path}.{os.getpid()}.tmp"  # node_exporter reads *.prom only
+    data = exposition(rep, per_program).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return path
+
+
+def push(gateway: str, rep: dict, per_program: bool = False, timeout: float = 3.0) -> None:
+    """REP's metrics to a Pushgateway, grouped by host and boot id so that
+    each boot's numbers stay apart (job "luotrace")."""
+    rec = rep.get("recording") or {}
+    grouping = {"host": str(rec.get("hostname") or "unknown"),
+                "boot_id": str((rep.get("update") or {}).get("boot_id") or "unknown")}
+    push_to_gateway(gateway, job="luotrace", registry=_registry(rep, per_program), grouping_key=grouping,
+                    timeout=timeout)
 
 
 SUMMARY_SKIP = ("_bucket", "luotrace_bpf_", "luotrace_probe_attached", "luotrace_file_", "luotrace_phase_")

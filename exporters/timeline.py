@@ -63,12 +63,17 @@ def build(events: np.ndarray, base: int, report: dict) -> dict:
                        "tid": tid, "ts": _us(retrieve["start_ns"] - f["blackout_ns"]), "dur": _us(f["blackout_ns"]),
                        "args": {"blackout_ns": f["blackout_ns"]}})
         end = max((p["start_ns"] + p["duration_ns"] for p in f["phases"]), default=0)
-        if f["errno"]:
+        if f["errno"]:  # where it failed: the end of the failing phase
+            failed = [p["start_ns"] + p["duration_ns"] for p in f["phases"]
+                      if p["name"] == f["failed_phase"] and p.get("errno")]
             ev.append({"ph": "i", "s": "t", "name": f"error {f['errno']} in {f['failed_phase']}", "cat": "error",
-                       "pid": pid, "tid": tid, "ts": _us(end), "args": {"result": f["result"]}})
-        for a in f["anomalies"]:
+                       "pid": pid, "tid": tid, "ts": _us(failed[0] if failed else end),
+                       "args": {"result": f["result"]}})
+        for a in f["anomalies"]:  # at its first evidence, when known
+            t = a.get("time_ns")
             ev.append({"ph": "i", "s": "t", "name": a["code"], "cat": "anomaly", "pid": pid, "tid": tid,
-                       "ts": _us(end), "args": {"detail": a["detail"]}})
+                       "ts": _us(end if t is None else t),
+                       "args": {k: v for k, v in a.items() if k not in ("code", "time_ns") and v is not None}})
         ev += _folio_counter(f, pid, folio_rows.get(f["inode"]), base)
     return {"traceEvents": ev, "displayTimeUnit": "ns",
             "metadata": {"luotrace": report.get("recording", {}), "downsampling":
@@ -77,8 +82,8 @@ def build(events: np.ndarray, base: int, report: dict) -> dict:
 
 def _live_update(report: dict) -> List[dict]:
     """A joined report's kernels as spans on one track, the kexec as an instant."""
-    boots = report.get("boots")
-    if not boots:
+    boots = report.get("boots") or []
+    if not boots and not report.get("kexec_ns"):
         return []
     pid = LIVE_UPDATE_PID
     ev = [{"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": "live update"}},

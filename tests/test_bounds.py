@@ -37,6 +37,11 @@ def test_a_frozen_guest_memfd_filled_late_is_counted_whole_and_kept_bounded(mode
     (a,) = f["anomalies"]
     assert a["code"] == "folio_added_while_frozen"
     assert a["detail"].startswith("2048 folio(s) added") and "first at index 2048 " in a["detail"]
+    # the same evidence as fields: what, how many, where, when (after the freeze, inside the file's life)
+    assert a["count"] == 2048 and a["first_index"] == 2048 and a["pfn"] > 0
+    freeze_end = next(p["start_ns"] + p["duration_ns"] for p in f["phases"] if p["name"] == "fill_pass")
+    assert freeze_end < a["time_ns"] < res.report["duration_ns"]
+    assert {"handler": "guest_memfd", "inode": t["inode"], **a} in res.report["anomalies"]
     assert f["folios_populated"] == t["folios_populated"] == 4096 + 2048
     assert res.report["events"]["lost"] == 0
     from tracer import recording as rec

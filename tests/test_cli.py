@@ -1,6 +1,7 @@
 """Bad input gets one line on stderr, a non-zero exit and no traceback."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -178,3 +179,38 @@ def test_numeric_options_are_checked_before_any_work(args, says, tmp_path):
     r = run_cli(*[a.format(tmp=tmp_path) for a in args], timeout=60)
     assert_one_line_error(r, says)
     assert not os.path.exists(tmp_path / "s.luo") and not os.path.exists(tmp_path / "x.luo")
+
+
+def test_report_fail_on_gates_ci(tmp_path):
+    """--fail-on: exit 3 and one line naming what failed; 0 when clean; 2 for an unknown kind."""
+    bad, good = str(tmp_path / "bad.luo"), str(tmp_path / "good.luo")
+    run_cli("simulate", "-o", bad, "--errors", "1", "--anomaly", "pfn_zero", "--lost", "5", check=True)
+    run_cli("simulate", "-o", good, check=True)
+    for kind, says in (("error", "1 file(s) failed (EHWPOISON)"), ("anomaly", "1 anomaly (pfn_zero)"),
+                       ("lost", "5 event(s) lost")):
+        r = run_cli("report", bad, "--fail-on", kind)
+        assert r.returncode == 3 and says in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert "luotrace report" in r.stdout  # the report is still printed
+        assert run_cli("report", good, "--fail-on", kind).returncode == 0
+    r = run_cli("report", bad, "--fail-on", "errors")
+    assert r.returncode == 2 and "unknown errors" in r.stderr
+
+
+def test_record_json_stdout_is_json_alone_and_fail_on(model, kvm, tmp_path):
+    r = run_cli("record", "-o", str(tmp_path / "r.luo"), "--model", model, "--json", "--fail-on", "anomaly", "--",
+                model, "keep:gmem:1M:holes=3")
+    rep = json.loads(r.stdout)  # the model's own output went to stderr
+    assert rep["totals"]["anomalies"].get("holes") == 1
+    assert r.returncode == 3 and "1 anomaly (holes)" in r.stderr
+
+
+def test_doctor_ends_with_a_verdict(root, model):
+    r = run_cli("doctor", "--model", model)
+    assert r.returncode == 0 and "ok   verdict (model): luotrace can trace this model: guest_memfd, memfd" in r.stdout
+    with open("/proc/kallsyms") as f:
+        luo = any(line.split()[2] == "memfd_luo_preserve" for line in f if len(line.split()) > 2)
+    r = run_cli("doctor")
+    if luo:
+        assert r.returncode == 0 and "ok   verdict (kernel)" in r.stdout
+    else:  # this host's kernel has no LUO: doctor says so and fails
+        assert r.returncode == 1 and "FAIL verdict (kernel): luotrace cannot trace this kernel" in r.stdout

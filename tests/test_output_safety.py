@@ -155,8 +155,10 @@ def test_a_model_that_is_not_the_model_is_refused(tmp_path, root):
     fake.write_text(open("/etc/passwd").read())
     fake.chmod(0o755)
     r = run_cli("doctor", "--model", str(fake))
-    model_lines = [ln for ln in r.stdout.splitlines() if " model: " in ln and "tracepoint" not in ln]
+    model_lines = [ln for ln in r.stdout.splitlines() if " model: " in ln and "tracepoint" not in ln
+                   and "verdict" not in ln]
     assert model_lines and all(ln.startswith("no ") and "not in the symbol table" in ln for ln in model_lines)
+    assert r.returncode == 1 and "FAIL verdict (model): luotrace cannot trace this model" in r.stdout
     r = run_cli("record", "--model", str(fake), "-o", str(tmp_path / "r.luo"), "--", "true")
     assert r.returncode == 1 and "is not an ELF executable" in r.stderr
 

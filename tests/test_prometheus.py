@@ -16,8 +16,9 @@ import urllib.request
 import pytest
 
 from dashboards import generate
-from exporters.prometheus import exported_series_names, families
+from exporters.prometheus import SERIES_BUDGET, exported_series_names, exposition, families
 from tests.conftest import LUOTRACE, REPO
+from tracer import catalog
 from tracer.session import replay
 
 RULES = os.path.join(REPO, "dashboards", "luotrace.rules.yml")
@@ -133,7 +134,13 @@ def test_histogram_count_equals_number_of_preserves(stack):
 
 
 def substitute(expr: str) -> str:
-    return expr.replace("$__rate_interval", "1m").replace("$instance", ".*").replace("$handler", ".*")
+    return expr.replace("$__rate_interval", "1m").replace("$__range", "1h").replace("$instance", ".*") \
+        .replace("$handler", ".*")
+
+
+def test_every_panel_query_filters_by_instance():
+    for expr in generate.queries():
+        assert '"$instance"' in expr, expr
 
 
 def test_every_dashboard_query_returns_data(stack):
@@ -220,25 +227,60 @@ def test_port_taken_is_one_line_error(model):
     assert "tracing" not in r.stderr  # refused before anything was attached
 
 
-def test_series_stay_bounded_with_10000_files():
-    """Synthetic reports (the collector's input): series count does not grow with files."""
-    def report(n):
-        return {"recording": {"mode": "folio", "kernel": "k"}, "files": [
-            {"handler": "guest_memfd" if i % 3 else "memfd", "inode": i, "size_bytes": 4096 * (i + 1),
-             "result": ("ok", "cancelled", "error", "retrieved")[i % 4], "errno": "ENOMEM" if i % 4 == 2 else None,
-             "folios_preserved": i, "folios_unpreserved": 0, "folios_restored": 0, "folios_discarded": 0,
-             "folios_populated": i, "preserve": {"start_ns": 0, "duration_ns": 1000 + i},
-             "phases": [{"name": n, "start_ns": 0, "duration_ns": 10 + i} for n in ("count_pass", "fill_pass")],
-             "anomalies": [{"code": "holes", "detail": ""}] if i % 7 == 0 else [],
-             "folio_latency_log2_ns": {"10": 5, "12": i}, "folio_preserve_ns_total": 1000 * i}
-            for i in range(n)], "sessions": [{"blackout_ns": 1000 + i} for i in range(n // 10)]}
+def _synthetic(n: int) -> dict:
+    """A report of N files over both handlers, every result, errnos, anomalies,
+    and every probe of the catalog: the collector's input at any scale."""
+    probes = [{"symbol": p.symbol, "strategy": "kprobe", "required": p.required, "status": "attached"}
+              for p in catalog.probes_for("trace", None)]
+    return {"recording": {"mode": "folio", "kernel": "k", "hostname": "h", "labels": {"patch": "v3"}},
+            "probes": probes, "update": {"boot_id": "b", "last_kexec_realtime_ns": 1},
+            "files": [
+        {"handler": "guest_memfd" if i % 3 else "memfd", "inode": i, "size_bytes": 4096 * (i + 1),
+         "result": ("ok", "cancelled", "error", "retrieved")[i % 4], "errno": "ENOMEM" if i % 4 == 2 else None,
+         "failed_phase": "preserve" if i % 4 == 2 else None,
+         "folios_preserved": i, "folios_unpreserved": 0, "folios_restored": 0, "folios_discarded": 0,
+         "folios_populated": i, "preserve": {"start_ns": 0, "duration_ns": 1000 + i},
+         "phases": [{"name": n, "start_ns": 0, "duration_ns": 10 + i} for n in ("count_pass", "fill_pass")],
+         "anomalies": [{"code": "holes", "detail": ""}] if i % 7 == 0 else [],
+         "folio_latency_log2_ns": {"10": 5, "12": i}, "folio_preserve_ns_total": 1000 * i}
+        for i in range(n)], "sessions": [{"blackout_ns": 1000 + i} for i in range(n // 10)],
+        "files_finished": [["guest_memfd", "retrieved", n // 4], ["memfd", "error", n // 4]]}
 
-    def series(n):
-        return sum(len(f.samples) for f in families(report(n)))
 
-    small, big = series(100), series(10_000)
-    assert big == small  # top-16 files, bounded labels: independent of the number of files
-    assert big < 1000
+def _series(rep: dict, per_program: bool = False) -> int:
+    return sum(len(f.samples) for f in families(rep, per_program))
+
+
+def test_series_within_the_budget_at_any_number_of_files():
+    """Defaults: at most SERIES_BUDGET series a host, for 64 files as for 10,000."""
+    small, big = _series(_synthetic(64)), _series(_synthetic(10_000))
+    assert big == small <= SERIES_BUDGET, (small, big)
+
+
+def test_every_family_exists_at_zero_before_the_first_update():
+    """rate() needs a series before the first event: every handler x outcome
+    (preserve), handler x phase, handler x final result starts at zero."""
+    text = exposition({"recording": {"mode": "folio", "kernel": "k"}, "files": []})
+    for h in ("guest_memfd", "memfd"):
+        for r in ("ok", "error"):
+            assert f'luotrace_preserve_duration_seconds_count{{handler="{h}",result="{r}"}} 0.0' in text
+        for r in ("retrieved", "discarded", "cancelled", "rejected", "error"):
+            assert f'luotrace_files_total{{handler="{h}",result="{r}"}} 0.0' in text
+    for p in ("count_pass", "fill_pass", "luo_freeze", "retrieve", "finish"):
+        assert f'luotrace_phase_duration_seconds_count{{handler="guest_memfd",phase="{p}"}} 0.0' in text
+    assert 'luotrace_phase_duration_seconds_count{handler="memfd",phase="preserve_folios"} 0.0' in text
+    assert "luotrace_blackout_duration_seconds_count 0.0" in text
+
+
+def test_identity_and_per_program_cost_only_on_request():
+    rep = _synthetic(4)
+    rep["bpf"] = {"run_time_ns": 3_000_000_000, "run_cnt": 7,
+                  "programs": {"a": {"run_time_ns": 1, "run_cnt": 2}, "b": {"run_time_ns": 2, "run_cnt": 5}}}
+    text = exposition(rep)
+    assert 'luotrace_update_info{boot_id="b",host="h",kernel="k",patch="v3"} 1.0' in text
+    assert "luotrace_last_update_timestamp_seconds 1e-09" in text
+    assert "luotrace_bpf_runs_total 7.0" in text and "luotrace_bpf_run_time_seconds_total 3.0" in text
+    assert _series(rep, per_program=True) == _series(rep) + 2
 
 
 def test_default_listen_is_localhost(stack):

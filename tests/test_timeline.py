@@ -51,3 +51,33 @@ def test_large_trace_is_downsampled(tmp_path):
     assert 0 < len(counters) <= 2 * 500
     last = max(counters, key=lambda e: e["ts"])
     assert list(last["args"].values())[0] == 32768  # the cumulative count reaches every folio
+
+
+def test_single_recording_draws_its_kexec_and_puts_instants_at_their_evidence(model, kvm, tmp_path):
+    """One recording of an update: the kexec is on the live-update track; an
+    anomaly's instant sits at its first evidence (holes: the end of the count
+    pass), an error's at the end of the phase that failed; --events decodes
+    a can_preserve verdict as a bool."""
+    out = str(tmp_path / "k.luo")
+    res, _truth = run_model("folio", ["kexec:gmem:1M,memfd:256K", "keep:gmem:1M:holes=3",
+                                      "cancel:gmem:1M:hwpoison=10"], out, model=model, progress=lambda s: None)
+    rep = res.report
+    assert len(rep["kexec_ns"]) == 1
+    tl = str(tmp_path / "k.json")
+    run_cli("timeline", out, "-o", tl, check=True)
+    ev = load(tl)["traceEvents"]
+    (kx,) = [e for e in ev if e.get("cat") == "kexec"]
+    assert kx["ts"] == rep["kexec_ns"][0] / 1e3
+    f = next(x for x in rep["files"] if any(a["code"] == "holes" for a in x["anomalies"]))
+    hole = next(a for a in f["anomalies"] if a["code"] == "holes")
+    cp = next(p for p in f["phases"] if p["name"] == "count_pass")
+    assert hole["time_ns"] == cp["start_ns"] + cp["duration_ns"] and hole["count"] == 3
+    (inst,) = [e for e in ev if e.get("cat") == "anomaly" and e["name"] == "holes"]
+    assert inst["ts"] == hole["time_ns"] / 1e3 and inst["args"]["count"] == 3
+    bad = next(x for x in rep["files"] if x["errno"])
+    failed = next(p for p in bad["phases"] if p["name"] == bad["failed_phase"] and p.get("errno"))
+    (err,) = [e for e in ev if e.get("cat") == "error"]
+    assert err["ts"] == (failed["start_ns"] + failed["duration_ns"]) / 1e3
+    lines = [json.loads(x) for x in run_cli("report", "--events", out, check=True).stdout.splitlines()]
+    verdicts = [x["ret"] for x in lines if x["probe"].endswith("can_preserve") and x["kind"] == "return"]
+    assert verdicts and all(isinstance(v, bool) for v in verdicts) and True in verdicts

@@ -32,6 +32,9 @@ PHASES_MAX = 64
 TIDS_MAX = 65536
 KEXEC_MAX = 64
 RETIRED_REMEMBERED = 4096  # keys of forgotten files whose late events are ignored
+# A file's result once nothing more happens to it (until it is preserved again);
+# "ok" is preserved and waiting for the kexec.
+FINAL_RESULTS = ("retrieved", "discarded", "cancelled", "rejected", "error")
 PHASE_ORDER = ["can_preserve", "preserve", "count_pass", "fill_pass", "preserve_folios", "vmalloc",
                "luo_freeze", "unpreserve", "retrieve", "finish"]
 
@@ -83,6 +86,7 @@ class FileState:
     streamed: Dict[str, int] = field(default_factory=dict)
     open_calls: Dict[str, int] = field(default_factory=dict)
     phases_dropped: int = 0
+    counted: str = "none"  # the result last seen by Aggregator.finish (finished files are counted once)
 
     def add_phase(self, p: Phase) -> None:
         if len(self.phases) >= PHASES_MAX:
@@ -133,6 +137,7 @@ class Aggregator:
         self.retired: dict = {}  # tracer.totals.Totals as JSON: what the forgotten files and sessions count
         self.retired_files = 0
         self.retired_sessions = 0
+        self.finished: Dict[Tuple[int, str], int] = {}  # (handler, final result) -> files that reached it
         self.ser_map: Dict[Tuple[int, int], Key] = {}  # (handler, ser handle) -> file
         self.sessions: Dict[int, Session] = {}  # by handle: the latest session at that address
         self.all_sessions: List[Session] = []  # the kernel reuses a freed session's memory for a new one
@@ -447,6 +452,11 @@ class Aggregator:
         self.maps = maps or {}
         for st in self.files.values():
             st.streamed = {}
+            if st.result != st.counted:  # a monotonic count of files reaching a final result
+                if st.result in FINAL_RESULTS:
+                    k = (st.key[0], st.result)
+                    self.finished[k] = self.finished.get(k, 0) + 1
+                st.counted = st.result
         for (h, dev, ino, probe), n in sorted(self.streamed.items()):
             st = self._resolve((h, dev, ino), create=dev != SER_DEV and h in (1, 2))
             if st is not None:

@@ -62,6 +62,7 @@ class Probe:
     ret: Dict[str, str] = field(default_factory=dict)
     per_folio: bool = False
     help: str = ""
+    returns: str = "int"  # what the function returns: int (0 or -errno) or bool
 
     @property
     def entry_fn(self) -> str:
@@ -92,7 +93,8 @@ def _op(name: str, symbol: str, handler: str, role: str, **kw) -> Probe:
 PROBES: Tuple[Probe, ...] = (
     # guest_memfd LUO handler (the patch under review).
     Probe("gmem_can_preserve", "kvm_gmem_luo_can_preserve", "guest_memfd", "can_preserve",
-          entry={"a1": "sb_magic"}, help="verdict per file: private-mem VMs and large-folio mappings are refused"),
+          entry={"a1": "sb_magic"}, returns="bool",
+          help="verdict per file: private-mem VMs and large-folio mappings are refused"),
     _op("gmem_preserve", "kvm_gmem_luo_preserve", "guest_memfd", "preserve", required=True,
         help="whole preserve: freeze, count pass, vcalloc, fill pass, vmalloc"),
     Probe("gmem_freeze_inode", "kvm_gmem_freeze", "guest_memfd", "freeze_inode", kind="entry",
@@ -111,7 +113,7 @@ PROBES: Tuple[Probe, ...] = (
         help="new kernel: finish, or discard the folios of a file never retrieved"),
     # memfd LUO handler (mainline mm/memfd_luo.c).
     Probe("memfd_can_preserve", "memfd_luo_can_preserve", "memfd", "can_preserve",
-          entry={"a1": "sb_magic"}, help="shmem file with no links"),
+          entry={"a1": "sb_magic"}, returns="bool", help="shmem file with no links"),
     _op("memfd_preserve", "memfd_luo_preserve", "memfd", "preserve", required=True,
         help="inode_lock, shmem_freeze, pin and preserve every folio"),
     Probe("memfd_shmem_freeze", "shmem_freeze", "memfd", "freeze_inode", kind="entry",

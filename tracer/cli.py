@@ -17,6 +17,44 @@ mode_option = click.option("--mode", type=click.Choice(MODES), default="folio", 
                            help="light: lifecycle events only; folio: + per-folio counts and latency "
                                 "histograms kept in BPF maps; trace: + per-folio events streamed")
 
+def update_export_options(f):
+    """--textfile-dir and --pushgateway: where the old kernel's numbers go at the kexec."""
+    f = click.option("--pushgateway", metavar="URL", default=None,
+                     help="also push the metrics to this Pushgateway at the kexec and at the end "
+                          "(grouped by host and boot id)")(f)
+    return click.option("--textfile-dir", type=click.Path(file_okay=False), default=None,
+                        help="write the metrics to DIR/luotrace.prom (node_exporter's textfile collector) "
+                             "when kernel_kexec() is seen and at the end, fsynced: the old kernel's half of "
+                             "an update reaches Prometheus whatever the scrape interval")(f)
+
+
+def _fail_on(_ctx, _param, value: Optional[str]) -> Tuple[str, ...]:
+    from .report import FAIL_ON
+    kinds = tuple(k.strip() for k in (value or "").split(",") if k.strip())
+    bad = [k for k in kinds if k not in FAIL_ON]
+    if bad:
+        raise click.BadParameter(f"unknown {', '.join(bad)}; choose from {','.join(FAIL_ON)}")
+    return kinds
+
+
+fail_on_option = click.option("--fail-on", callback=_fail_on, metavar="error,anomaly,lost", default=None,
+                              help="exit 3, naming what failed, when the report has a failed file, an anomaly "
+                                   "or lost events (any of them, comma-separated): a CI gate")
+FAIL_EXIT = 3
+
+
+def _gate(rep: dict, kinds: Tuple[str, ...]) -> None:
+    from .report import failures
+    found = failures(rep, kinds)
+    if found:
+        click.echo(f"luotrace: failing (--fail-on): {'; '.join(found)}", err=True)
+        sys.exit(FAIL_EXIT)
+
+
+bpf_stats_option = click.option("--bpf-stats", is_flag=True, default=False,
+                                help="export the tracer's BPF cost per program (about 50 more series), "
+                                     "not only its total")
+
 
 def finite(lo: float, hi: float) -> click.FloatRange:
     """A float option in [LO, HI]: click's FloatRange lets nan through
@@ -113,12 +151,15 @@ def doctor(model: Optional[str], as_json: bool) -> None:
 @click.option("--strategy", type=click.Choice(["auto", "fentry", "kprobe"]), default="auto", show_default=True,
               help="kernel attach strategy: fentry/fexit where BTF and trampolines allow, else kprobe; "
                    "'kprobe' forces the fallback")
+@update_export_options
+@fail_on_option
 @force_option
 @json_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(output: str, mode: str, model: Optional[str], handlers: Tuple[str, ...], duration: Optional[float],
            labels: Tuple[str, ...], sample: int, ringbuf_pages: int, quiet: bool, print_bpf: bool, strategy: str,
-           force: bool, as_json: bool, command: Tuple[str, ...]) -> None:
+           textfile_dir: Optional[str], pushgateway: Optional[str], fail_on: Tuple[str, ...], force: bool,
+           as_json: bool, command: Tuple[str, ...]) -> None:
     """Attach, record events to OUTPUT until COMMAND exits, --duration passes or
     Ctrl-C / SIGTERM / SIGHUP / SIGQUIT; then detach and print the report.
 
@@ -143,13 +184,19 @@ def record(output: str, mode: str, model: Optional[str], handlers: Tuple[str, ..
         from .loader import final_source
         click.echo(final_source(opts), nl=False)
         return
-    res = run(opts, output, command=list(command) or None, duration=duration, labels=_labels(labels), force=force)
+    from .serve import UpdateExport
+    export = UpdateExport(textfile_dir, pushgateway)
+    res = run(opts, output, command=list(command) or None, duration=duration, labels=_labels(labels), force=force,
+              command_stdout=sys.stderr if as_json else None,  # stdout carries the JSON report alone
+              on_started=export.attach if export else None,
+              on_stopped=(lambda r: export.write(r.report, "at the end")) if export else None)
     if not quiet:
         _emit(res.report, as_json)
     if not res.recording_error:  # else run() has said, once, where the recording was cut
         click.echo(f"luotrace: recording written to {output} ({res.stopped_by})", err=True)
     if res.stopped_by == "command exited" and res.command_rc:
         sys.exit(_shell_status(res.command_rc))
+    _gate(res.report, fail_on)
 
 
 def _shell_status(rc: int) -> int:
@@ -165,7 +212,8 @@ def _shell_status(rc: int) -> int:
 @json_option
 @click.option("--events", is_flag=True, help="instead of the report, print every event as a JSON line "
                                             "(probe, kind, time, file, catalog-named fields)")
-def report(recordings: Tuple[str, ...], as_json: bool, events: bool) -> None:
+@fail_on_option
+def report(recordings: Tuple[str, ...], as_json: bool, events: bool, fail_on: Tuple[str, ...]) -> None:
     """Print the report of a RECORDING: the same as the live run showed.
 
     Given the recordings of both sides of a live update (the old kernel's,
@@ -191,6 +239,7 @@ def report(recordings: Tuple[str, ...], as_json: bool, events: bool) -> None:
         from .join import join
         rep = join(list(recordings))
         _emit(rep, as_json)
+        _gate(rep, fail_on)
         return
     from .session import replay
     rep = replay(recordings[0])
@@ -198,6 +247,7 @@ def report(recordings: Tuple[str, ...], as_json: bool, events: bool) -> None:
     if rep["truncated"]:
         click.echo(f"luotrace: warning: {recordings[0]} is truncated ({rep['truncated_reason']}); "
                    "the report covers every complete record", err=True)
+    _gate(rep, fail_on)
 
 
 @cli.command()
@@ -243,9 +293,12 @@ def demo(mode: str, output: Optional[str], as_json: bool) -> None:
 @click.option("--keep-files", type=click.IntRange(0, 16384), default=64, show_default=True,
               help="finished files kept in detail (per-file series, report rows); older ones are folded into "
                    "the counters, so memory and scrape time stay flat however long serve runs")
+@bpf_stats_option
+@update_export_options
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def serve(listen: str, replay_path: Optional[str], output: Optional[str], mode: str, model: Optional[str],
           handlers: Tuple[str, ...], duration: Optional[float], labels: Tuple[str, ...], keep_files: int,
+          bpf_stats: bool, textfile_dir: Optional[str], pushgateway: Optional[str],
           command: Tuple[str, ...]) -> None:
     """Export metrics for Prometheus at http://LISTEN/metrics, read from the
     BPF maps at scrape time.  With COMMAND or --duration, keeps serving the
@@ -258,26 +311,28 @@ def serve(listen: str, replay_path: Optional[str], output: Optional[str], mode: 
       luotrace serve --replay run.luo                 # what a recording would have exported
       luotrace serve --model workloads/model/luo_model -- workloads/model/luo_model kexec:gmem:64M
     """
-    from .serve import serve_live, serve_replay
+    from .serve import UpdateExport, serve_live, serve_replay
     if replay_path:
-        serve_replay(replay_path, listen)
+        serve_replay(replay_path, listen, per_program=bpf_stats)
         return
     from .loader import Options
     opts = Options(mode=mode, model=model, handlers=list(handlers) or None)
-    serve_live(opts, listen, output, list(command) or None, duration, _labels(labels), keep_files=keep_files)
+    serve_live(opts, listen, output, list(command) or None, duration, _labels(labels), keep_files=keep_files,
+               per_program=bpf_stats, update_export=UpdateExport(textfile_dir, pushgateway, bpf_stats))
 
 
 @cli.command()
 @click.argument("recording", type=click.Path(dir_okay=False))
 @click.option("--textfile", type=click.Path(dir_okay=False), required=True,
               help="write metrics here in node_exporter textfile-collector format")
-def export(recording: str, textfile: str) -> None:
+@bpf_stats_option
+def export(recording: str, textfile: str, bpf_stats: bool) -> None:
     """Write the metrics of a RECORDING for node_exporter's textfile collector.
 
     Example: luotrace export run.luo --textfile /var/lib/node_exporter/luotrace.prom
     """
     from .serve import export_textfile
-    export_textfile(recording, textfile)
+    export_textfile(recording, textfile, per_program=bpf_stats)
     click.echo(f"luotrace: metrics written to {textfile}", err=True)
 
 
@@ -315,12 +370,20 @@ def timeline(recordings: Tuple[str, ...], output: str) -> None:
               help="group the recordings into two sides by this label (e.g. patch)")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="also write a PNG of the distributions")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="bootstrap random seed")
+@click.option("--min-change", type=finite(0.0, 10.0), default=0.03, show_default=True,
+              help="smallest relative change of a median called a change (0.03 = 3 %): below it, noise")
+@click.option("--fail-on-change", is_flag=True, help="exit 3 when any phase is called slower or faster")
 @json_option
-def compare(recordings: Tuple[str, ...], by: Optional[str], plot: Optional[str], seed: int, as_json: bool) -> None:
+def compare(recordings: Tuple[str, ...], by: Optional[str], plot: Optional[str], seed: int, min_change: float,
+            fail_on_change: bool, as_json: bool) -> None:
     """Compare phase durations between two recordings, or two groups of
-    recordings (--by LABEL): median, p90, p99, delta, bootstrap 95 % CI of the
-    median delta, Mann-Whitney p.  A change is claimed only when the interval
-    excludes zero (Holm-corrected over the phases).
+    recordings (--by LABEL): n, medians, delta, bootstrap 95 % CI of the
+    median delta, Mann-Whitney p with a step-down Holm correction over the
+    phases.  A phase is called slower/faster only when the corrected p is
+    below 0.05, the interval excludes zero and the change is at least
+    --min-change; sample sizes too small to ever show a change are named,
+    with the runs the effect seen would need.  Warns when the sides differ in
+    kernel, mode, file sizes or file counts.
 
     \b
     Example:
@@ -329,11 +392,16 @@ def compare(recordings: Tuple[str, ...], by: Optional[str], plot: Optional[str],
     """
     from . import compare as cmp
     a, b = cmp.load_sides(list(recordings), by)
-    res = cmp.compare(a, b, seed=seed)
+    res = cmp.compare(a, b, seed=seed, min_change=min_change)
     click.echo(json.dumps(res, indent=2) if as_json else cmp.render(res), nl=not as_json)
+    for w in res["warnings"] if as_json else ():
+        click.echo(f"luotrace: warning: {w}", err=True)
     if plot:
-        cmp.plot(a, b, plot)
+        cmp.plot(a, b, plot, res)
         click.echo(f"luotrace: plot written to {plot}", err=True)
+    if fail_on_change and res["changed"]:
+        click.echo(f"luotrace: failing (--fail-on-change): {', '.join(res['changed'])} changed", err=True)
+        sys.exit(FAIL_EXIT)
 
 
 @cli.command()

@@ -11,6 +11,7 @@ in-kernel log2 histograms (slot medians and p99).
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -24,6 +25,8 @@ LEAF_PHASES = ("can_preserve", "count_pass", "fill_pass", "preserve_folios", "vm
                "unpreserve", "retrieve", "finish")
 BOOT = 2000
 ALPHA = 0.05
+MIN_CHANGE = 0.03  # below this relative change of the median nothing is called a change: noise
+SCHEMA = "luotrace.compare/2"
 
 
 @dataclass
@@ -97,89 +100,197 @@ def _hist_quantile(h: np.ndarray, q: float) -> Optional[float]:
     return float(2 ** idx)
 
 
-def compare(a: Side, b: Side, seed: int = 0) -> dict:
+def holm(pvals: Sequence[float]) -> List[float]:
+    """Step-down Holm adjusted p-values: sorted ascending, p_(i) * (m - i + 1),
+    made monotone by a running maximum, capped at 1 (statsmodels'
+    multipletests(method="holm") gives the same; tests check)."""
+    m = len(pvals)
+    order = sorted(range(m), key=lambda i: pvals[i])
+    adj = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * pvals[i]))
+        adj[i] = running
+    return adj
+
+
+def min_p(n_a: int, n_b: int) -> float:
+    """The smallest two-sided Mann-Whitney p that samples of these sizes can
+    give (every B above every A): 2 / C(n_a + n_b, n_a)."""
+    return min(1.0, 2.0 / math.comb(n_a + n_b, n_a)) if n_a and n_b else 1.0
+
+
+def runs_needed(x: np.ndarray, y: np.ndarray, alpha: float, power: float = 0.8) -> Optional[int]:
+    """Samples a side would need for the effect seen to be found at ALPHA with
+    POWER: the normal approximation for a shift of log durations (Cohen's d),
+    divided by Mann-Whitney's efficiency 3/pi against the t test."""
+    from scipy.stats import norm
+    lx, ly = np.log(np.maximum(x, 1.0)), np.log(np.maximum(y, 1.0))
+    sd = math.sqrt((lx.var(ddof=1) * (len(lx) - 1) + ly.var(ddof=1) * (len(ly) - 1)) / (len(lx) + len(ly) - 2)) \
+        if len(lx) > 1 and len(ly) > 1 else 0.0
+    d = abs(float(ly.mean() - lx.mean())) / sd if sd > 0 else 0.0
+    if d == 0.0:
+        return None
+    n = 2 * (norm.ppf(1 - alpha / 2) + norm.ppf(power)) ** 2 / d ** 2 / (3 / math.pi)
+    return int(math.ceil(n))
+
+
+def _warnings(a: Side, b: Side) -> List[str]:
+    """What makes the two sides not like for like: kernel, mode, sizes, file counts."""
+    out = []
+
+    def values(side: Side, f) -> List:
+        return sorted({str(f(r)) for r in side.reports})
+    for what, f in (("kernel", lambda r: r["recording"].get("kernel")), ("mode", lambda r: r["recording"].get("mode")),
+                    ("file sizes", lambda r: sorted(x.get("size_bytes") or 0 for x in r["files"]
+                                                    if x["result"] != "none")),
+                    ("files per run", lambda r: sum(1 for x in r["files"] if x["result"] != "none"))):
+        va, vb = values(a, f), values(b, f)
+        if va != vb:
+            out.append(f"{what} differ: A {', '.join(va)[:80]}; B {', '.join(vb)[:80]}")
+    return out
+
+
+def compare(a: Side, b: Side, seed: int = 0, min_change: float = MIN_CHANGE) -> dict:
+    """Per handler and phase: n, medians, relative delta, bootstrap CI of the
+    median delta, Mann-Whitney p and its step-down Holm adjustment over the
+    leaf phases.  A phase is called slower/faster only when the adjusted p
+    is below ALPHA, the interval at the family's level (1 - ALPHA / phases,
+    ``ci_family``; ``ci_low``/``ci_high`` are the plain 95 % one) excludes
+    zero and the change is at least
+    MIN_CHANGE; when the sample sizes cannot reach significance at all, the
+    row says so, with the runs the effect seen would need."""
     rng = np.random.default_rng(seed)
     sa, sb = a.samples(), b.samples()
-    rows = []
     order = ("preserve",) + LEAF_PHASES
     keys = sorted(set(sa) & set(sb), key=lambda k: (k[0], order.index(k[1])))
-    # Holm-Bonferroni over the leaf phases: the family-wise false-claim rate stays <= ALPHA
     leaf = [k for k in keys if k[1] != "preserve"]
     pvals = {k: mann_whitney_p(sa[k], sb[k]) for k in keys}
+    adjusted = dict(zip(leaf, holm([pvals[k] for k in leaf])))
     m = max(1, len(leaf))
-    level: Dict[Tuple[str, str], float] = {}
-    for rank, k in enumerate(sorted(leaf, key=lambda k: pvals[k])):
-        level[k] = ALPHA / (m - rank)
+    rows = []
     for key in keys:
         x, y = sa[key], sb[key]
         ma, mb = float(np.median(x)), float(np.median(y))
         lo, hi = bootstrap_median_delta(x, y, rng)
+        # the interval that decides is as wide as the family needs (Bonferroni over the phases):
+        # a 95 % interval per phase would exclude zero by chance once in 20 phases
+        dlo, dhi = bootstrap_median_delta(x, y, rng, level=1 - ALPHA / m) if key in adjusted else (lo, hi)
+        delta = (mb - ma) / ma if ma else None
         p = pvals[key]
-        a_k = level.get(key, ALPHA)
-        clo, chi = bootstrap_median_delta(x, y, rng, level=1 - a_k) if key in level else (lo, hi)
-        if key[1] == "preserve":
-            verdict = "(total)"
-        elif clo > 0 and p < a_k:
+        p_holm = adjusted.get(key, p)
+        floor = min_p(len(x), len(y)) * (m if key in adjusted else 1)  # Holm's first step is the strictest
+        row = {"handler": key[0], "phase": key[1], "n_a": len(x), "n_b": len(y), "median_a": ma, "median_b": mb,
+               "delta": delta, "ci_low": lo, "ci_high": hi, "ci_family": [dlo, dhi], "p": p, "p_holm": p_holm,
+               "p90_a": float(np.percentile(x, 90)), "p90_b": float(np.percentile(y, 90)),
+               "p99_a": float(np.percentile(x, 99)), "p99_b": float(np.percentile(y, 99))}
+        big_enough = delta is not None and abs(delta) >= min_change
+        if p_holm < ALPHA and dlo > 0 and big_enough:
             verdict = "slower"
-        elif chi < 0 and p < a_k:
+        elif p_holm < ALPHA and dhi < 0 and big_enough:
             verdict = "faster"
         else:
             verdict = "~"
-        rows.append({"handler": key[0], "phase": key[1], "n_a": len(x), "n_b": len(y),
-                     "median_a_ns": ma, "median_b_ns": mb,
-                     "p90_a_ns": float(np.percentile(x, 90)), "p90_b_ns": float(np.percentile(y, 90)),
-                     "p99_a_ns": float(np.percentile(x, 99)), "p99_b_ns": float(np.percentile(y, 99)),
-                     "delta": (mb - ma) / ma if ma else None, "ci95_ns": [lo, hi], "p_value": p,
-                     "verdict": verdict})
+        if floor >= ALPHA:
+            row["note"] = (f"n={len(x)}/{len(y)} cannot reach significance (smallest p {min_p(len(x), len(y)):.3g}"
+                           f"{f' x {m} phases' if key in adjusted else ''} >= {ALPHA})")
+            need = runs_needed(x, y, ALPHA / (m if key in adjusted else 1))
+            if need is not None and big_enough:
+                row["note"] += f"; the {100 * delta:+.0f} % seen needs about {need} samples a side"
+        row["verdict"] = "(total) " + verdict if key[1] == "preserve" else verdict
+        rows.append(row)
     folio = []
     ha, hb = a.folio_hist(), b.folio_hist()
     for h in sorted(set(ha) & set(hb)):
         folio.append({"handler": h, "n_a": int(ha[h].sum()), "n_b": int(hb[h].sum()),
                       "p50_a_ns_le": _hist_quantile(ha[h], 0.5), "p50_b_ns_le": _hist_quantile(hb[h], 0.5),
                       "p99_a_ns_le": _hist_quantile(ha[h], 0.99), "p99_b_ns_le": _hist_quantile(hb[h], 0.99)})
-    return {"schema": "luotrace.compare/1", "a": a.name, "b": b.name, "alpha": ALPHA, "bootstrap": BOOT,
-            "phases": rows, "folio_latency": folio,
+    return {"schema": SCHEMA, "a": a.name, "b": b.name, "alpha": ALPHA, "min_change": min_change,
+            "bootstrap": BOOT, "unit": "ns", "phases": rows, "folio_latency": folio, "warnings": _warnings(a, b),
             "changed": [f"{r['handler']}/{r['phase']}" for r in rows if r["verdict"] in ("slower", "faster")]}
 
 
-def render(res: dict) -> str:
+def _fmt_signed(ns: float) -> str:
     from exporters.text import fmt_ns
-    lines = [f"A = {res['a']}   B = {res['b']}   (bootstrap 95 % CI of the median delta, Mann-Whitney U)", ""]
-    hdr = f"{'handler':<12} {'phase':<16} {'n':>7} {'median A':>10} {'median B':>10} {'delta':>8} " \
-          f"{'95% CI':>22} {'p':>8}  verdict"
+    return ("-" if ns < 0 else "") + fmt_ns(int(abs(ns)))
+
+
+def render(res: dict) -> str:
+    """A benchstat-like table: medians, delta with its interval, adjusted p."""
+    from exporters.text import fmt_ns
+    lines = [f"A = {res['a']}   B = {res['b']}"]
+    lines += [f"warning: {w}" for w in res.get("warnings", [])]
+    lines.append("")
+    hdr = f"{'handler':<12} {'phase':<16} {'n A/B':>9} {'median A':>10} {'median B':>10} {'delta':>8} " \
+          f"{'95% CI of B-A':>22} {'p (Holm)':>9}  verdict"
     lines += [hdr, "-" * len(hdr)]
     for r in res["phases"]:
-        ci = f"[{fmt_ns(int(r['ci95_ns'][0])) if r['ci95_ns'][0] >= 0 else '-' + fmt_ns(int(-r['ci95_ns'][0]))}, " \
-             f"{fmt_ns(int(r['ci95_ns'][1])) if r['ci95_ns'][1] >= 0 else '-' + fmt_ns(int(-r['ci95_ns'][1]))}]"
+        ci = f"[{_fmt_signed(r['ci_low'])}, {_fmt_signed(r['ci_high'])}]"
         delta = f"{100 * r['delta']:+.1f}%" if r["delta"] is not None else "-"
-        lines.append(f"{r['handler']:<12} {r['phase']:<16} {str(r['n_a']) + '/' + str(r['n_b']):>7} "
-                     f"{fmt_ns(int(r['median_a_ns'])):>10} {fmt_ns(int(r['median_b_ns'])):>10} {delta:>8} "
-                     f"{ci:>22} {r['p_value']:8.3g}  {r['verdict']}")
+        lines.append(f"{r['handler']:<12} {r['phase']:<16} {str(r['n_a']) + '/' + str(r['n_b']):>9} "
+                     f"{fmt_ns(int(r['median_a'])):>10} {fmt_ns(int(r['median_b'])):>10} {delta:>8} "
+                     f"{ci:>22} {r['p_holm']:9.3g}  {r['verdict']}")
+        if r.get("note"):
+            lines.append(f"{'':<30}{r['note']}")
     for f in res["folio_latency"]:
         lines.append(f"folio latency {f['handler']}: p50 <= {fmt_ns(int(f['p50_a_ns_le'] or 0))} -> "
                      f"{fmt_ns(int(f['p50_b_ns_le'] or 0))}, p99 <= {fmt_ns(int(f['p99_a_ns_le'] or 0))} -> "
                      f"{fmt_ns(int(f['p99_b_ns_le'] or 0))} ({f['n_a']}/{f['n_b']} folios, log2 buckets)")
     lines.append("")
-    lines.append("changed: " + (", ".join(res["changed"]) if res["changed"] else "nothing (no interval excludes zero)"))
+    lines.append(f"Mann-Whitney U, step-down Holm over the phases, alpha {res['alpha']}; bootstrap "
+                 f"{res['bootstrap']} resamples; a change is called only when p (Holm) < alpha, the interval "
+                 f"at the family's level (1 - alpha / phases) excludes zero and |delta| >= "
+                 f"{100 * res['min_change']:g} %.")
+    changed = res["changed"]
+    if changed:
+        lines.append("changed: " + ", ".join(changed))
+    elif any(r.get("note") for r in res["phases"] if r["phase"] != "preserve"):
+        lines.append("changed: nothing found, but these sample sizes cannot show a change (see the notes)")
+    else:
+        lines.append("changed: nothing (no phase passes the test, the interval and the floor)")
     return "\n".join(lines) + "\n"
 
 
-def plot(a: Side, b: Side, out: str) -> None:
+_UNITS = ((1e9, "s"), (1e6, "ms"), (1e3, "µs"), (1.0, "ns"))
+
+
+def _unit(values: np.ndarray) -> Tuple[float, str]:
+    """The largest unit in which the median reads as at least 1."""
+    med = float(np.median(values)) if len(values) else 0.0
+    return next(((d, u) for d, u in _UNITS if med >= d), (1.0, "ns"))
+
+
+def plot(a: Side, b: Side, out: str, res: dict) -> None:
+    """Small multiples, one per phase: both sides by name, every sample as a
+    point over its box, the unit chosen per phase, delta and verdict on top."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     sa, sb = a.samples(), b.samples()
-    keys = [k for k in sorted(set(sa) & set(sb), key=lambda k: (k[0], LEAF_PHASES.index(k[1])
-                                                                if k[1] in LEAF_PHASES else -1))
-            if k[1] != "preserve"]
+    rows = {(r["handler"], r["phase"]): r for r in res["phases"]}
+    keys = [k for k in rows if k in sa and k in sb]
     if not keys:
         raise LuotraceError("no phase is present on both sides", "check the recordings")
-    fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 4), squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        ax.boxplot([sa[k] / 1e3, sb[k] / 1e3], tick_labels=["A", "B"], showfliers=False)
-        ax.set_title(f"{k[0]}\n{k[1]}", fontsize=9)
-        ax.set_ylabel("µs")
-    fig.suptitle(f"A = {a.name}   B = {b.name}", fontsize=10)
+    ncol = min(4, len(keys))
+    nrow = math.ceil(len(keys) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 3.2 * nrow), squeeze=False)
+    rng = np.random.default_rng(0)
+    for ax, k in zip(axes.flat, keys):
+        r = rows[k]
+        div, unit = _unit(np.concatenate([sa[k], sb[k]]))
+        data = [sa[k] / div, sb[k] / div]
+        ax.boxplot(data, tick_labels=[a.name, b.name], showfliers=False, widths=0.5)
+        for i, d in enumerate(data, start=1):
+            ax.scatter(i + rng.uniform(-0.12, 0.12, len(d)), d, s=6, alpha=0.5, color=("tab:blue", "tab:orange")[i - 1])
+        delta = f"{100 * r['delta']:+.1f} %" if r["delta"] is not None else "-"
+        color = {"slower": "tab:red", "faster": "tab:green"}.get(r["verdict"], "black")
+        ax.set_title(f"{k[0]} {k[1]}\n{delta}  {r['verdict']}", fontsize=9, color=color)
+        ax.set_ylabel(unit)
+        ax.tick_params(axis="x", labelsize=8)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle(f"{a.name} vs {b.name}: phase durations (p Holm < {res['alpha']}, |delta| >= "
+                 f"{100 * res['min_change']:g} %)", fontsize=10)
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, dpi=100, format="png")  # OUT as given: no ".png" appended to a name without one

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 from . import kernel
 from .errors import LuotraceError
-from .loader import Options, plan
+from .loader import Options, ProbeStatus, plan, select_handlers
 
 
 @dataclass
@@ -98,7 +98,21 @@ def run(model: Optional[str] = None) -> List[Check]:
             detail = f"{s.strategy}" if ok else f"{s.status}: {s.reason}"
             req = " [required]" if s.required else ""
             checks.append(Check(f"{target}: {s.symbol}{req}", ok, detail, essential=False))
+        checks.append(_verdict(target, statuses, m, primary=(target == "model") == bool(model)))
     return checks
+
+
+def _verdict(target: str, statuses: List[ProbeStatus], model: Optional[str], primary: bool) -> Check:
+    """Can `record` trace here (the model with --model, else this kernel)?
+    The same selection `record` makes: at least one LUO file handler's
+    preserve entry point attachable, with its required probes."""
+    try:
+        chosen = select_handlers(statuses, Options(mode="trace", model=model))
+    except LuotraceError as e:
+        return Check(f"verdict ({target})", False, f"luotrace cannot trace this {target}: {e}", essential=primary)
+    handlers = sorted({s.handler for s in chosen if s.handler in ("guest_memfd", "memfd")})
+    return Check(f"verdict ({target})", True, f"luotrace can trace this {target}: {', '.join(handlers)}",
+                 essential=primary)
 
 
 def essential_ok(checks: List[Check]) -> bool:

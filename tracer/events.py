@@ -55,12 +55,25 @@ def to_dict(ev, base_ns: int = 0) -> dict:
             "dev": int(ev["dev"]), **(fields(ev) if p else {})}
 
 
-def fields(ev) -> Dict[str, int]:
-    """Named fields of one event, from the catalog (for display and debugging)."""
+_UNKNOWN_FLAG = {"a0": EVF_A0_UNKNOWN, "a1": EVF_A1_UNKNOWN}
+
+
+def fields(ev) -> Dict[str, object]:
+    """Named fields of one event, from the catalog, decoded by type: a field
+    BPF could not read is null, a bool return is a bool (a C bool leaves the
+    upper bytes of the register undefined), a negative return is named."""
     p = catalog.PROBES[int(ev["probe"])]
     names = p.ret if int(ev["kind"]) == EV_RETURN else p.entry
-    out = {name: int(ev[slot]) for slot, name in names.items()}
+    flags = int(ev["flags"])
+    out: Dict[str, object] = {name: None if flags & _UNKNOWN_FLAG.get(slot, 0) else int(ev[slot])
+                              for slot, name in names.items()}
     if int(ev["kind"]) == EV_RETURN:
         out["duration_ns"] = int(ev["a2"])
-        out["ret"] = int(ev["ret"])
+        ret = int(ev["ret"])
+        if p.returns == "bool":
+            out["ret"] = bool(ret & 0xFF)
+        else:
+            out["ret"] = ret
+            if ret < 0:
+                out["errno"] = errno_name(ret)
     return out

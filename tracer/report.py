@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import anomalies
-from .aggregator import PHASE_ORDER, Aggregator, FileState, Key
-from .catalog import HANDLERS, SER_DEV
+from .aggregator import FINAL_RESULTS, PHASE_ORDER, Aggregator, FileState, Key
+from .catalog import HANDLER_NAMES, HANDLERS, SER_DEV
 from .events import errno_name
 from .totals import Totals
 
@@ -81,11 +81,10 @@ def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optio
         d["folio_preserve_ns_total"] = folio["preserve_ns"] if folio else None
     if st.streamed:
         d["streamed_events"] = dict(sorted(st.streamed.items()))
-    d["anomalies"] = anomalies.check(anomalies.Facts(st, folio if folio_mode else None, pop))
+    d["anomalies"] = anomalies.check(anomalies.Facts(st, folio if folio_mode else None, pop), base)
     return d
 
 
-FINAL_RESULTS = ("retrieved", "discarded", "cancelled", "rejected", "error")
 Rows = Tuple[List[Tuple[Key, dict]], Dict[Key, dict], List[Key]]  # see file_rows
 
 
@@ -154,8 +153,7 @@ def build(agg: Aggregator, header: dict, end: Optional[dict], truncated: bool = 
     keyed, folio_rows, _created = rows or file_rows(agg)
     files = [r for _k, r in keyed]
     unattributed = folio_rows.get((HANDLERS["kho"], 0, 0))
-    all_anoms = [{"code": a["code"], "handler": f["handler"], "inode": f["inode"], "detail": a["detail"]}
-                 for f in files for a in f["anomalies"]]
+    all_anoms = [{"handler": f["handler"], "inode": f["inode"], **a} for f in files for a in f["anomalies"]]
     sessions = []
     for s in agg.all_sessions:
         sessions.append({"id": s.id, "handle": s.handle, "files": [k[2] for k in s.files],
@@ -209,6 +207,9 @@ def build(agg: Aggregator, header: dict, end: Optional[dict], truncated: bool = 
                    "damaged": damaged_records,
                    "untracked": agg.untracked_events},
         "untracked_files": agg.untracked_files,
+        "update": _update(header, agg),
+        "kexec_ns": [t - agg.base for t in agg.kexec_ts],
+        "files_finished": [[HANDLER_NAMES.get(h, "unknown"), r, n] for (h, r), n in sorted(agg.finished.items())],
         "retired": {"files": agg.retired_files, "sessions": agg.retired_sessions, "totals": agg.retired},
         "bpf": {"run_time_ns": int(bpf.get("run_time_ns", 0)), "run_cnt": int(bpf.get("run_cnt", 0)),
                 "stats_enabled": bool(bpf.get("stats_enabled", False)),
@@ -216,6 +217,37 @@ def build(agg: Aggregator, header: dict, end: Optional[dict], truncated: bool = 
                              for k, v in sorted((bpf.get("programs") or {}).items())}},
         "duration_ns": end.get("duration_ns"),
     }
+
+
+def _update(header: dict, agg: Aggregator) -> dict:
+    """The boot traced, and the wall-clock time of the last kexec seen (from
+    the recording's clock anchor: base realtime + monotonic since base)."""
+    ck = header.get("clock") or {}
+    last = None
+    if agg.kexec_ts and "base_realtime_ns" in ck and "base_monotonic_ns" in ck:
+        last = ck["base_realtime_ns"] + agg.kexec_ts[-1] - ck["base_monotonic_ns"]
+    return {"boot_id": ck.get("boot_id"), "last_kexec_realtime_ns": last}
+
+
+FAIL_ON = ("error", "anomaly", "lost")
+
+
+def failures(rep: dict, kinds: Sequence[str]) -> List[str]:
+    """What in REP fails a CI gate (`--fail-on`), one phrase per kind found."""
+    out = []
+    t = rep.get("totals") or {}
+    if "error" in kinds:
+        errs = [f for f in rep.get("files", []) if f.get("result") == "error" or f.get("errno")]
+        n = max(len(errs), (t.get("files_by_result") or {}).get("error", 0))
+        if n:
+            names = sorted({f["errno"] for f in errs if f.get("errno")})
+            out.append(f"{n} file(s) failed" + (f" ({', '.join(names)})" if names else ""))
+    if "anomaly" in kinds and t.get("anomalies"):
+        out.append(f"{sum(t['anomalies'].values())} anomal{'y' if sum(t['anomalies'].values()) == 1 else 'ies'} "
+                   f"({', '.join(sorted(t['anomalies']))})")
+    if "lost" in kinds and (rep.get("events") or {}).get("lost"):
+        out.append(f"{rep['events']['lost']} event(s) lost")
+    return out
 
 
 def probe_row(p: dict) -> dict:

@@ -4,6 +4,7 @@ explicit choice (``--listen 0.0.0.0:9477``)."""
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import sys
 import threading
@@ -14,7 +15,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, write_to_textfile
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from exporters.prometheus import LuotraceCollector
+from exporters.prometheus import LuotraceCollector, push, write_textfile
 
 from .errors import LuotraceError
 from .loader import Options
@@ -97,10 +98,10 @@ def metrics_app(registry: CollectorRegistry, ttl: float = SNAPSHOT_TTL_S) -> Cal
 class MetricsServer:
     """An HTTP server for /metrics around a LuotraceCollector."""
 
-    def __init__(self, listen: str, snapshot: Callable[[], dict]):
+    def __init__(self, listen: str, snapshot: Callable[[], dict], per_program: bool = False):
         self.host, self.port = parse_listen(listen)
         self.registry = CollectorRegistry(auto_describe=False)
-        LuotraceCollector(snapshot, registry=self.registry)
+        LuotraceCollector(snapshot, registry=self.registry, per_program=per_program)
         try:
             family = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
             server_class = type("_Server", (_Server,), {"address_family": family})
@@ -122,10 +123,48 @@ class MetricsServer:
         self.server.server_close()
 
 
+class UpdateExport:
+    """Where the old kernel's final numbers go when kernel_kexec() is seen
+    (and at the end of a run): a textfile for node_exporter, a Pushgateway.
+    The scrape interval is no longer a race against the kexec."""
+
+    def __init__(self, textfile_dir: Optional[str] = None, pushgateway: Optional[str] = None,
+                 per_program: bool = False, progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr)):
+        if textfile_dir is not None and not os.path.isdir(textfile_dir):
+            raise LuotraceError(f"--textfile-dir {textfile_dir} is not a directory",
+                                "create it, or point it at node_exporter's --collector.textfile.directory")
+        if pushgateway is not None and not pushgateway.startswith(("http://", "https://")):
+            raise LuotraceError(f"bad --pushgateway '{pushgateway}'", "give its URL, e.g. http://127.0.0.1:9091")
+        self.textfile_dir, self.pushgateway, self.per_program = textfile_dir, pushgateway, per_program
+        self.progress = progress
+
+    def __bool__(self) -> bool:
+        return bool(self.textfile_dir or self.pushgateway)
+
+    def write(self, rep: dict, when: str) -> None:
+        """Textfile first (a local fsync), then the network: each failure is one line, never the run's end."""
+        if self.textfile_dir:
+            try:
+                path = write_textfile(self.textfile_dir, rep, self.per_program)
+                self.progress(f"luotrace: metrics {when} written to {path}")
+            except OSError as e:
+                self.progress(f"luotrace: cannot write metrics to {self.textfile_dir}: {e.strerror}")
+        if self.pushgateway:
+            try:
+                push(self.pushgateway, rep, self.per_program)
+                self.progress(f"luotrace: metrics {when} pushed to {self.pushgateway}")
+            except OSError as e:
+                self.progress(f"luotrace: cannot push metrics to {self.pushgateway}: {e}")
+
+    def attach(self, sess: LiveSession) -> None:
+        sess.on_kexec.append(lambda s: self.write(s.snapshot(), "at the kexec"))
+
+
 def serve_live(opts: Options, listen: str, output: Optional[str], command: Optional[List[str]],
                duration: Optional[float], labels: Dict[str, str],
                progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
-               keep_files: int = KEEP_FILES) -> RunResult:
+               keep_files: int = KEEP_FILES, per_program: bool = False,
+               update_export: Optional[UpdateExport] = None) -> RunResult:
     """Trace and export; after COMMAND (or --duration) ends, keep serving the
     final state until SIGINT/SIGTERM.  Finished files beyond KEEP_FILES are
     folded into the counters at each scrape, so that a service running for
@@ -136,24 +175,31 @@ def serve_live(opts: Options, listen: str, output: Optional[str], command: Optio
         sess = live.get("sess")
         return sess.snapshot(keep_files) if sess else {"recording": {"mode": opts.mode}, "files": []}
 
-    srv = MetricsServer(listen, snapshot)  # bind first: a taken port fails before anything is attached
+    srv = MetricsServer(listen, snapshot, per_program)  # bind first: a taken port fails before anything is attached
 
     def started(sess: LiveSession) -> None:
         live["sess"] = sess
+        if update_export:
+            update_export.attach(sess)
         progress(f"luotrace: metrics on http://{listen}/metrics")
+
+    def ended(res: RunResult) -> None:
+        if update_export:
+            update_export.write(res.report, "at the end")
 
     try:
         return run(opts, output, command=command, duration=duration, labels=labels, progress=progress,
-                   on_started=started, linger=bool(command or duration))
+                   on_started=started, linger=bool(command or duration), on_stopped=ended)
     finally:
         srv.close()
 
 
 def serve_replay(path: str, listen: str, progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+                 per_program: bool = False,
                  until: Optional[Callable[[], bool]] = None) -> None:
     """Serve the metrics a recording would have produced, until SIGINT/SIGTERM."""
     report = replay(path)
-    srv = MetricsServer(listen, lambda: report)
+    srv = MetricsServer(listen, lambda: report, per_program)
     progress(f"luotrace: serving {path} on http://{listen}/metrics; Ctrl-C to stop")
     try:
         with _Stop() as stop:
@@ -163,14 +209,14 @@ def serve_replay(path: str, listen: str, progress: Callable[[str], None] = lambd
         srv.close()
 
 
-def export_textfile(path: str, out: str) -> None:
+def export_textfile(path: str, out: str, per_program: bool = False) -> None:
     """node_exporter textfile-collector format, written atomically (a
     temporary file renamed over OUT): so OUT must be a regular file or none,
     never a device or FIFO a rename would replace."""
     check_output(out, force=True, what="textfile")
     report = replay(path)
     registry = CollectorRegistry(auto_describe=False)
-    LuotraceCollector(lambda: report, registry=registry)
+    LuotraceCollector(lambda: report, registry=registry, per_program=per_program)
     try:
         write_to_textfile(out, registry)
     except OSError as e:

@@ -148,6 +148,9 @@ class LiveSession:
         self.final: Optional[dict] = None
         self.stats: Optional[kernel.BpfStats] = None
         self.kexec_seen = False
+        # called once, in the polling thread, when kernel_kexec() is seen and the
+        # maps are dumped: the last moment the old kernel's numbers can leave it
+        self.on_kexec: List[Callable[["LiveSession"], None]] = []
         self._maps_at = 0.0
         self._maps_mark = 0  # lifecycle records received when the maps were last written
 
@@ -175,7 +178,7 @@ class LiveSession:
         self._pending.clear()
         batch = decode(raw)
         with self.lock:
-            jump = self.writer is not None and not self.kexec_seen and bool((batch["probe"] == KEXEC_PROBE).any())
+            jump = not self.kexec_seen and bool((batch["probe"] == KEXEC_PROBE).any())
             self._write(lambda w: w.add(raw))
             if self.kexec_seen or jump:
                 # The machine is jumping to the next kernel: what is not on
@@ -190,6 +193,11 @@ class LiveSession:
             self.pump()
             with self.lock:
                 self._dump_maps(sync=True)
+            for hook in self.on_kexec:
+                try:
+                    hook(self)
+                except Exception as e:  # an exporter's failure must not end the trace
+                    print(f"luotrace: at the kexec: {e}", file=sys.stderr)
 
     def _lifecycle_records(self) -> int:
         return self.agg.received - self.agg.per_folio_received
@@ -310,12 +318,14 @@ def run(opts: Options, output: Optional[str], command: Optional[List[str]] = Non
         duration: Optional[float] = None, labels: Optional[Dict[str, str]] = None,
         progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
         on_started: Optional[Callable[[LiveSession], None]] = None,
-        linger: bool = False, force: bool = False) -> RunResult:
+        linger: bool = False, force: bool = False,
+        on_stopped: Optional[Callable[[RunResult], None]] = None, command_stdout=None) -> RunResult:
     """Trace until COMMAND exits, DURATION passes or SIGINT/SIGTERM/SIGHUP/
     SIGQUIT.  A signal before the probes are attached cancels the run before
     COMMAND starts.  With ``linger`` the session stays up after the command
     exits (serving its final state through ``on_started``'s hooks) until a
-    signal.  No failure of luotrace kills COMMAND: after one, the probes are
+    signal.  COMMAND_STDOUT: where COMMAND's stdout goes (`record --json`
+    sends it to stderr so that stdout is the JSON alone).  No failure of luotrace kills COMMAND: after one, the probes are
     detached and COMMAND runs on untraced to its end."""
     if output:
         if arg := uses_path(command, output):
@@ -338,7 +348,7 @@ def run(opts: Options, output: Optional[str], command: Optional[List[str]] = Non
                 on_started(sess)
             if command:
                 try:
-                    child = subprocess.Popen(command)
+                    child = subprocess.Popen(command, stdout=command_stdout)
                 except OSError as e:
                     raise LuotraceError(f"cannot run {command[0]}: {e.strerror}", "check the command after --")
             deadline = time.monotonic() + duration if duration else None
@@ -378,12 +388,15 @@ def run(opts: Options, output: Optional[str], command: Optional[List[str]] = Non
             raise
         if sess.recording_error:
             progress(f"luotrace: recording {output} is incomplete: {sess.recording_error}")
+        result = RunResult(report, output, child.returncode if child else None, stopped_by, sess.recording_error)
+        if on_stopped:
+            on_stopped(result)
         if linger and not stop.reason:
             stop.arm()
             progress("luotrace: probes detached; serving the final state until Ctrl-C")
             while not stop.reason:
                 time.sleep(0.2)
-    return RunResult(report, output, child.returncode if child else None, stopped_by, sess.recording_error)
+    return result
 
 
 def replay(path: str) -> dict:

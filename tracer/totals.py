@@ -8,29 +8,41 @@ from __future__ import annotations
 
 from typing import Dict, Iterable, List, Tuple
 
-# Histogram bounds: powers of two nanoseconds, 2^10 ns (~1 us) .. 2^36 ns (~69 s).
-# The in-kernel log2 slot s holds values in [2^(s-1), 2^s - 1] ns (bcc's
-# bpf_log2l), so it lands in the bucket le=2^s ns.
-LOG2_MIN, LOG2_MAX = 10, 36
-BUCKETS_S = [2 ** k / 1e9 for k in range(LOG2_MIN, LOG2_MAX + 1)]
+# Histogram bounds: every other power of two nanoseconds, 2^11 ns (~2 us) ..
+# 2^37 ns (~137 s), 14 buckets: a factor of 4 per bucket keeps a host's
+# series within budget (README) and still places a latency within 2x.  The
+# in-kernel log2 slot s holds values in [2^(s-1), 2^s - 1] ns (bcc's
+# bpf_log2l), so it lands in the first bucket le >= 2^s ns.
+LOG2_MIN, LOG2_MAX, LOG2_STEP = 11, 37, 2
+BUCKETS_S = [2 ** k / 1e9 for k in range(LOG2_MIN, LOG2_MAX + 1, LOG2_STEP)]
 NBUCKETS = len(BUCKETS_S) + 1  # the last one is +Inf
 
 HANDLERS = ("guest_memfd", "memfd")
+OUTCOMES = ("ok", "error")  # of a preserve call
+# The phases each handler goes through (tracer.aggregator names them), so that
+# their series exist, at zero, before the first update.
+PHASES = {"guest_memfd": ("can_preserve", "count_pass", "fill_pass", "vmalloc", "luo_freeze", "unpreserve",
+                          "retrieve", "finish"),
+          "memfd": ("can_preserve", "preserve_folios", "vmalloc", "luo_freeze", "unpreserve", "retrieve", "finish")}
 FOLIO_COUNTERS = ("folios_preserved", "folios_unpreserved", "folios_restored", "folios_populated",
                   "bytes_preserved")
 HISTS = ("preserve", "phase", "folio", "blackout")
 
 
+def _index_of_pow2(k: int) -> int:
+    """The bucket holding values below 2^k ns."""
+    return min((max(k, LOG2_MIN) - LOG2_MIN + LOG2_STEP - 1) // LOG2_STEP, len(BUCKETS_S))
+
+
 def bucket_index_ns(v: int) -> int:
-    k = max(int(v).bit_length(), LOG2_MIN)  # smallest k with v < 2^k
-    return min(k - LOG2_MIN, len(BUCKETS_S))
+    return _index_of_pow2(int(v).bit_length())  # v < 2^bit_length
 
 
 def slot_counts(slots: Dict[int, int]) -> List[int]:
     """In-kernel log2 slots -> per-bucket counts on BUCKETS_S (slot s <= 2^s - 1 ns)."""
     counts = [0] * NBUCKETS
     for slot, c in slots.items():
-        counts[min(max(int(slot), LOG2_MIN) - LOG2_MIN, len(BUCKETS_S))] += c
+        counts[_index_of_pow2(int(slot))] += c
     return counts
 
 
@@ -77,7 +89,8 @@ class Totals:
         for a in f.get("anomalies", []):
             _inc(self.anomalies, (h, a["code"]))
         if f.get("preserve"):
-            self.observe_ns("preserve", (h, f["result"]), [f["preserve"]["duration_ns"]])
+            outcome = "error" if f.get("failed_phase") == "preserve" else "ok"
+            self.observe_ns("preserve", (h, outcome), [f["preserve"]["duration_ns"]])
         for p in f.get("phases", []):
             if p["name"] != "preserve":
                 self.observe_ns("phase", (h, p["name"]), [p["duration_ns"]])

@@ -1,5 +1,6 @@
 """JSON Schemas of the JSON luotrace writes (the recording's header, map
-dumps and trailer), and the check every reader runs before using a part:
+dumps and trailer; `report --json`, `compare --json`, `report --events`), and
+the check every reader of a recording runs before using a part:
 types, ranges that fit the kernel's integers, bounded sizes.  Kept as .json
 files so that other tools can validate the same files."""
 from __future__ import annotations
@@ -14,7 +15,9 @@ from jsonschema.exceptions import best_match
 
 DIR = os.path.dirname(os.path.abspath(__file__))
 FILES = {"header": "recording-header.schema.json", "map dump": "recording-maps.schema.json",
-         "trailer": "recording-trailer.schema.json"}
+         "trailer": "recording-trailer.schema.json",
+         # what luotrace writes: report --json, compare --json, a line of report --events
+         "report": "report.schema.json", "compare": "compare.schema.json", "event": "event.schema.json"}
 
 
 @lru_cache(maxsize=None)
