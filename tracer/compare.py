@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -279,7 +280,8 @@ def plot(a: Side, b: Side, out: str, res: dict) -> None:
         r = rows[k]
         div, unit = _unit(np.concatenate([sa[k], sb[k]]))
         data = [sa[k] / div, sb[k] / div]
-        ax.boxplot(data, tick_labels=[a.name, b.name], showfliers=False, widths=0.5)
+        ax.boxplot(data, tick_labels=[os.path.basename(a.name), os.path.basename(b.name)], showfliers=False,
+                   widths=0.5)
         for i, d in enumerate(data, start=1):
             ax.scatter(i + rng.uniform(-0.12, 0.12, len(d)), d, s=6, alpha=0.5, color=("tab:blue", "tab:orange")[i - 1])
         delta = f"{100 * r['delta']:+.1f} %" if r["delta"] is not None else "-"
@@ -291,7 +293,7 @@ def plot(a: Side, b: Side, out: str, res: dict) -> None:
         ax.axis("off")
     fig.suptitle(f"{a.name} vs {b.name}: phase durations (p Holm < {res['alpha']}, |delta| >= "
                  f"{100 * res['min_change']:g} %)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the title
     png = io.BytesIO()
     fig.savefig(png, dpi=100, format="png")  # OUT as given: no ".png" appended to a name without one
     plt.close(fig)
