@@ -278,10 +278,17 @@ TEXTFILE = "luotrace.prom"
 
 def write_textfile(directory: str, rep: dict, per_program: bool = False) -> str:
     """REP's metrics as DIRECTORY/luotrace.prom for node_exporter's textfile
-    collector: written to a temporary file, fsynced, renamed over the old
-    one and the directory fsynced, so that a kexec a moment later finds the
-    whole file on disk or the previous one, never half of it."""
+    collector (see write_textfile_at)."""
     path = os.path.join(directory, TEXTFILE)
+    write_textfile_at(path, rep, per_program)
+    return path
+
+
+def write_textfile_at(path: str, rep: dict, per_program: bool = False) -> None:
+    """REP's metrics at PATH, written to a temporary file, fsynced, renamed
+    over the old one and the directory fsynced, so that a kexec a moment
+    later finds the whole file on disk or the previous one, never half of it."""
+    directory = os.path.dirname(os.path.abspath(path))
     tmp = f"{path}.{os.getpid()}.tmp"  # node_exporter reads *.prom only
     data = exposition(rep, per_program).encode()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -296,7 +303,6 @@ def write_textfile(directory: str, rep: dict, per_program: bool = False) -> str:
         os.fsync(dfd)
     finally:
         os.close(dfd)
-    return path
 
 
 def push(gateway: str, rep: dict, per_program: bool = False, timeout: float = 3.0) -> None:

@@ -12,10 +12,10 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, write_to_textfile
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from exporters.prometheus import LuotraceCollector, push, write_textfile
+from exporters.prometheus import LuotraceCollector, push, write_textfile, write_textfile_at
 
 from .errors import LuotraceError
 from .loader import Options
@@ -215,9 +215,7 @@ def export_textfile(path: str, out: str, per_program: bool = False) -> None:
     never a device or FIFO a rename would replace."""
     check_output(out, force=True, what="textfile")
     report = replay(path)
-    registry = CollectorRegistry(auto_describe=False)
-    LuotraceCollector(lambda: report, registry=registry, per_program=per_program)
     try:
-        write_to_textfile(out, registry)
+        write_textfile_at(out, report, per_program)
     except OSError as e:
         raise LuotraceError(f"cannot write {out}: {e.strerror}", "choose a writable path") from None

@@ -103,21 +103,6 @@ class Totals:
         if s.get("blackout_ns"):
             self.observe_ns("blackout", (), [s["blackout_ns"]])
 
-    def merged(self, other: "Totals") -> "Totals":
-        out = Totals.from_json(self.to_json())
-        for k, per in other.counters.items():
-            for h, v in per.items():
-                out.counters[k][h] = out.counters[k].get(h, 0) + v
-        for mine, theirs in ((out.files, other.files), (out.errors, other.errors),
-                             (out.anomalies, other.anomalies)):
-            for key, v in theirs.items():
-                mine[key] = mine.get(key, 0) + v
-        for hist, per in other.hists.items():
-            for labels, (counts, s) in per.items():
-                out._hist_add(hist, labels, counts, s)
-        out.nfiles += other.nfiles
-        return out
-
     def to_json(self) -> dict:
         return {"files_added": self.nfiles, "counters": self.counters,
                 "files": [[*k, v] for k, v in sorted(self.files.items())],
