@@ -14,7 +14,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Tuple
 
 from prometheus_client import CollectorRegistry, generate_latest, push_to_gateway
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, SummaryMetricFamily
+from prometheus_client.core import Metric, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 from tracer import __version__
@@ -91,11 +91,14 @@ def _hist_family(name: str, doc: str, labels: List[str], data: Dict[Tuple[str, .
 
 
 class LuotraceCollector(Collector):
-    """Reads ``snapshot()`` (a luotrace report dict) at every scrape."""
+    """Reads ``snapshot()`` (a luotrace report dict) at every scrape, and adds
+    ``earlier()``: families of earlier boots' updates (earlier_boot_families)."""
 
-    def __init__(self, snapshot: Callable[[], dict], registry=None, per_program: bool = False):
+    def __init__(self, snapshot: Callable[[], dict], registry=None, per_program: bool = False,
+                 earlier: Callable[[], List[Metric]] = lambda: []):
         self._snapshot = snapshot
         self._per_program = per_program
+        self._earlier = earlier
         if registry is not None:
             registry.register(self)
 
@@ -104,7 +107,54 @@ class LuotraceCollector(Collector):
 
     def collect(self) -> Iterator:
         rep = self._snapshot()
-        yield from families(rep, self._per_program)
+        yield from merged(families(rep, self._per_program), self._earlier())
+
+
+# What an earlier boot's recording adds: the numbers of the update that ended
+# it (counters, histograms, its identity), not the tracer's state then (gauges
+# of the moment, probes, BPF cost, per-folio latency: in its recording), and
+# only series that are not zero.
+EARLIER_BOOT_SKIP = ("luotrace_bpf_run_time_seconds", "luotrace_bpf_runs", "luotrace_events",
+                     "luotrace_folio_preserve_duration_seconds")
+EARLIER_BOOT_BUDGET = 110  # series one earlier boot adds at most (tests/test_prometheus.py holds it to this)
+
+
+def earlier_boot_families(rep: dict) -> List[Metric]:
+    """REP's update as families whose samples carry ``boot_id`` and ``kernel``
+    (the boot and kernel that ran it), to be exported beside the live ones."""
+    rec, upd = rep.get("recording") or {}, rep.get("update") or {}
+    extra = {"boot_id": str(upd.get("boot_id") or "unknown"), "kernel": str(rec.get("kernel") or "unknown")}
+    out: List[Metric] = []
+    for fam in families(rep):
+        if fam.name == "luotrace_update_info":
+            out.append(fam)  # already labelled with its boot and kernel
+            continue
+        if fam.name == "luotrace_last_update_timestamp_seconds" or \
+                (fam.type in ("counter", "histogram", "summary") and fam.name not in EARLIER_BOOT_SKIP):
+            zero = {_labelset(s) for s in fam.samples
+                    if s.value == 0 and (fam.type not in ("histogram", "summary") or s.name.endswith("_count"))}
+            m = Metric(fam.name, fam.documentation, fam.type)
+            m.samples = [s._replace(labels={**s.labels, **extra}) for s in fam.samples if _labelset(s) not in zero]
+            if m.samples:
+                out.append(m)
+    return out
+
+
+def _labelset(s) -> Tuple:
+    return tuple(sorted((k, v) for k, v in s.labels.items() if k not in ("le", "quantile")))
+
+
+def merged(live: List[Metric], extra: List[Metric]) -> List[Metric]:
+    """LIVE with EXTRA's samples added to the family of the same name (one
+    family per name in an exposition); EXTRA is not modified."""
+    by_name = {f.name: f for f in live}
+    out = list(live)
+    for fam in extra:
+        if fam.name in by_name:
+            by_name[fam.name].samples = by_name[fam.name].samples + fam.samples
+        else:
+            out.append(fam)
+    return out
 
 
 def _phase_family(t: Totals) -> SummaryMetricFamily:
@@ -165,9 +215,10 @@ def families(rep: dict, per_program: bool = False) -> List:
     mode = (rep.get("recording") or {}).get("mode") or "unknown"
     out: List = []
 
-    info = GaugeMetricFamily("luotrace_build_info", "luotrace version, traced kernel and mode (value 1)",
-                             labels=["version", "kernel", "mode"])
-    info.add_metric([__version__, str((rep.get("recording") or {}).get("kernel")), mode], 1)
+    info = GaugeMetricFamily("luotrace_build_info", "luotrace version, traced kernel, boot and mode (value 1)",
+                             labels=["version", "kernel", "boot_id", "mode"])
+    info.add_metric([__version__, str((rep.get("recording") or {}).get("kernel")),
+                     str((rep.get("update") or {}).get("boot_id") or ""), mode], 1)
     out.append(info)
     out += _identity(rep)
 

@@ -16,7 +16,8 @@ import urllib.request
 import pytest
 
 from dashboards import generate
-from exporters.prometheus import SERIES_BUDGET, exported_series_names, exposition, families
+from exporters.prometheus import (EARLIER_BOOT_BUDGET, SERIES_BUDGET, LuotraceCollector, earlier_boot_families,
+                                  exported_series_names, exposition, families)
 from tests.conftest import LUOTRACE, REPO
 from tracer import catalog
 from tracer.session import replay
@@ -255,6 +256,34 @@ def test_series_within_the_budget_at_any_number_of_files():
     """Defaults: at most SERIES_BUDGET series a host, for 64 files as for 10,000."""
     small, big = _series(_synthetic(64)), _series(_synthetic(10_000))
     assert big == small <= SERIES_BUDGET, (small, big)
+
+
+def test_the_previous_boots_update_adds_at_most_its_budget_and_passes_promtool(tmp_path):
+    """An earlier boot's update (serve --state-dir) adds its non-zero
+    counters and histograms, each sample labelled with that boot and kernel,
+    merged into the live families: a valid exposition, within budget."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    old = _synthetic(10_000)
+    old["update"]["boot_id"], old["recording"]["kernel"] = "b0", "k0"
+    extra = earlier_boot_families(old)
+    n = sum(len(f.samples) for f in extra)
+    assert 0 < n <= EARLIER_BOOT_BUDGET, n
+    for f in extra:
+        for smp in f.samples:
+            assert (smp.labels["boot_id"], smp.labels["kernel"]) == ("b0", "k0"), (f.name, smp)
+    assert {f.name for f in extra} >= {"luotrace_folios_preserved", "luotrace_preserve_duration_seconds",
+                                       "luotrace_update_info", "luotrace_last_update_timestamp_seconds"}
+    assert not {f.name for f in extra} & {"luotrace_files_current", "luotrace_probe_attached", "luotrace_build_info"}
+    registry = CollectorRegistry(auto_describe=False)
+    LuotraceCollector(lambda: _synthetic(64), registry=registry, earlier=lambda: extra)
+    text = generate_latest(registry).decode()
+    assert text.count("# TYPE luotrace_folios_preserved_total counter") == 1  # one family per name
+    assert 'luotrace_folios_preserved_total{boot_id="b0",handler="memfd",kernel="k0"}' in text
+    out = tmp_path / "m.prom"
+    out.write_text(text)
+    r = subprocess.run(["promtool", "check", "metrics"], stdin=open(out), capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert text == generate_latest(registry).decode()  # scraping does not change what is merged in
 
 
 def test_every_family_exists_at_zero_before_the_first_update():

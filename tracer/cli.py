@@ -3,6 +3,7 @@ library; errors are one line on stderr and a non-zero exit, never a traceback.""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from typing import Dict, List, Optional, Tuple
@@ -295,11 +296,20 @@ def demo(mode: str, output: Optional[str], as_json: bool) -> None:
                    "the counters, so memory and scrape time stay flat however long serve runs")
 @bpf_stats_option
 @update_export_options
+@click.option("--state-dir", type=click.Path(file_okay=False), default=lambda: os.environ.get("STATE_DIRECTORY"),
+              help="record each boot here; after a boot, export the update that ended the previous one, labelled "
+                   "with its boot_id and kernel: the old kernel's half of an update survives the jump "
+                   "[default: $STATE_DIRECTORY, which systemd sets to /var/lib/luotrace for the service; "
+                   "else off]")
+@click.option("--state-keep", type=click.IntRange(1, 10000), default=8, show_default=True,
+              help="recordings kept in --state-dir (this boot's included)")
+@click.option("--state-max-bytes", default="512M", show_default=True, metavar="SIZE",
+              help="bytes of recordings kept in --state-dir (oldest removed first, never this boot's)")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def serve(listen: str, replay_path: Optional[str], output: Optional[str], mode: str, model: Optional[str],
           handlers: Tuple[str, ...], duration: Optional[float], labels: Tuple[str, ...], keep_files: int,
-          bpf_stats: bool, textfile_dir: Optional[str], pushgateway: Optional[str],
-          command: Tuple[str, ...]) -> None:
+          bpf_stats: bool, textfile_dir: Optional[str], pushgateway: Optional[str], state_dir: Optional[str],
+          state_keep: int, state_max_bytes: str, command: Tuple[str, ...]) -> None:
     """Export metrics for Prometheus at http://LISTEN/metrics, read from the
     BPF maps at scrape time.  With COMMAND or --duration, keeps serving the
     final state after it ends, until Ctrl-C / SIGTERM.
@@ -309,6 +319,7 @@ def serve(listen: str, replay_path: Optional[str], output: Optional[str], mode: 
       luotrace serve                                  # live, on 127.0.0.1:9477
       luotrace serve --listen 0.0.0.0:9477            # explicit opt-in beyond localhost
       luotrace serve --replay run.luo                 # what a recording would have exported
+      luotrace serve --state-dir /var/lib/luotrace    # as the service: survives the kexec
       luotrace serve --model workloads/model/luo_model -- workloads/model/luo_model kexec:gmem:64M
     """
     from .serve import UpdateExport, serve_live, serve_replay
@@ -316,9 +327,12 @@ def serve(listen: str, replay_path: Optional[str], output: Optional[str], mode: 
         serve_replay(replay_path, listen, per_program=bpf_stats)
         return
     from .loader import Options
+    from .simulate import parse_size
+    from .state import StateDir
+    state = StateDir(state_dir, state_keep, parse_size(state_max_bytes)) if state_dir else None
     opts = Options(mode=mode, model=model, handlers=list(handlers) or None)
     serve_live(opts, listen, output, list(command) or None, duration, _labels(labels), keep_files=keep_files,
-               per_program=bpf_stats, update_export=UpdateExport(textfile_dir, pushgateway, bpf_stats))
+               per_program=bpf_stats, update_export=UpdateExport(textfile_dir, pushgateway, bpf_stats), state=state)
 
 
 @cli.command()

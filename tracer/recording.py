@@ -8,7 +8,8 @@ Layout (all little endian), version 2::
         1 EVENTS  length/64 raw struct luo_event records (a block: 256 KiB or 1 s)
         2 MAPS    JSON map dumps (folio counters, histograms, population, counters);
                   also written during the run (a second after lifecycle activity,
-                  and when a kexec starts); the last one wins
+                  when a kexec starts, and before a long-running serve deletes
+                  the rows of files it retires); per file, the last row wins
         3 END     JSON trailer (duration, BPF run time); its presence = closed cleanly
 
 A file cut short (SIGKILL, full disk) still reads: every whole record before
@@ -207,6 +208,28 @@ class Recording:
         yield from self.chunks
 
 
+# Per-file tables of a map dump and the fields that key a row.
+ROW_KEYS = {"folio_stats": ("handler", "dev", "ino"), "population": ("handler", "dev", "ino"),
+            "folio_hist": ("handler", "dev", "ino", "slot")}
+
+
+def merge_maps(old: Optional[dict], new: dict) -> dict:
+    """Two map dumps as one: NEW's counters, and per file NEW's row or, for a
+    file NEW no longer holds (a serve retired it and deleted its rows), OLD's
+    last one.  Rows are never deleted otherwise, so for any other recording
+    this is NEW itself."""
+    if not old:
+        return new
+    out = dict(new)
+    for table, keys in ROW_KEYS.items():
+        if not old.get(table):
+            continue
+        rows = {tuple(r.get(k) for k in keys): r for r in old[table]}
+        rows.update((tuple(r.get(k) for k in keys), r) for r in new.get(table, []))
+        out[table] = list(rows.values())
+    return out
+
+
 def _bad(path: str, what: str) -> LuotraceError:
     return LuotraceError(f"{path}: {what}", "pass a file written by `luotrace record`")
 
@@ -345,7 +368,7 @@ def parse(data, path: str = "<recording>") -> Recording:
                 break
             obj = _json(body, path, name)
             if kind == CH_MAPS:
-                rec.maps = obj
+                rec.maps = merge_maps(rec.maps, obj)
             else:
                 rec.end = obj
         else:

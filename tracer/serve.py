@@ -15,12 +15,13 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from exporters.prometheus import LuotraceCollector, push, write_textfile, write_textfile_at
+from exporters.prometheus import LuotraceCollector, earlier_boot_families, push, write_textfile, write_textfile_at
 
 from .errors import LuotraceError
 from .loader import Options
 from .recording import check_output
 from .session import LiveSession, RunResult, _Stop, replay, run
+from .state import StateDir
 
 DEFAULT_LISTEN = "127.0.0.1:9477"
 KEEP_FILES = 64  # finished files a live serve keeps in detail; older ones live on in the counters
@@ -98,10 +99,11 @@ def metrics_app(registry: CollectorRegistry, ttl: float = SNAPSHOT_TTL_S) -> Cal
 class MetricsServer:
     """An HTTP server for /metrics around a LuotraceCollector."""
 
-    def __init__(self, listen: str, snapshot: Callable[[], dict], per_program: bool = False):
+    def __init__(self, listen: str, snapshot: Callable[[], dict], per_program: bool = False,
+                 earlier: Callable[[], list] = lambda: []):
         self.host, self.port = parse_listen(listen)
         self.registry = CollectorRegistry(auto_describe=False)
-        LuotraceCollector(snapshot, registry=self.registry, per_program=per_program)
+        LuotraceCollector(snapshot, registry=self.registry, per_program=per_program, earlier=earlier)
         try:
             family = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
             server_class = type("_Server", (_Server,), {"address_family": family})
@@ -164,18 +166,32 @@ def serve_live(opts: Options, listen: str, output: Optional[str], command: Optio
                duration: Optional[float], labels: Dict[str, str],
                progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
                keep_files: int = KEEP_FILES, per_program: bool = False,
-               update_export: Optional[UpdateExport] = None) -> RunResult:
+               update_export: Optional[UpdateExport] = None, state: Optional[StateDir] = None) -> RunResult:
     """Trace and export; after COMMAND (or --duration) ends, keep serving the
     final state until SIGINT/SIGTERM.  Finished files beyond KEEP_FILES are
     folded into the counters at each scrape, so that a service running for
-    months holds and scrapes the files of the moment, not all of history."""
+    months holds and scrapes the files of the moment, not all of history.
+    With STATE, this boot is recorded there, and the previous boot's
+    recording, if it ended at a kexec, is exported beside the live numbers."""
     live: Dict[str, LiveSession] = {}
+    earlier: List = []
 
     def snapshot() -> dict:
         sess = live.get("sess")
         return sess.snapshot(keep_files) if sess else {"recording": {"mode": opts.mode}, "files": []}
 
-    srv = MetricsServer(listen, snapshot, per_program)  # bind first: a taken port fails before anything is attached
+    if state is not None:
+        if output:
+            raise LuotraceError("-o and --state-dir both say where the recording goes",
+                                "give one: with --state-dir, serve records into that directory")
+        output = state.new_recording()
+    # bind first: a taken port fails before anything is attached
+    srv = MetricsServer(listen, snapshot, per_program, earlier=lambda: earlier)
+    if state is not None:
+        # Read in the background: retrieve runs right after a boot, and the
+        # probes must be attached by then, not after a replay.
+        threading.Thread(target=_load_earlier, args=(state, output, earlier, progress),
+                         name="luotrace-state", daemon=True).start()
 
     def started(sess: LiveSession) -> None:
         live["sess"] = sess
@@ -192,6 +208,19 @@ def serve_live(opts: Options, listen: str, output: Optional[str], command: Optio
                    on_started=started, linger=bool(command or duration), on_stopped=ended)
     finally:
         srv.close()
+
+
+def _load_earlier(state: StateDir, current: str, into: List, progress: Callable[[str], None]) -> None:
+    try:
+        b = state.previous_boot()
+        if b is not None:
+            into.extend(earlier_boot_families(b.report))
+            n = sum(f["folios_preserved"] or 0 for f in b.report.get("files", []))
+            progress(f"luotrace: exporting the update that ended boot {b.boot_id} ({b.kernel}): "
+                     f"{len(b.report.get('files', []))} files, {n} folios preserved, from {b.path}")
+        state.prune(current)
+    except Exception as e:  # the live export goes on whatever an old file holds
+        progress(f"luotrace: reading {state.path} failed: {type(e).__name__}: {e}")
 
 
 def serve_replay(path: str, listen: str, progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr),

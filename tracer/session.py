@@ -268,6 +268,8 @@ class LiveSession:
             if keep_finished is not None:
                 gone = retire(self.agg, keep_finished, rows)
                 if gone:
+                    # the recording keeps the rows the maps are about to lose
+                    self._write(lambda w: w.write_maps(maps))
                     self.tracer.forget(gone)
             return rep
 

@@ -10,6 +10,11 @@ rm -rf "$out" && mkdir -p "$out"
 # The guest sees $out (shared read/write), not the host cache: selftests, and
 # the bzImage it kexecs into (twice: see workloads/vm/inside.py).
 cp -r "$kdir/selftests" "$out/selftests" && cp "$kdir/bzImage" "$out/bzImage"
+# The guest runs a snapshot of the working tree, not the tree itself: a 20-minute
+# lane reads its Python files live over 9p, and an edit made meanwhile would
+# mix two versions in one run.
+src=${LUOTRACE_VM_SRC:-/tmp/luotrace-vmtest-src}
+rsync -a --delete --exclude /.venv --exclude /.git "$repo/" "$src/"
 start=$(date +%s)
 # Nested KVM fails on these machines ("KVM internal error"): software emulation.
 # vng runs virtme-run from PATH; the guest console goes to $out/console.log.
@@ -21,7 +26,7 @@ export PATH="$repo/.venv/bin:$PATH"
 for attempt in 1 2; do
   vng --verbose --run "$kdir/bzImage" --disable-kvm --cpus 2 --memory 4G --user root --append "liveupdate=1" \
     --rwdir "$out" --qemu-opts="-cpu max" \
-    --exec "cd $repo && LUOTRACE_VM_ONLY=${LUOTRACE_VM_ONLY:-all} $repo/.venv/bin/python -m workloads.vm.inside $out $out" \
+    --exec "cd $src && LUOTRACE_VM_ONLY=${LUOTRACE_VM_ONLY:-all} $repo/.venv/bin/python -m workloads.vm.inside $out $out" \
     > "$out/console.log" 2>&1 || true
   [ -s "$out/boots.txt" ] && break
   echo "vmtest: the guest died before running the tests (attempt $attempt); console: $out/console.log" >&2
