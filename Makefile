@@ -1,6 +1,7 @@
 # luotrace: every target sets up what it needs on a fresh Debian 12 host (as root).
 #   make demo   trace the reference model on real guest_memfds and print the report
-#   make test   the test suite (what .ci/run runs)
+#   make check  lint (ruff), types (mypy) and the unit tier: no root needed, under a minute
+#   make test   check, then the whole suite with the kernel tier (what .ci/run runs)
 #   make bench  overhead benchmarks, printed as ratios against an untraced baseline
 #   make soak   serve as a service for 30 minutes (memory and scrape time flat)
 SHELL := /bin/bash
@@ -11,7 +12,7 @@ KREL := $(shell uname -r)
 APT_PACKAGES := python3-bpfcc bpfcc-tools bpftrace bpftool linux-headers-amd64 build-essential \
                 python3-venv prometheus prometheus-pushgateway prometheus-node-exporter util-linux
 
-.PHONY: setup apt headers mounts venv model demo test bench soak install-service docs clean vm-deps vm-kernel vmtest
+.PHONY: setup apt headers mounts venv model demo check test bench soak install-service docs clean vm-deps vm-kernel vmtest
 
 setup: apt headers mounts venv model
 
@@ -57,7 +58,14 @@ $(MODEL): workloads/model/luo_model.c workloads/model/kvm_abi.h
 demo: setup
 	$(VENV)/bin/luotrace demo
 
-test: setup
+# Lint, types and the unit tier (no root, no BPF): fast, before the full suite.
+LINT_PATHS := tracer exporters workloads dashboards tests
+check: venv
+	$(VENV)/bin/ruff check --select E,F,W --line-length 130 $(LINT_PATHS)
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest -q -m "not kernel" -p no:cacheprovider tests
+
+test: setup check
 	$(VENV)/bin/pytest -q tests
 
 bench: setup

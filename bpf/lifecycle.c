@@ -5,6 +5,18 @@
 
 /* Common return: emits ret, the call's duration in a2 and the key saved at
  * entry; `a0` is filled by the caller from return-time state. */
+/* What a return event adds (op_return's ret_kind). */
+enum ret_adds {
+	RET_PLAIN = 0,          /* return value and duration only */
+	RET_SER = 1,            /* args op: args->serialized_data after the call */
+	RET_OUT_COUNT = 2,      /* walk: *out_count after the call */
+	RET_NEW_INODE = 3,      /* retrieve: the new file's inode */
+};
+/* Whether the return ends the handler operation running on the thread. */
+enum { KEEP_CUR = 0, CLEAR_CUR = 1 };
+/* How an args op names its file (args_op_entry's by_ser). */
+enum { KEY_BY_FILE = 0, KEY_BY_SER = 1 };
+
 static __always_inline int op_return(u64 rc, u16 probe, int clear_cur, int ret_kind)
 {
 	u64 id = inflight_id(probe);
@@ -15,11 +27,11 @@ static __always_inline int op_return(u64 rc, u16 probe, int clear_cur, int ret_k
 	if (v) {
 		ev_key(&e, &v->key);
 		e.a2 = e.ts - v->ts;
-		if (ret_kind == 1)              /* args op: serialized_data after the call */
+		if (ret_kind == RET_SER)        /* args op: serialized_data after the call */
 			e.a0 = read_ptr(v->ptr, OFF_ARGS_SER);
-		else if (ret_kind == 2)         /* walk: *out_count after the call */
+		else if (ret_kind == RET_OUT_COUNT) /* walk: *out_count after the call */
 			e.a0 = read_ptr(v->ptr, 0), e.a1 = v->a1;
-		else if (ret_kind == 3)         /* retrieve: the new file's inode */
+		else if (ret_kind == RET_NEW_INODE) /* retrieve: the new file's inode */
 			e.a0 = read_ptr(inode_of_file(read_ptr(v->ptr, OFF_ARGS_FILE)), OFF_INODE_INO);
 		inflight.delete(&id);
 	} else {
@@ -132,55 +144,32 @@ static __always_inline int attributed_entry(u16 probe, u64 ptr, u64 a0, u64 a1, 
 	static __always_inline int NAME##_entry_body(u64 *a)                              \
 	{ return args_op_entry(a, PROBE_##NAME, HANDLER, ROLE, BY_SER); }                \
 	static __always_inline int NAME##_return_body(u64 rc)                             \
-	{ return op_return(rc, PROBE_##NAME, 1, RET_KIND); }
+	{ return op_return(rc, PROBE_##NAME, CLEAR_CUR, RET_KIND); }
 #define BODY_ENTRY(NAME) static __always_inline int NAME##_entry_body(u64 *a)
 #define BODY_RETURN(NAME, CLEAR, KIND)                                                   \
 	static __always_inline int NAME##_return_body(u64 rc) { return op_return(rc, PROBE_##NAME, CLEAR, KIND); }
 
-/* guest_memfd handler */
-BODY_ENTRY(gmem_can_preserve) { return file_arg2_entry(a, PROBE_gmem_can_preserve, HANDLER_GUEST_MEMFD); }
-BODY_RETURN(gmem_can_preserve, 0, 0)
-ARGS_OP(gmem_preserve, HANDLER_GUEST_MEMFD, ROLE_PRESERVE, 0, 1)
-BODY_ENTRY(gmem_freeze_inode) { return inode_freeze_entry(a, PROBE_gmem_freeze_inode, HANDLER_GUEST_MEMFD); }
-/* walk(mapping, end_index, folios_ser, out_count): keep out_count for the return */
-BODY_ENTRY(gmem_walk) { return attributed_entry(PROBE_gmem_walk, a[3], a[1], a[2] ? 1 : 0, 0, EV_ENTRY); }
-BODY_RETURN(gmem_walk, 0, 2)
-ARGS_OP(gmem_luo_freeze, HANDLER_GUEST_MEMFD, ROLE_LUO_FREEZE, 0, 0)
-ARGS_OP(gmem_unpreserve, HANDLER_GUEST_MEMFD, ROLE_UNPRESERVE, 0, 0)
-ARGS_OP(gmem_retrieve, HANDLER_GUEST_MEMFD, ROLE_RETRIEVE, 1, 3)
-ARGS_OP(gmem_finish, HANDLER_GUEST_MEMFD, ROLE_FINISH, 1, 0)
-
-/* memfd handler */
-BODY_ENTRY(memfd_can_preserve) { return file_arg2_entry(a, PROBE_memfd_can_preserve, HANDLER_MEMFD); }
-BODY_RETURN(memfd_can_preserve, 0, 0)
-ARGS_OP(memfd_preserve, HANDLER_MEMFD, ROLE_PRESERVE, 0, 1)
-BODY_ENTRY(memfd_shmem_freeze) { return inode_freeze_entry(a, PROBE_memfd_shmem_freeze, HANDLER_MEMFD); }
-/* preserve_folios(file, kv, out, nr_foliosp) */
-BODY_ENTRY(memfd_preserve_folios) { return attributed_entry(PROBE_memfd_preserve_folios, a[3], 0, 1, 0, EV_ENTRY); }
-BODY_RETURN(memfd_preserve_folios, 0, 2)
-ARGS_OP(memfd_luo_freeze, HANDLER_MEMFD, ROLE_LUO_FREEZE, 0, 0)
-ARGS_OP(memfd_unpreserve, HANDLER_MEMFD, ROLE_UNPRESERVE, 0, 0)
-ARGS_OP(memfd_retrieve, HANDLER_MEMFD, ROLE_RETRIEVE, 1, 3)
-ARGS_OP(memfd_finish, HANDLER_MEMFD, ROLE_FINISH, 1, 0)
+/* The file handlers' probes are in bpf/handlers/<handler>.c, compiled after
+ * this file when the handler is traced (tracer/catalog.py HANDLER_LIST). */
 
 /* KHO metadata */
 BODY_ENTRY(kho_preserve_vmalloc) { return attributed_entry(PROBE_kho_preserve_vmalloc, 0, 0, 0, 0, EV_ENTRY); }
-BODY_RETURN(kho_preserve_vmalloc, 0, 0)
+BODY_RETURN(kho_preserve_vmalloc, KEEP_CUR, RET_PLAIN)
 BODY_ENTRY(kho_unpreserve_vmalloc) { return attributed_entry(PROBE_kho_unpreserve_vmalloc, 0, 0, 0, 0, EV_INSTANT); }
 BODY_ENTRY(kho_alloc_preserve) { cur_meta(1); return attributed_entry(PROBE_kho_alloc_preserve, 0, a[0], 0, 0, EV_ENTRY); }
-static __always_inline int kho_alloc_preserve_return_body(u64 rc) { cur_meta(-1); return op_return(rc, PROBE_kho_alloc_preserve, 0, 0); }
+static __always_inline int kho_alloc_preserve_return_body(u64 rc) { cur_meta(-1); return op_return(rc, PROBE_kho_alloc_preserve, KEEP_CUR, RET_PLAIN); }
 BODY_ENTRY(kho_unpreserve_free) { cur_meta(1); return attributed_entry(PROBE_kho_unpreserve_free, 0, 0, 0, 0, EV_ENTRY); }
-static __always_inline int kho_unpreserve_free_return_body(u64 rc) { cur_meta(-1); return op_return(rc, PROBE_kho_unpreserve_free, 0, 0); }
+static __always_inline int kho_unpreserve_free_return_body(u64 rc) { cur_meta(-1); return op_return(rc, PROBE_kho_unpreserve_free, KEEP_CUR, RET_PLAIN); }
 
 /* LUO sessions: luo_preserve_file(set, token, fd) */
 BODY_ENTRY(luo_preserve_file)
 { return attributed_entry(PROBE_luo_preserve_file, 0, a[1], a[2] & 0xffffffff, a[0], EV_ENTRY); }
-BODY_RETURN(luo_preserve_file, 0, 0)
+BODY_RETURN(luo_preserve_file, KEEP_CUR, RET_PLAIN)
 BODY_ENTRY(luo_file_freeze) { return attributed_entry(PROBE_luo_file_freeze, 0, 0, 0, a[0], EV_ENTRY); }
-BODY_RETURN(luo_file_freeze, 0, 0)
+BODY_RETURN(luo_file_freeze, KEEP_CUR, RET_PLAIN)
 BODY_ENTRY(luo_unpreserve_files) { return attributed_entry(PROBE_luo_unpreserve_files, 0, 0, 0, a[0], EV_INSTANT); }
 BODY_ENTRY(luo_get_token) { return attributed_entry(PROBE_luo_get_token, a[2], 0, 0, 0, EV_ENTRY); }
-BODY_RETURN(luo_get_token, 0, 2)
+BODY_RETURN(luo_get_token, KEEP_CUR, RET_OUT_COUNT)
 
 /* kernel_kexec(): the reboot into the next kernel.  Forced wakeup: the
  * consumer must see it at once, flush, and keep draining the freeze that

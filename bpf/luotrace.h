@@ -1,7 +1,8 @@
 /* luotrace: shared definitions of every BPF program.
  *
- * Compiled by BCC.  Everything that depends on the traced code is passed in
- * by the loader (tracer/loader.py) as -D constants:
+ * Compiled by BCC, after the ABI definitions generated from tracer/abi.py.
+ * Everything that depends on the traced code is passed in by the loader
+ * (tracer/loader.py) as -D constants:
  *   PROBE_<name>, HANDLER_*, ROLE_*   ids from tracer/catalog.py
  *   OFF_*                             struct member offsets, resolved from the
  *                                     running kernel's BTF or the reference
@@ -20,26 +21,9 @@
 #define LUO_READ(dst, src) bpf_probe_read_kernel(&(dst), sizeof(dst), (const void *)(src))
 #endif
 
-#define EV_ENTRY 0
-#define EV_RETURN 1
-#define EV_INSTANT 2
-
-/* event flags: which values could not be read (offset unknown) */
-#define EVF_KEY_UNKNOWN 1
-#define EVF_A0_UNKNOWN 2
-#define EVF_A1_UNKNOWN 4
-
-/* counters (luo_counters, per cpu) */
-#define CNT_LOST 0
-#define CNT_EMITTED 1
-#define CNT_SAMPLED_OUT 2
-#define CNT_INFLIGHT_FULL 3
-#define CNT_UNATTRIBUTED 4
-#define CNT_SAMPLE_TICK 5
-#define CNT_FOLIO_LOST 6
-#define CNT_FOLIO_EMITTED 7
-#define CNT_MAP_FULL 8          /* a per-file map was full: that file's counts are incomplete */
-#define NR_COUNTERS 10
+/* EV_*, EVF_*, CNT_*, NR_COUNTERS, SER_DEV and struct luo_event come from
+ * tracer/abi.py, which the loader puts in front of this file (bpf/abi.h is
+ * the same text, for reading). */
 
 /* The file identity: inode number and device, or a serialized-data handle
  * (dev == SER_DEV) on the retrieve side where no file exists yet. */
@@ -47,24 +31,6 @@ struct fkey {
 	u64 ino;
 	u32 dev;
 	u32 handler;
-};
-#define SER_DEV 0xFFFFFFFF
-
-/* One 64-byte record; tracer/events.py holds the matching numpy dtype. */
-struct luo_event {
-	u64 ts;
-	u32 tgid;
-	u32 tid;
-	u16 probe;
-	u8 kind;
-	u8 flags;
-	s32 ret;
-	u64 ino;
-	u32 dev;
-	u32 handler;
-	u64 a0;
-	u64 a1;
-	u64 a2;
 };
 
 struct inflight_v {

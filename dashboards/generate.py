@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import Any, Dict, List, Tuple
+
+from tracer.catalog import FILE_HANDLERS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "luotrace.json")
@@ -20,6 +22,7 @@ UID = "luotrace-overview"
 
 SEL = 'instance=~"$instance"'
 HSEL = 'instance=~"$instance", handler=~"$handler"'
+PRESERVE_RATE = f"sum by (le, handler) (rate(luotrace_preserve_duration_seconds_bucket{{{HSEL}}}[$__rate_interval]))"
 
 
 @dataclass
@@ -36,8 +39,8 @@ class PanelSpec:
 
 PANELS: List[PanelSpec] = [
     PanelSpec("Preserve latency p50 / p99 by handler", "timeseries", [
-        (f'histogram_quantile(0.5, sum by (le, handler) (rate(luotrace_preserve_duration_seconds_bucket{{{HSEL}}}[$__rate_interval])))', "p50 {{handler}}"),
-        (f'histogram_quantile(0.99, sum by (le, handler) (rate(luotrace_preserve_duration_seconds_bucket{{{HSEL}}}[$__rate_interval])))', "p99 {{handler}}"),
+        (f"histogram_quantile(0.5, {PRESERVE_RATE})", "p50 {{handler}}"),
+        (f"histogram_quantile(0.99, {PRESERVE_RATE})", "p99 {{handler}}"),
     ], unit="s", description="Whole kvm_gmem_luo_preserve / memfd_luo_preserve calls"),
     PanelSpec("Folios preserved per second", "timeseries", [
         (f"sum by (handler) (rate(luotrace_folios_preserved_total{{{HSEL}}}[$__rate_interval]))", "{{handler}}"),
@@ -97,8 +100,8 @@ def _panel(spec: PanelSpec):
     from grafana_foundation_sdk.builders import bargauge, heatmap, prometheus, stat, table, timeseries
     from grafana_foundation_sdk.models.heatmap import HeatmapColorMode, HeatmapColorScale
 
-    kinds = {"timeseries": timeseries.Panel, "stat": stat.Panel, "bargauge": bargauge.Panel,
-             "table": table.Panel, "heatmap": heatmap.Panel}
+    kinds: Dict[str, Any] = {"timeseries": timeseries.Panel, "stat": stat.Panel, "bargauge": bargauge.Panel,
+                             "table": table.Panel, "heatmap": heatmap.Panel}
     p = kinds[spec.kind]().title(spec.title).datasource(_datasource()).span(spec.width).height(spec.height)
     if spec.description:
         p = p.description(spec.description)
@@ -128,7 +131,8 @@ def build() -> dict:
 
     d = (Dashboard("luotrace: live-update preservation")
          .uid(UID)
-         .description("Metrics exported by `luotrace serve` (LUO/KHO preservation: guest_memfd and memfd handlers)")
+         .description("Metrics exported by `luotrace serve` (LUO/KHO preservation: "
+                      f"{' and '.join(FILE_HANDLERS)} handlers)")
          .tags(["luotrace", "liveupdate", "kho", "ebpf"])
          .refresh("30s")
          .time("now-1h", "now")

@@ -70,7 +70,8 @@ def exported_series_names() -> List[str]:
 
 
 def _cumulative(counts: List[int]) -> List[Tuple[str, float]]:
-    out, acc = [], 0
+    out: List[Tuple[str, float]] = []
+    acc = 0
     for i, c in enumerate(counts[:-1]):
         acc += c
         out.append((repr(BUCKETS_S[i]), acc))

@@ -2,7 +2,7 @@
 then sessions, anomalies with their evidence, probes and event accounting."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 PHASE_COLUMNS = ["count_pass", "fill_pass", "preserve_folios", "vmalloc", "luo_freeze", "unpreserve",
                  "retrieve", "finish"]
@@ -35,8 +35,9 @@ def _v(x) -> str:
 
 def _table(rows: List[List[str]], header: List[str]) -> List[str]:
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    line = lambda r: "  ".join(c.rjust(w) if i and c[:1].isdigit() else c.ljust(w)
-                               for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    def line(r: List[str]) -> str:
+        return "  ".join(c.rjust(w) if i and c[:1].isdigit() else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(r, widths))).rstrip()
     return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
 
 
@@ -65,7 +66,7 @@ def render(report: dict) -> str:
     present = [p for p in PHASE_COLUMNS if any(ph["name"] == p for f in files for ph in f["phases"])]
     rows = []
     for f in files:
-        durs = {}
+        durs: Dict[str, int] = {}
         for ph in f["phases"]:
             durs[ph["name"]] = durs.get(ph["name"], 0) + ph["duration_ns"]
         rows.append([f["handler"], str(f["inode"]), _v(f["session"]), fmt_bytes(f["size_bytes"]),
@@ -101,7 +102,8 @@ def render(report: dict) -> str:
         out.append("  not checked in light mode: " + ", ".join(report["anomalies_not_checked"]))
     t = report.get("totals", {})
     out.append("")
-    out.append(f"totals: {t.get('files', 0)} files ({', '.join(f'{k} {v}' for k, v in t.get('files_by_result', {}).items()) or '-'}),"
+    by_result = ", ".join(f"{k} {v}" for k, v in t.get("files_by_result", {}).items()) or "-"
+    out.append(f"totals: {t.get('files', 0)} files ({by_result}),"
                f" {t.get('folios_preserved', 0)} folios preserved, {fmt_bytes(t.get('bytes_preserved', 0))} kept")
     retired = report.get("retired") or {}
     if retired.get("files"):

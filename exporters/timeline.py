@@ -12,7 +12,7 @@ instants are per phase and per anomaly, so they stay few.
 from __future__ import annotations
 
 import json
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -115,7 +115,7 @@ def _folio_rows(e: np.ndarray) -> Dict[int, np.ndarray]:
     return out
 
 
-def _folio_counter(f: dict, pid: int, ts: np.ndarray, base: int) -> List[dict]:
+def _folio_counter(f: dict, pid: int, ts: Optional[np.ndarray], base: int) -> List[dict]:
     name = "folios preserved"
     if ts is not None and len(ts):
         # bin over equal time steps: cumulative count at each bin's end

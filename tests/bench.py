@@ -36,7 +36,7 @@ from typing import Dict, List
 from tracer import kernel
 from tracer.loader import Options
 from tracer.session import run
-from workloads.gmem import gmem_superblock_dev
+from tracer.kvm import gmem_superblock_dev
 
 from .bench_ingest import ingest
 from .bench_soak import soak
@@ -173,7 +173,7 @@ def exporter(tmp: str) -> List[str]:
 def offline(tmp: str) -> List[str]:
     """Replay and simulate throughput, and the 1 TiB / 64-file summary's time and memory."""
     from tracer import recording as rec
-    from tracer.session import report_of
+    from tracer.replay import report_of
     from tracer.simulate import SimSpec, simulate
     rows = []
     path = os.path.join(tmp, "trace.luo")
@@ -193,7 +193,7 @@ def offline(tmp: str) -> List[str]:
     big = os.path.join(tmp, "1tib.luo")
     simulate(SimSpec(files=64, size=1 << 40, mode="folio"), big)
     # VmHWM, not ru_maxrss: the latter keeps the forking parent's peak across exec
-    code = ("import time,sys; t=time.perf_counter(); from tracer.session import replay; "
+    code = ("import time,sys; t=time.perf_counter(); from tracer.replay import replay; "
             "r=replay(sys.argv[1]); el=time.perf_counter()-t; "
             "hwm=[l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]; "
             "print(el, r['totals']['folios_preserved'], hwm)")

@@ -28,7 +28,7 @@ from tracer.events import EVENT_SIZE, decode
 from tracer.layout import kernel_layout
 from tracer.loader import COUNTER_NAMES, Options, bpf_source, cflags
 from tracer.ringbuf import RingReader
-from workloads.gmem import gmem_superblock_dev
+from tracer.kvm import gmem_superblock_dev
 
 HARNESS = r"""
 /* bench only (tests/bench_ingest.py): a per-folio record for each folio added
@@ -51,7 +51,7 @@ TRACEPOINT_PROBE(filemap, mm_filemap_add_to_page_cache)
 
 PRODUCER = r"""
 import sys, time
-from workloads.gmem import VM
+from tracer.kvm import VM
 total, rate = int(sys.argv[1]), float(sys.argv[2])
 chunk = 4096 * 4096  # 16 MiB: 4096 folios per fill
 with VM() as vm:

@@ -17,6 +17,18 @@ MODEL = os.path.join(REPO, "workloads", "model", "luo_model")
 LUOTRACE = [sys.executable, "-m", "tracer.cli"]
 
 
+KERNEL_FIXTURES = {"root", "model", "kvm"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """The kernel tier: every test that uses a fixture needing root, BPF or
+    /dev/kvm (directly or through another fixture).  `make check` runs the
+    rest: the unit tier, no root and no set-up."""
+    for item in items:
+        if KERNEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.kernel)
+
+
 def need(cond: bool, why: str) -> None:
     if cond:
         return

@@ -1,13 +1,14 @@
-"""The KVM facts are stated twice (C for the model, Python for the driver):
-they must agree, and agree with the running kernel."""
+"""ABI facts stated twice must agree: the KVM ioctls (C for the model, Python
+for the driver, and the running kernel), and the event record (gcc's layout
+of the generated struct against the numpy dtype)."""
 from __future__ import annotations
 
 import os
 import re
 
 from tests.conftest import REPO
-from workloads import kvm_abi
-from workloads.gmem import VM
+from tracer import kvm_abi
+from tracer.kvm import VM
 
 
 def c_defines():
@@ -33,3 +34,35 @@ def test_kernel_supports_the_flags_we_use(kvm):
         assert vm.supported_flags() & 3 == 3
         f = vm.create_gmem(1 << 20)
         assert f.ino > 0
+
+
+def test_event_dtype_matches_the_compiled_struct(tmp_path):
+    """The numpy dtype and struct luo_event come from one table
+    (tracer/abi.py); gcc lays the struct out and every offset must agree."""
+    import subprocess
+
+    from tracer import abi
+    fields = [name for name, _ctype, _doc in abi.EVENT_FIELDS]
+    prog = tmp_path / "layout.c"
+    prog.write_text("#include <stdio.h>\n#include <stddef.h>\n#include <stdint.h>\n"
+                    "typedef uint64_t u64; typedef uint32_t u32; typedef uint16_t u16; typedef uint8_t u8;"
+                    " typedef int32_t s32;\n" + abi.header() +
+                    "int main(void) {\n"
+                    + "".join(f'  printf("{f} %zu %zu\\n", offsetof(struct luo_event, {f}), '
+                              f"sizeof(((struct luo_event *)0)->{f}));\n" for f in fields)
+                    + '  printf("size %zu 0\\n", sizeof(struct luo_event));\n'
+                    + "  printf(\"counters %d 0\\n\", NR_COUNTERS);\n  return 0;\n}\n")
+    exe = tmp_path / "layout"
+    subprocess.run(["gcc", "-Wall", "-Werror", "-o", str(exe), str(prog)], check=True)
+    got = {name: (int(a), int(b)) for name, a, b in
+           (line.split() for line in subprocess.run([str(exe)], capture_output=True, text=True,
+                                                    check=True).stdout.splitlines())}
+    for f in fields:
+        assert got[f] == (abi.EVENT_DTYPE.fields[f][1], abi.EVENT_DTYPE.fields[f][0].itemsize), f
+    assert got["size"][0] == abi.EVENT_SIZE == 64
+    assert got["counters"][0] == len(abi.COUNTER_NAMES)
+
+
+def test_checked_in_abi_header_is_the_generated_one():
+    from tracer import abi
+    assert open(os.path.join(REPO, "bpf", "abi.h")).read() == abi.header(), "run: python -m tracer.abi > bpf/abi.h"

@@ -7,9 +7,10 @@ import re
 
 from tests.conftest import REPO
 from tracer import catalog
-from tracer.docs import probe_table
+from tracer.docs import handler_table, probe_table
 
-BPF = {n: open(os.path.join(REPO, "bpf", n)).read() for n in os.listdir(os.path.join(REPO, "bpf"))}
+BPF = {os.path.relpath(os.path.join(d, n), os.path.join(REPO, "bpf")): open(os.path.join(d, n)).read()
+       for d, _dirs, names in os.walk(os.path.join(REPO, "bpf")) for n in names if n.endswith((".c", ".h"))}
 
 
 def defined_functions(text):
@@ -73,3 +74,16 @@ def test_readme_probe_table_is_generated_from_the_catalog():
     readme = open(os.path.join(REPO, "README.md")).read()
     table = readme.split("<!-- probe-table:begin -->\n")[1].split("\n<!-- probe-table:end -->")[0]
     assert table == probe_table()
+    table = readme.split("<!-- handler-table:begin -->\n")[1].split("\n<!-- handler-table:end -->")[0]
+    assert table == handler_table(), "run: python -m tracer.docs"
+
+
+def test_which_handlers_come_together_is_one_rule():
+    """probes_for (what --handler asks for) and the loader's selection (what
+    the traced code has) both use catalog.handler_kept."""
+    from tracer.loader import Options, ProbeStatus, select_handlers
+    st = [ProbeStatus(p.name, p.symbol, p.handler, p.required, "kprobe", "planned") for p in catalog.PROBES
+          if p.name != "memfd_preserve"]  # memfd absent from the traced code
+    chosen = {s.handler for s in select_handlers(st, Options())}
+    assert chosen == {h.name for h in catalog.HANDLER_LIST if catalog.handler_kept(h.name, {"guest_memfd"})} \
+        == {p.handler for p in catalog.probes_for("folio", ["guest_memfd"])} == {"guest_memfd", "kho", "luo", "population"}

@@ -14,7 +14,7 @@ from tests.conftest import MODEL, REPO, run_cli
 def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
     assert r.returncode != 0, r
     assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith("luotrace: error: ")
     for n in needles:
@@ -92,7 +92,7 @@ def test_doctor_as_root_passes_and_explains(root):
     assert "ok   kernel: filemap:mm_filemap_add_to_page_cache: tracepoint" in r.stdout
 
 
-def test_doctor_not_root_fails():
+def test_doctor_not_root_fails(root):  # root, to drop to nobody
     r = as_nobody("doctor")
     assert r.returncode != 0
     assert "FAIL root" in r.stdout
@@ -122,7 +122,7 @@ def test_record_report_roundtrip_json(model, tmp_path):
     assert f["folios_preserved"] == 256 and f["result"] == "retrieved"
     text = run_cli("report", out, check=True).stdout
     assert "guest_memfd" in text and "retrieved" in text and "patch=v3" in text
-    lines = [json.loads(l) for l in run_cli("report", out, "--events", check=True).stdout.splitlines()]
+    lines = [json.loads(ln) for ln in run_cli("report", out, "--events", check=True).stdout.splitlines()]
     assert len(lines) == live["events"]["received"]
     pres = [e for e in lines if e["probe"] == "gmem_preserve"]
     assert [e["kind"] for e in pres] == ["entry", "return"]

@@ -100,7 +100,8 @@ def _alarm(_sig, _frame):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@settings(max_examples=int(os.environ.get("FUZZ_N", "200")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=int(os.environ.get("FUZZ_N", "200")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                     HealthCheck.too_slow])
 @given(st.data())
 def test_mutated_recordings_never_traceback(parts, data):

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import REPO
 from workloads import gmem_luo
-from workloads.gmem import VM
+from tracer.kvm import VM
 
 PAGE = 4096
 

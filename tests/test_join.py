@@ -19,7 +19,7 @@ import pytest
 from tracer import catalog, clock
 from tracer import recording as rec
 from tracer.join import join
-from tracer.session import replay
+from tracer.replay import replay
 
 from .conftest import MODEL, load_json, run_cli
 

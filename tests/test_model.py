@@ -10,7 +10,7 @@ import pytest
 
 from tracer.anomalies import NEEDS_FOLIO_MODE
 from tracer.demo import compare, run_model
-from tracer.session import replay
+from tracer.replay import replay
 
 # One session per fault, so that each file's outcome is independent.
 SESSIONS = [
@@ -32,7 +32,8 @@ SESSIONS = [
     "keep:gmem:1M:private_vm,memfd:256K",  # can_preserve says no; the memfd is offered to guest_memfd first
 ]
 
-EXPECTED_ERRNO = {"private_vm": "ENOENT", "hwpoison": "EHWPOISON", "enomem": "ENOMEM", "vmalloc_fail": "ENOMEM", "token_enoent": "ENOENT",
+EXPECTED_ERRNO = {"private_vm": "ENOENT", "hwpoison": "EHWPOISON", "enomem": "ENOMEM", "vmalloc_fail": "ENOMEM",
+                  "token_enoent": "ENOENT",
                   "pass_mismatch": "EINVAL", "unbalanced_freeze": "ENOMEM", "leak_unwind": "ENOMEM"}
 
 

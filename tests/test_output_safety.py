@@ -116,7 +116,7 @@ def test_sighup_during_the_run_stops_it_cleanly_and_the_command_gets_sigterm(tmp
     assert not json.loads(run_cli("report", "--json", str(out), check=True).stdout)["truncated"]
 
 
-def test_timeline_and_plot_write_exactly_their_path_and_never_a_device(tmp_path):
+def test_timeline_and_plot_write_exactly_their_path_and_never_a_device(root, tmp_path):  # root: mknod
     a, b = tmp_path / "a.luo", tmp_path / "b.luo"
     run_cli("simulate", "--files", "2", "--size", "8M", "--seed", "1", "-o", str(a), check=True)
     run_cli("simulate", "--files", "2", "--size", "8M", "--seed", "2", "-o", str(b), check=True)

@@ -13,8 +13,9 @@ import pytest
 
 from tests.conftest import load_json
 from tracer.loader import Options
-from tracer.session import replay, run
-from workloads.gmem import gmem_superblock_dev
+from tracer.replay import replay
+from tracer.session import run
+from tracer.kvm import gmem_superblock_dev
 
 MiB = 1 << 20
 

@@ -20,7 +20,7 @@ from exporters.prometheus import (EARLIER_BOOT_BUDGET, SERIES_BUDGET, LuotraceCo
                                   exported_series_names, exposition, families)
 from tests.conftest import LUOTRACE, REPO
 from tracer import catalog
-from tracer.session import replay
+from tracer.replay import replay
 
 RULES = os.path.join(REPO, "dashboards", "luotrace.rules.yml")
 SESSIONS = ["kexec:gmem:4M,memfd:1M", "cancel:gmem:2M", "keep:gmem:1M:hwpoison=10", "keep:gmem:1M:pass_mismatch",
@@ -72,15 +72,18 @@ def stack(model, kvm, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prom")
     lport, pport = free_port(), free_port()
     rec = str(tmp / "run.luo")
+    # the update starts 12 s after the probes are attached: Prometheus (5 s
+    # interval) has scraped the zero-initialised series by then, as it would
+    # have on a host where serve runs before any update
     serve = subprocess.Popen(LUOTRACE + ["serve", "--listen", f"127.0.0.1:{lport}", "-o", rec, "--model", model,
-                                         "--", model, "--json", str(tmp / "truth.json"), "--pause-ms", "300",
-                                         *SESSIONS],
+                                         "--", "sh", "-c", 'sleep 12; exec "$@"', "sh",
+                                         model, "--json", str(tmp / "truth.json"), "--pause-ms", "300", *SESSIONS],
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     cfg = tmp / "prometheus.yml"
     cfg.write_text(f"""
 global:
-  scrape_interval: 1s
-  evaluation_interval: 1s
+  scrape_interval: 5s
+  evaluation_interval: 5s
 rule_files: ["{RULES}"]
 scrape_configs:
   - job_name: luotrace
@@ -101,8 +104,8 @@ scrape_configs:
         assert report is not None
         want = sum(f["folios_preserved"] or 0 for f in report["files"] if f["handler"] == "guest_memfd")
         q = 'luotrace_folios_preserved_total{handler="guest_memfd"}'
-        wait_for(lambda: p.query(q) and float(p.query(q)[0]["value"][1]) == want, 30, "final state scraped")
-        time.sleep(3)  # a few more scrapes and rule evaluations on the final state
+        wait_for(lambda: p.query(q) and float(p.query(q)[0]["value"][1]) == want, 60, "final state scraped")
+        time.sleep(11)  # two more scrapes and rule evaluations on the final state
         yield p, report, lport, rec
     finally:
         serve.terminate()
@@ -145,9 +148,23 @@ def test_every_panel_query_filters_by_instance():
 
 
 def test_every_dashboard_query_returns_data(stack):
+    """After one run, at a 5 s scrape interval: the series exist at zero
+    before the update, so rate() sees the update itself."""
     p, _, _, _ = stack
     for expr in generate.queries():
         assert p.query(substitute(expr)), expr
+
+
+def test_preserve_quantiles_have_a_value_for_both_handlers(stack):
+    p, _, _, _ = stack
+    panels = [e for e in generate.queries() if "histogram_quantile" in e and "luotrace_preserve_duration" in e]
+    assert len(panels) >= 2, panels  # p50 and p99
+    for expr in panels + ["luotrace:preserve_duration_seconds:p50", "luotrace:preserve_duration_seconds:p99"]:
+        # a 5m rate window (Grafana's $__rate_interval on a longer range) however late this test runs
+        got = {r["metric"].get("handler"): float(r["value"][1])
+               for r in p.query(substitute(expr.replace("$__rate_interval", "5m")))}
+        for h in ("guest_memfd", "memfd"):
+            assert h in got and 0 < got[h] < 60, (expr, got)  # a latency, not NaN
 
 
 def test_every_recording_rule_returns_data(stack):
@@ -320,7 +337,7 @@ def test_default_listen_is_localhost(stack):
     try:
         wait_for(lambda: "serving" in s.stderr.readline(), 30, "replay server")
         with open("/proc/net/tcp") as f:
-            listening = [l.split()[1] for l in f.readlines()[1:] if l.split()[3] == "0A"]
+            listening = [ln.split()[1] for ln in f.readlines()[1:] if ln.split()[3] == "0A"]
         assert f"0100007F:{9477:04X}" in listening  # 127.0.0.1:9477
         assert f"00000000:{9477:04X}" not in listening
     finally:

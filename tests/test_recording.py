@@ -13,7 +13,7 @@ from tracer import recording as rec
 from tracer.demo import run_model
 from tracer.errors import LuotraceError
 from tracer.events import EVENT_SIZE
-from tracer.session import replay, report_of
+from tracer.replay import replay, report_of
 
 
 MIN_HEADER = json.dumps({"format": "luotrace.recording", "mode": "folio",

@@ -13,7 +13,7 @@ import pytest
 
 from tracer import catalog
 from tracer.events import EVENT_SIZE, decode
-from workloads.gmem import VM
+from tracer.kvm import VM
 
 from .bench_ingest import folio_lost, load_harness
 

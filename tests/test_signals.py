@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.conftest import LUOTRACE, REPO, need, run_cli, wait_tracing
-from tracer.session import replay
+from tracer.replay import replay
 
 
 def bpf_prog_ids():
@@ -36,7 +36,7 @@ def test_signal_detaches_and_keeps_the_recording(sig, model, kvm, tmp_path):
     time.sleep(1.5)
     during = bpf_prog_ids() - before
     assert during, "no program loaded while tracing"
-    assert any(l.get("pid") == p.pid for l in perf_links())
+    assert any(link.get("pid") == p.pid for link in perf_links())
     p.send_signal(sig)
     stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == 0, stderr
@@ -45,7 +45,7 @@ def test_signal_detaches_and_keeps_the_recording(sig, model, kvm, tmp_path):
     assert f"({sig.name})" in stderr
     # nothing of ours is left in the kernel
     assert not (bpf_prog_ids() & during)
-    assert not [l for l in perf_links() if l.get("pid") == p.pid]
+    assert not [link for link in perf_links() if link.get("pid") == p.pid]
     with open("/sys/kernel/debug/tracing/uprobe_events") as f:
         assert "luo_model" not in f.read()
     # the report was printed and the recording replays to the same files

@@ -7,7 +7,7 @@ import numpy as np
 from tests.conftest import run_cli
 from tracer import catalog
 from tracer import recording as rec
-from tracer.session import replay
+from tracer.replay import replay
 from tracer.simulate import SimSpec, simulate
 
 

@@ -59,7 +59,8 @@ def test_bad_state_dirs_are_one_line_errors(tmp_path):
 
 
 def test_map_dumps_merge_per_file_so_retired_rows_survive():
-    row = lambda ino, n: {"handler": 1, "dev": 5, "ino": ino, "preserved": n}
+    def row(ino: int, n: int) -> dict:
+        return {"handler": 1, "dev": 5, "ino": ino, "preserved": n}
     first = {"counters": {"a": 1}, "folio_stats": [row(1, 10), row(2, 20)],
              "folio_hist": [{"handler": 1, "dev": 5, "ino": 1, "slot": 3, "count": 7}]}
     later = {"counters": {"a": 2}, "folio_stats": [row(2, 25), row(3, 30)], "folio_hist": []}

@@ -90,7 +90,7 @@ def test_bad_export_targets_are_one_line_errors(tmp_path, model):
     assert r.returncode == 1 and "bad --pushgateway" in r.stderr
 
 
-def test_the_service_unit_installs_and_verifies(tmp_path):
+def test_the_service_unit_installs_and_verifies(root, tmp_path):  # root: make venv, /var/lib
     """`make install-service` renders the unit for this checkout and systemd-analyze verifies it."""
     need(shutil.which("systemd-analyze") is not None, "systemd-analyze not installed")
     r = subprocess.run(["make", "-s", "-C", REPO, "install-service", f"SYSTEMD_DIR={tmp_path}"],
@@ -166,7 +166,7 @@ scrape_configs:
                 wait_for(lambda: p.query(q), 60, f"{path}: {q}")
                 assert p.value(q) == n, (path, q)
         # the next boot's own series are live beside the old one's, without a boot_id label
-        assert p.value(f'luotrace_folios_preserved_total{{job="luotrace",handler="memfd",boot_id=""}}') == 0
+        assert p.value('luotrace_folios_preserved_total{job="luotrace",handler="memfd",boot_id=""}') == 0
         assert len(os.listdir(state)) == 2  # this boot's recording beside the previous one
     finally:
         for proc in (first, second, prom):

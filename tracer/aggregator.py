@@ -15,14 +15,16 @@ from typing import Deque, Dict, List, Optional, Set, Tuple
 import numpy as np
 
 from . import catalog
-from .catalog import HANDLER_NAMES, SER_DEV
+from .abi import SER_DEV
+from .catalog import FILE_HANDLER_IDS, HANDLER_LIST, HANDLER_NAMES
 from .events import EV_ENTRY, EV_INSTANT, EV_RETURN, EVF_A0_UNKNOWN, EVF_A1_UNKNOWN, EVF_KEY_UNKNOWN, errno_name
 
 Key = Tuple[int, int, int]  # (handler, dev, ino)
 
 _PROBE_ROLE = [p.role for p in catalog.PROBES]
 _PER_FOLIO = np.array([p.per_folio and p.kind != "tracepoint" for p in catalog.PROBES], dtype=bool)
-_WALK_PHASE = {"gmem_walk": ("count_pass", "fill_pass"), "memfd_preserve_folios": ("preserve_folios",) * 2}
+# a walk probe -> its phase names for pass 1 and pass 2 (the catalog's handlers)
+_WALK_PHASE = {h.walk_probe: h.walk for h in HANDLER_LIST if h.walk_probe}
 EVIDENCE_MAX = 64  # page-cache changes kept per file as anomaly evidence (all are counted)
 # Memory is bounded by these, whatever a recording claims: files followed (the
 # BPF side tracks 4096), phases kept per file, calls in flight per thread,
@@ -267,7 +269,7 @@ class Aggregator:
         if role == "can_preserve":
             self._can_preserve(kind, ev, key, tid, ts, ret)
             return
-        create = key[1] != SER_DEV and key[0] in (1, 2)
+        create = key[1] != SER_DEV and key[0] in FILE_HANDLER_IDS
         st = self._resolve(key, ts, create=create)
         if st is None:
             if not create:  # else counted as untracked by _file
@@ -376,7 +378,8 @@ class Aggregator:
         refused = self._refused.pop(tid, [])
         if ret >= 0 or not refused:
             return None
-        own = [r for r in refused if r[3] is not None and r[3] in catalog.FS_MAGIC.get(HANDLER_NAMES.get(r[0][0]), ())]
+        own = [r for r in refused
+               if r[3] is not None and r[3] in catalog.FS_MAGIC.get(HANDLER_NAMES.get(r[0][0], ""), ())]
         key, start, dur, _ = (own or refused)[-1]
         st = self._reject(key, start, dur)
         return st.key if st else None
@@ -458,8 +461,9 @@ class Aggregator:
                     self.finished[k] = self.finished.get(k, 0) + 1
                 st.counted = st.result
         for (h, dev, ino, probe), n in sorted(self.streamed.items()):
-            st = self._resolve((h, dev, ino), create=dev != SER_DEV and h in (1, 2))
-            if st is not None:
+            found = self._resolve((h, dev, ino), create=dev != SER_DEV and h in FILE_HANDLER_IDS)
+            if found is not None:
+                st = found
                 name = catalog.PROBES[probe].name
                 st.streamed[name] = st.streamed.get(name, 0) + n
         for row in self.maps.get("population", []):

@@ -19,24 +19,85 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 MODES = ("light", "folio", "trace")
 
-# Handler ids as they appear in BPF map keys (struct fkey.handler) and events.
-HANDLERS = {"none": 0, "guest_memfd": 1, "memfd": 2, "kho": 3, "luo": 4, "population": 5}
-HANDLER_NAMES = {v: k for k, v in HANDLERS.items()}
+
+@dataclass(frozen=True)
+class Handler:
+    """Something luotrace traces as a unit, declared once: the loader's
+    selection, the aggregator's file test and walk phases, the exporter's
+    series, the docs and the README's handler table all derive from it.
+
+    ``kind``: ``file`` (a LUO file handler: its files are followed and
+    reported), ``core`` (KHO, LUO: traced with any file handler),
+    ``population`` (comes with the file handler named by ``follows``), or
+    ``none`` (the id of "no handler").  ``preserve``: the probe whose presence
+    says the handler exists in the traced code.  ``walk``: the phase names of
+    its folio walk probe's pass 1 and pass 2 (``walk_probe``).  ``phases``:
+    every phase a file of it can show, in order (the exporter initialises a
+    series per phase).  ``bpf_file``: its probes' BPF, under bpf/."""
+
+    name: str
+    id: int  # as in BPF map keys (struct fkey.handler) and events: stored in recordings
+    kind: str
+    preserve: Optional[str] = None
+    walk_probe: Optional[str] = None
+    walk: Tuple[str, str] = ("", "")
+    phases: Tuple[str, ...] = ()
+    fs_magic: Tuple[int, ...] = ()  # superblock magics of its kind of file (include/uapi/linux/magic.h)
+    follows: Optional[str] = None
+    bpf_file: str = "lifecycle.c"
+    help: str = ""
+
+
+# LUO asks every handler about every file, and a file no handler takes is
+# shown as rejected by the handler whose kind it is (FS magic).  memfd: tmpfs,
+# and hugetlbfs for MFD_HUGETLB memfds (which memfd_luo refuses).
+HANDLER_LIST: Tuple[Handler, ...] = (
+    Handler("none", 0, "none"),
+    Handler("guest_memfd", 1, "file", preserve="gmem_preserve", walk_probe="gmem_walk",
+            walk=("count_pass", "fill_pass"),
+            phases=("can_preserve", "count_pass", "fill_pass", "vmalloc", "luo_freeze", "unpreserve",
+                    "retrieve", "finish"),
+            fs_magic=(0x474D454D,), bpf_file="handlers/guest_memfd.c",
+            help="guest memory (the guest_memfd LUO patch under review)"),
+    Handler("memfd", 2, "file", preserve="memfd_preserve", walk_probe="memfd_preserve_folios",
+            walk=("preserve_folios", "preserve_folios"),
+            phases=("can_preserve", "preserve_folios", "vmalloc", "luo_freeze", "unpreserve", "retrieve", "finish"),
+            fs_magic=(0x01021994, 0x958458F6), bpf_file="handlers/memfd.c",
+            help="shared memory (mainline mm/memfd_luo.c)"),
+    Handler("kho", 3, "core", help="Kexec HandOver: folios and metadata handed to the next kernel"),
+    Handler("luo", 4, "core", help="Live Update Orchestrator: sessions, the blackout, the kexec"),
+    Handler("population", 5, "population", follows="guest_memfd", bpf_file="population.c",
+            help="folios entering and leaving guest_memfd page caches (filemap tracepoints)"),
+)
+HANDLER_BY_NAME: Dict[str, Handler] = {h.name: h for h in HANDLER_LIST}
+HANDLERS: Dict[str, int] = {h.name: h.id for h in HANDLER_LIST}
+HANDLER_NAMES: Dict[int, str] = {h.id: h.name for h in HANDLER_LIST}
+FILE_HANDLERS: Tuple[str, ...] = tuple(h.name for h in HANDLER_LIST if h.kind == "file")
+FILE_HANDLER_IDS = frozenset(HANDLERS[h] for h in FILE_HANDLERS)
+# What --handler accepts: the file handlers, and a population alone.
+TRACEABLE: Tuple[str, ...] = FILE_HANDLERS + tuple(h.name for h in HANDLER_LIST if h.kind == "population")
+FS_MAGIC: Dict[str, Tuple[int, ...]] = {h.name: h.fs_magic for h in HANDLER_LIST if h.fs_magic}
+
+
+def handler_kept(handler: str, files: Iterable[str]) -> bool:
+    """The one rule of which handlers come together: a file handler when it
+    is one of FILES, the core with any file handler, a population with the
+    handler it follows.  Used by probes_for (what --handler asks for) and the
+    loader (what the traced code has)."""
+    files = set(files)
+    h = HANDLER_BY_NAME[handler]
+    if h.kind == "file":
+        return handler in files
+    if h.kind == "core":
+        return bool(files & set(FILE_HANDLERS))
+    if h.kind == "population":
+        return h.follows in files or handler in files
+    return False  # "none": no probe belongs to it
 
 # Role of a handler operation while it runs on a thread (struct cur_v.role):
 # per-folio KHO calls made meanwhile are attributed to that operation.
 ROLES = {"none": 0, "preserve": 1, "unpreserve": 2, "retrieve": 3, "finish": 4, "luo_freeze": 5,
          "can_preserve": 6}
-
-# Superblock magics of each handler's kind of file (include/uapi/linux/magic.h):
-# LUO asks every handler about every file, and a file no handler takes is
-# shown as rejected by the handler whose kind it is.  memfd: tmpfs, and
-# hugetlbfs for MFD_HUGETLB memfds (which memfd_luo refuses).
-FS_MAGIC = {"guest_memfd": (0x474D454D,), "memfd": (0x01021994, 0x958458F6)}
-
-# Pseudo device number marking a key that is a serialized-data handle (the
-# stable identity across kexec) rather than an inode; see bpf/luotrace.h.
-SER_DEV = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -57,12 +118,16 @@ class Probe:
     kind: str = "function"
     required: bool = False
     modes: Tuple[str, ...] = MODES
-    bpf_file: str = "lifecycle.c"
+    bpf_file: str = ""  # default: its handler's
     entry: Dict[str, str] = field(default_factory=dict)
     ret: Dict[str, str] = field(default_factory=dict)
     per_folio: bool = False
     help: str = ""
     returns: str = "int"  # what the function returns: int (0 or -errno) or bool
+
+    def __post_init__(self) -> None:
+        if not self.bpf_file:
+            object.__setattr__(self, "bpf_file", HANDLER_BY_NAME[self.handler].bpf_file)
 
     @property
     def entry_fn(self) -> str:
@@ -177,29 +242,11 @@ BY_NAME: Dict[str, Probe] = {p.name: p for p in PROBES}
 BY_SYMBOL: Dict[str, Probe] = {p.symbol: p for p in PROBES}
 
 
-TRACEABLE = ("guest_memfd", "memfd", "population")
-
-
 def probes_for(mode: str, handlers: Optional[Iterable[str]] = None) -> List[Probe]:
-    """Probes attached in ``mode`` for ``handlers`` (default: all of TRACEABLE).
-
-    KHO and LUO core probes come with any file handler; guest_memfd population
-    comes with guest_memfd or alone (``population``).
-    """
+    """Probes attached in ``mode`` for ``handlers`` (default: all of TRACEABLE);
+    which come together is handler_kept's rule."""
     want = set(TRACEABLE if handlers is None else handlers)
-    files = bool(want & {"guest_memfd", "memfd"})
-    out = []
-    for p in PROBES:
-        if mode not in p.modes:
-            continue
-        if p.handler in ("guest_memfd", "memfd") and p.handler not in want:
-            continue
-        if p.handler in ("kho", "luo") and not files:
-            continue
-        if p.handler == "population" and not want & {"guest_memfd", "population"}:
-            continue
-        out.append(p)
-    return out
+    return [p for p in PROBES if mode in p.modes and handler_kept(p.handler, want)]
 
 
 def bpf_defines() -> Dict[str, int]:

@@ -242,7 +242,7 @@ def report(recordings: Tuple[str, ...], as_json: bool, events: bool, fail_on: Tu
         _emit(rep, as_json)
         _gate(rep, fail_on)
         return
-    from .session import replay
+    from .replay import replay
     rep = replay(recordings[0])
     _emit(rep, as_json)
     if rep["truncated"]:
@@ -371,7 +371,7 @@ def timeline(recordings: Tuple[str, ...], output: str) -> None:
         rep, events, base = joined(list(recordings))
     else:
         from . import recording as rec_mod
-        from .session import report_of
+        from .replay import report_of
         r = rec_mod.read(recordings[0])
         rep, events, base = report_of(r), r.events, r.header.get("clock", {}).get("base_monotonic_ns", 0)
     n = write(events, base, rep, output)

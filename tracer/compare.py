@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import LuotraceError
 from .recording import write_output
-from .session import replay
+from .replay import replay
 
 LEAF_PHASES = ("can_preserve", "count_pass", "fill_pass", "preserve_folios", "vmalloc", "luo_freeze",
                "unpreserve", "retrieve", "finish")
@@ -196,8 +196,8 @@ def compare(a: Side, b: Side, seed: int = 0, min_change: float = MIN_CHANGE) -> 
             row["note"] = (f"n={len(x)}/{len(y)} cannot reach significance (smallest p {min_p(len(x), len(y)):.3g}"
                            f"{f' x {m} phases' if key in adjusted else ''} >= {ALPHA})")
             need = runs_needed(x, y, ALPHA / (m if key in adjusted else 1))
-            if need is not None and big_enough:
-                row["note"] += f"; the {100 * delta:+.0f} % seen needs about {need} samples a side"
+            if need is not None and big_enough and delta is not None:
+                row["note"] = f"{row['note']}; the {100 * delta:+.0f} % seen needs about {need} samples a side"
         row["verdict"] = "(total) " + verdict if key[1] == "preserve" else verdict
         rows.append(row)
     folio = []

@@ -5,8 +5,10 @@ traced live, then the report, checked against the model's own ground truth.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import subprocess
 import tempfile
 from typing import List, Optional, Tuple
 
@@ -15,15 +17,46 @@ from .loader import Options
 from .session import RunResult, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_MODEL = os.path.join(REPO, "workloads", "model", "luo_model")
+MODEL_DIR = os.path.join(REPO, "workloads", "model")  # also installed from a wheel (its source)
+DEFAULT_MODEL = os.path.join(MODEL_DIR, "luo_model")
+MODEL_CFLAGS = ["-O2", "-g", "-Wall", "-Wextra", "-fno-ipa-icf"]  # as the Makefile builds it
+
+
+def default_model() -> str:
+    """The reference model binary: the checkout's (`make model`), or, where
+    luotrace was installed from a wheel, built once from its shipped source
+    into ~/.cache/luotrace (gcc is all it takes)."""
+    if os.path.exists(DEFAULT_MODEL):
+        return DEFAULT_MODEL
+    src = os.path.join(MODEL_DIR, "luo_model.c")
+    if not os.path.exists(src):
+        raise LuotraceError(f"reference model {DEFAULT_MODEL} not built", "run `make model` (or `make setup`)")
+    with open(src, "rb") as f:
+        digest = hashlib.sha256(f.read() + open(os.path.join(MODEL_DIR, "kvm_abi.h"), "rb").read()).hexdigest()[:12]
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "luotrace")
+    exe = os.path.join(cache, f"luo_model-{digest}")
+    if not os.path.exists(exe):
+        os.makedirs(cache, exist_ok=True)
+        tmp = f"{exe}.{os.getpid()}"
+        try:
+            subprocess.run(["gcc", *MODEL_CFLAGS, "-o", tmp, src], check=True, capture_output=True, text=True)
+        except FileNotFoundError:
+            raise LuotraceError("the reference model is not built and gcc is missing",
+                                "install gcc (build-essential), or pass --model") from None
+        except subprocess.CalledProcessError as e:
+            raise LuotraceError(f"building the reference model failed: {e.stderr.strip().splitlines()[-1:]}",
+                                "build it by hand: gcc -O2 -o luo_model " + src) from None
+        os.replace(tmp, exe)
+    return exe
 DEFAULT_SESSIONS = ["kexec:gmem:16M,memfd:4M", "cancel:gmem:8M", "kexec:gmem:8M:hwpoison=500"]
 
 COMPARED = ("folios_preserved", "folios_unpreserved", "folios_restored", "folios_discarded", "result", "errno")
 
 
-def run_model(mode: str, sessions: List[str], output: str, model: str = DEFAULT_MODEL,
+def run_model(mode: str, sessions: List[str], output: str, model: Optional[str] = None,
               pause_ms: float = 0.0, **kw) -> Tuple[RunResult, dict]:
     """Trace one model run; returns the run and the model's ground truth."""
+    model = model or default_model()
     if not os.path.exists(model):
         raise LuotraceError(f"reference model {model} not built", "run `make model` (or `make setup`)")
     with tempfile.TemporaryDirectory(prefix="luotrace-") as tmp:

@@ -1,6 +1,7 @@
-"""Generated documentation: the README's probe table comes from the catalog.
+"""Generated documentation: the README's handler and probe tables come from
+the catalog.
 
-``python -m tracer.docs`` rewrites it in place; tests/test_catalog.py fails
+``python -m tracer.docs`` rewrites them in place; tests/test_catalog.py fails
 when the README and the catalog disagree.
 """
 from __future__ import annotations
@@ -12,6 +13,19 @@ from . import catalog
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 BEGIN, END = "<!-- probe-table:begin -->", "<!-- probe-table:end -->"
+H_BEGIN, H_END = "<!-- handler-table:begin -->", "<!-- handler-table:end -->"
+
+
+def handler_table() -> str:
+    rows = ["| handler | id | kind | present when | walk phases | BPF | what it is |", "|---|---|---|---|---|---|---|"]
+    for h in catalog.HANDLER_LIST:
+        if h.kind == "none":
+            continue
+        present = f"`{catalog.BY_NAME[h.preserve].symbol}` attaches" if h.preserve else \
+            (f"with {h.follows}" if h.follows else "with any file handler")
+        walk = " / ".join(dict.fromkeys(h.walk)) if h.walk_probe else ""
+        rows.append(f"| {h.name} | {h.id} | {h.kind} | {present} | {walk} | `bpf/{h.bpf_file}` | {h.help} |")
+    return "\n".join(rows)
 
 
 def probe_table() -> str:
@@ -27,6 +41,8 @@ def update_readme(path: str = README) -> bool:
         text = f.read()
     new = re.sub(re.escape(BEGIN) + ".*" + re.escape(END), lambda _m: f"{BEGIN}\n{probe_table()}\n{END}", text,
                  flags=re.S)
+    new = re.sub(re.escape(H_BEGIN) + ".*" + re.escape(H_END), lambda _m: f"{H_BEGIN}\n{handler_table()}\n{H_END}",
+                 new, flags=re.S)
     if new != text:
         with open(path, "w") as f:
             f.write(new)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from . import kernel
+from .catalog import FILE_HANDLERS
 from .errors import LuotraceError
 from .loader import Options, ProbeStatus, plan, select_handlers
 
@@ -57,7 +58,7 @@ def _headers() -> Check:
 
 def _kvm() -> Check:
     try:
-        from workloads.gmem import VM
+        from .kvm import VM
         with VM() as vm:
             flags = vm.supported_flags()
             f = vm.create_gmem(4096, flags & 3)
@@ -110,7 +111,7 @@ def _verdict(target: str, statuses: List[ProbeStatus], model: Optional[str], pri
         chosen = select_handlers(statuses, Options(mode="trace", model=model))
     except LuotraceError as e:
         return Check(f"verdict ({target})", False, f"luotrace cannot trace this {target}: {e}", essential=primary)
-    handlers = sorted({s.handler for s in chosen if s.handler in ("guest_memfd", "memfd")})
+    handlers = sorted({s.handler for s in chosen if s.handler in FILE_HANDLERS})
     return Check(f"verdict ({target})", True, f"luotrace can trace this {target}: {', '.join(handlers)}",
                  essential=primary)
 

@@ -66,7 +66,7 @@ def joined(paths: List[str]) -> Tuple[dict, np.ndarray, int]:
         seen[ident] = p
     recs.sort(key=lambda pr: pr[1].header["clock"]["base_realtime_ns"])
     modes = {r.header.get("mode") for _, r in recs}
-    mode = "light" if "light" in modes else next(iter(modes))
+    mode = "light" if "light" in modes else str(next(iter(modes)) or "folio")
     first = recs[0][1]
     agg = Aggregator(mode, first.header["clock"]["base_monotonic_ns"])
     boots, ends_ns, shifted = [], [], []

@@ -13,7 +13,8 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
-from .btf import BTF
+from . import kernel
+from .btf import BTF, BTFError
 from .errors import LuotraceError
 
 # logical name -> (struct, member path) in the kernel.  Sources: struct
@@ -106,3 +107,13 @@ def model_layout(model_path: str) -> Layout:
                             "pass the reference model built by `make model` (workloads/model/luo_model)")
     offsets = {k: int(data.get(k, -1)) for k in LOGICAL}
     return Layout(f"model {model_path}", offsets, pfn_from_field=True)
+
+
+def resolve_layout(model: Optional[str]) -> Layout:
+    """The layout of what a run traces: the MODEL binary's, or the running kernel's BTF."""
+    if model is not None:
+        return model_layout(model)
+    try:
+        return kernel_layout(kernel.btf())
+    except BTFError as e:
+        raise LuotraceError(f"kernel BTF unusable: {e}", "boot a kernel built with CONFIG_DEBUG_INFO_BTF=y") from None

@@ -21,16 +21,20 @@ import select
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
-from . import catalog, kernel
+from . import abi, catalog, kernel
 from .catalog import Probe
 from .errors import LuotraceError
 from .events import EVENT_SIZE
-from .layout import Layout
+from .layout import Layout, resolve_layout
 
-BPF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf")
+# The BPF sources: tracer/bpf when installed from a wheel (setup.cfg maps bpf/
+# there), else the checkout's bpf/ beside tracer/.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+BPF_DIR = os.path.join(_HERE, "bpf")
+if not os.path.isfile(os.path.join(BPF_DIR, "luotrace.h")):
+    BPF_DIR = os.path.join(os.path.dirname(_HERE), "bpf")
 
-COUNTER_NAMES = ("lost", "emitted", "sampled_out", "inflight_full", "unattributed", "sample_tick",
-                 "folio_lost", "folio_emitted", "map_full")
+COUNTER_NAMES = abi.COUNTER_NAMES
 
 
 @dataclass
@@ -65,7 +69,7 @@ class ProbeStatus:
 
 
 def bpf_source(files: List[str]) -> str:
-    parts = []
+    parts = ["/* ---- generated: tracer/abi.py ---- */\n" + abi.header()]
     for name in ["luotrace.h"] + files:
         with open(os.path.join(BPF_DIR, name)) as f:
             parts.append(f"/* ---- {name} ---- */\n" + f.read())
@@ -75,7 +79,8 @@ def bpf_source(files: List[str]) -> str:
 def cflags(opts: Options, layout: Layout) -> List[str]:
     flags = [f"-D{k}={v}" for k, v in catalog.bpf_defines().items()]
     flags += layout.cflags()
-    flags += [f"-DRINGBUF_PAGES={opts.ringbuf_pages}", f"-DFOLIO_RINGBUF_PAGES={opts.folio_ringbuf_pages}", f"-DSAMPLE_EVERY={max(1, opts.sample_every)}",
+    flags += [f"-DRINGBUF_PAGES={opts.ringbuf_pages}", f"-DFOLIO_RINGBUF_PAGES={opts.folio_ringbuf_pages}",
+              f"-DSAMPLE_EVERY={max(1, opts.sample_every)}",
               f"-DMAX_FILES={opts.max_files}", f"-DMAX_INFLIGHT={opts.max_inflight}"]
     if opts.model:
         flags.append("-DLUO_USER=1")
@@ -87,8 +92,13 @@ def cflags(opts: Options, layout: Layout) -> List[str]:
 
 
 def source_files(probes: List[Probe]) -> List[str]:
-    order = ["lifecycle.c", "kho.c", "population.c"]
+    """The BPF files of PROBES, in compile order: the core helpers first,
+    then each handler's file, then the per-folio and population programs."""
+    order = ["lifecycle.c"] + [h.bpf_file for h in catalog.HANDLER_LIST if h.kind == "file"] + \
+        ["kho.c", "population.c"]
     used = {p.bpf_file for p in probes}
+    if used & set(order[1:]):
+        used.add("lifecycle.c")  # the helpers every handler file uses
     return [f for f in order if f in used]
 
 
@@ -195,6 +205,26 @@ def program_text(probes: List[Probe], strategy: Dict[str, str]) -> str:
     return bpf_source(source_files(probes)) + wrappers(probes, strategy, _signatures(probes, strategy))
 
 
+@dataclass
+class Program:
+    """What one run compiles: its C text and flags."""
+    text: str
+    cflags: List[str]
+
+
+NO_GMEM_DEV = 0xFFFFFFFF  # a population filter that matches no superblock
+
+
+def build_program(opts: Options, layout: Layout, probes: List[Probe], strategy: Dict[str, str],
+                  gmem_dev: Optional[int] = None, gmem_dev_flag: Optional[str] = None) -> Program:
+    """The one assembly of a BPF program, used by a run (Tracer), the
+    verifier check and --print-bpf, so that what is checked and printed is
+    what runs.  GMEM_DEV_FLAG replaces the population filter's value where it
+    is not known yet (--print-bpf)."""
+    dev = gmem_dev_flag or str(gmem_dev if gmem_dev is not None else NO_GMEM_DEV)
+    return Program(program_text(probes, strategy), cflags(opts, layout) + [f"-DGMEM_DEV={dev}"])
+
+
 def _signatures(probes: List[Probe], strategy: Dict[str, str]) -> Dict[str, tuple]:
     need = [p.symbol for p in probes if strategy.get(p.name) == "fentry"]
     if not need:
@@ -214,24 +244,16 @@ def select_handlers(statuses: List[ProbeStatus], opts: Options) -> List[ProbeSta
     """Without --handler, trace every handler whose preserve entry point exists."""
     if opts.handlers is not None:
         return statuses
-    present = {s.handler for s in statuses if s.name.endswith("_preserve") and s.status == "planned"}
-    files = bool(present)
+    present = {s.handler for s in statuses
+               if s.name == catalog.HANDLER_BY_NAME[s.handler].preserve and s.status == "planned"}
     if not present:
-        syms = ", ".join(s.symbol for s in statuses if s.name in ("gmem_preserve", "memfd_preserve"))
+        preserves = {catalog.HANDLER_BY_NAME[h].preserve for h in catalog.FILE_HANDLERS}
+        syms = ", ".join(s.symbol for s in statuses if s.name in preserves)
         where = f"model {opts.model}" if opts.model else f"kernel {kernel.release()}"
         raise LuotraceError(f"no LUO file handler can be traced in {where}: {syms} not found or not attachable",
                             "run on a kernel with CONFIG_LIVEUPDATE (and the guest_memfd LUO patch), "
                             "or trace the reference model with --model workloads/model/luo_model")
-    keep = []
-    for s in statuses:
-        if s.handler in ("guest_memfd", "memfd") and s.handler not in present:
-            continue
-        if s.handler in ("kho", "luo") and not files:
-            continue
-        if s.handler == "population" and "guest_memfd" not in present:
-            continue
-        keep.append(s)
-    return keep
+    return [s for s in statuses if catalog.handler_kept(s.handler, present)]
 
 
 class Tracer:
@@ -263,7 +285,6 @@ class Tracer:
             if why:
                 raise LuotraceError(f"tracefs is not usable: {why}", "mount debugfs and tracefs (run `make setup`)")
         self.gmem_dev = self._gmem_dev(statuses) if self.population else None
-        self.cflags = cflags(opts, layout) + [f"-DGMEM_DEV={self.gmem_dev if self.gmem_dev is not None else 0xFFFFFFFF}"]
         self._on_bytes = on_bytes
         before_compile()
         self.bpf = self._compile(BPF, probes)
@@ -277,8 +298,9 @@ class Tracer:
     def _compile(self, BPF, probes: List[Probe]):
         """Compile and load; fentry programs attach while loading, so a kernel
         that refuses them makes every fentry probe fall back to kprobe."""
-        strategy = {s.name: s.strategy for s in self.statuses}
-        self.source = program_text(probes, strategy)
+        prog = build_program(self.opts, self.layout, probes, {s.name: s.strategy for s in self.statuses},
+                             self.gmem_dev)
+        self.source, self.cflags = prog.text, prog.cflags
         try:
             return BPF(text=self.source, cflags=self.cflags)
         except Exception as e:
@@ -288,7 +310,9 @@ class Tracer:
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             for s in fentry:
                 s.strategy, s.reason = "kprobe", f"fentry failed ({why}); fell back to kprobe"
-            self.source = program_text(probes, {s.name: s.strategy for s in self.statuses})
+            prog = build_program(self.opts, self.layout, probes, {s.name: s.strategy for s in self.statuses},
+                                 self.gmem_dev)
+            self.source = prog.text
             return BPF(text=self.source, cflags=self.cflags)
 
     def _gmem_dev(self, statuses: List[ProbeStatus]) -> Optional[int]:
@@ -296,7 +320,7 @@ class Tracer:
         filter; found by creating a guest_memfd."""
         if self.opts.gmem_dev is not None:
             return self.opts.gmem_dev
-        from workloads.gmem import GmemError, gmem_superblock_dev
+        from .kvm import GmemError, gmem_superblock_dev
         try:
             return gmem_superblock_dev()
         except (GmemError, OSError) as e:
@@ -314,7 +338,7 @@ class Tracer:
                 if st.status == "planned":
                     st.status = "attached"  # BCC attaches TRACEPOINT_PROBE functions when loading
                 else:
-                    b.detach_tracepoint(f"{p.tracepoint[0]}:{p.tracepoint[1]}")
+                    b.detach_tracepoint(p.symbol)
                 continue
             if st.strategy == "fentry":
                 st.status = "attached"  # BCC attaches kfunc__/kretfunc__ programs when loading
@@ -345,12 +369,12 @@ class Tracer:
         if self.opts.mode == "trace":
             rings.append(("folio_events", self.opts.folio_ringbuf_pages))
         self._rings = [RingReader(self.bpf[name].get_fd(), pages * mmap.PAGESIZE, EVENT_SIZE) for name, pages in rings]
-        self._epoll = select.epoll()
+        self._epoll: Optional[select.epoll] = select.epoll()
         for r in self._rings:
             self._epoll.register(r.fd, select.EPOLLIN)
 
     def poll(self, timeout_ms: int = 100) -> None:
-        if not self.drain():
+        if not self.drain() and self._epoll is not None:
             self._epoll.poll(timeout_ms / 1000.0)
             self.drain()
 
@@ -446,8 +470,9 @@ class Tracer:
         for r in getattr(self, "_rings", []):
             r.close()
         self._rings = []
-        if getattr(self, "_epoll", None) is not None:
-            self._epoll.close()
+        ep = getattr(self, "_epoll", None)
+        if ep is not None:
+            ep.close()
             self._epoll = None
         b = getattr(self, "bpf", None)
         if b is not None:
@@ -469,9 +494,9 @@ def verify_kernel_programs(mode: str, layout: Layout) -> Dict[str, str]:
     traced symbols or CONFIG_KPROBES are absent.  Returns program -> result."""
     from bcc import BPF
 
-    opts = Options(mode=mode)
     probes = [p for p in catalog.probes_for(mode) if p.kind != "tracepoint"]
-    b = BPF(text=program_text(probes, {}), cflags=cflags(opts, layout))
+    prog = build_program(Options(mode=mode), layout, probes, {})  # {}: kprobe entry points for all
+    b = BPF(text=prog.text, cflags=prog.cflags)
     results = {}
     try:
         for p in probes:
@@ -486,9 +511,9 @@ def verify_kernel_programs(mode: str, layout: Layout) -> Dict[str, str]:
 
 def final_source(opts: Options) -> str:
     """The BPF text and flags a run with ``opts`` would compile (``--print-bpf``)."""
-    from .session import resolve_layout
-    layout = resolve_layout(opts)
-    probes = [p for p in catalog.probes_for(opts.mode, opts.handlers)]
-    flags = cflags(opts, layout) + ["-DGMEM_DEV=<found at start>"]
-    strategy = {s.name: s.strategy for s in plan(opts)}
-    return "/* cflags: " + " ".join(flags) + " */\n" + program_text(probes, strategy)
+    layout = resolve_layout(opts.model)
+    statuses = select_handlers(plan(opts), opts)
+    probes = [catalog.BY_NAME[s.name] for s in statuses if s.status == "planned"]
+    prog = build_program(opts, layout, probes, {s.name: s.strategy for s in statuses},
+                         gmem_dev_flag="<found at start>")
+    return "/* cflags: " + " ".join(prog.cflags) + " */\n" + prog.text

@@ -55,7 +55,7 @@ def check_output(path: str, force: bool = False, what: str = "output") -> None:
     but a regular file (a device, FIFO or directory), or an existing file
     without FORCE."""
     try:
-        st: Optional[os.stat_result] = os.stat(path)
+        st = os.stat(path)
     except FileNotFoundError:
         return
     except OSError as e:

@@ -7,7 +7,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import anomalies
 from .aggregator import FINAL_RESULTS, PHASE_ORDER, Aggregator, FileState, Key
-from .catalog import HANDLER_NAMES, HANDLERS, SER_DEV
+from .abi import SER_DEV
+from .catalog import HANDLER_NAMES, HANDLERS
 from .events import errno_name
 from .totals import Totals
 
@@ -60,7 +61,7 @@ def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optio
         "size_bytes": st.size,
         "flags": st.flags,
         "folios_populated": pop["added"] if pop else (0 if folio_mode and st.handler == "guest_memfd" and
-                                                      agg.maps.get("population_attached") else None),
+                                                      (agg.maps or {}).get("population_attached") else None),
         "nr_folios": st.count_pass,
         "folios_preserved": preserved if st.result != "none" else 0,
         "folios_unpreserved": folio["unpreserved"] if folio_mode and folio else (0 if folio_mode else None),

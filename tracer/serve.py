@@ -9,7 +9,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -20,7 +20,9 @@ from exporters.prometheus import LuotraceCollector, earlier_boot_families, push,
 from .errors import LuotraceError
 from .loader import Options
 from .recording import check_output
-from .session import LiveSession, RunResult, _Stop, replay, run
+from .replay import replay
+from .session import LiveSession, RunResult, run
+from .stop import StopSignals
 from .state import StateDir
 
 DEFAULT_LISTEN = "127.0.0.1:9477"
@@ -107,7 +109,7 @@ class MetricsServer:
         try:
             family = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
             server_class = type("_Server", (_Server,), {"address_family": family})
-            self.server = make_server(self.host, self.port, metrics_app(self.registry), server_class,
+            self.server: Any = make_server(self.host, self.port, metrics_app(self.registry), server_class,
                                       handler_class=_Handler)
         except socket.gaierror as e:
             raise LuotraceError(f"cannot listen on {self.host}:{self.port}: {e.strerror}", "check --listen") from None
@@ -231,7 +233,7 @@ def serve_replay(path: str, listen: str, progress: Callable[[str], None] = lambd
     srv = MetricsServer(listen, lambda: report, per_program)
     progress(f"luotrace: serving {path} on http://{listen}/metrics; Ctrl-C to stop")
     try:
-        with _Stop() as stop:
+        with StopSignals() as stop:
             while not stop.reason and not (until and until()):
                 time.sleep(0.2)
     finally:

@@ -24,9 +24,10 @@ from .aggregator import Aggregator
 from .catalog import PROBE_IDS
 from .errors import LuotraceError
 from .events import EVENT_SIZE, decode
-from .layout import Layout, kernel_layout, model_layout
+from .layout import resolve_layout
 from .loader import Options, Tracer
 from .report import build, file_rows, retire
+from .stop import StopSignals
 
 
 KEXEC_PROBE = PROBE_IDS["kexec"]
@@ -62,16 +63,6 @@ def check_environment(opts: Options) -> None:
                             "run `make setup` (links Debian's linux-headers tree) or load the kheaders module")
 
 
-def resolve_layout(opts: Options) -> Layout:
-    if opts.model is not None:
-        return model_layout(opts.model)
-    from .btf import BTFError
-    try:
-        return kernel_layout(kernel.btf())
-    except BTFError as e:
-        raise LuotraceError(f"kernel BTF unusable: {e}", "boot a kernel built with CONFIG_DEBUG_INFO_BTF=y") from None
-
-
 def make_header(opts: Options, tracer: Tracer, labels: Dict[str, str], base_ns: int, real_ns: int) -> dict:
     return {
         "format": "luotrace.recording",
@@ -92,40 +83,6 @@ def make_header(opts: Options, tracer: Tracer, labels: Dict[str, str], base_ns: 
     }
 
 
-class _Stop:
-    """SIGINT/SIGTERM/SIGHUP/SIGQUIT handlers that ask the loop to stop, once
-    (a hang-up or a quit ends the run cleanly, as SIGTERM does)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-
-    def __init__(self) -> None:
-        self.reason = ""
-        self._old: Dict[int, object] = {}
-
-    def __enter__(self) -> "_Stop":
-        for sig in self.SIGNALS:
-            self._old[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def _handler(self, signum, _frame) -> None:
-        if not self.reason:
-            self.reason = signal.Signals(signum).name
-
-    def quiet(self) -> None:
-        """During cleanup further signals are ignored (no half-detached state)."""
-        for sig in self._old:
-            signal.signal(sig, signal.SIG_IGN)
-
-    def arm(self) -> None:
-        """Listen again (lingering after cleanup)."""
-        for sig in self._old:
-            signal.signal(sig, self._handler)
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)  # type: ignore[arg-type]
-
-
 class LiveSession:
     """One live tracing run.  The poll loop feeds the aggregator; ``snapshot``
     may be called from another thread (a metrics scrape) at any time."""
@@ -137,7 +94,7 @@ class LiveSession:
         self.output = output
         self.force = force
         self.recording_error: Optional[str] = None
-        self.layout = resolve_layout(opts)
+        self.layout = resolve_layout(opts.model)
         self.labels = labels or {}
         self.agg = Aggregator(opts.mode)
         self.lock = threading.Lock()
@@ -189,7 +146,7 @@ class LiveSession:
         if jump:
             # LUO freezes every session right after kernel_kexec(): take those
             # events first, then the folio counters held in BPF maps (slower).
-            self.tracer.drain()
+            self.bpf.drain()
             self.pump()
             with self.lock:
                 self._dump_maps(sync=True)
@@ -208,7 +165,7 @@ class LiveSession:
         for the recorder, and the per-file folio counts live only in the maps."""
         self._maps_mark = self._lifecycle_records()
         self._maps_at = time.monotonic()
-        maps = self.tracer.dump_maps()
+        maps = self.bpf.dump_maps()
         self._write(lambda w: w.write_maps(maps, sync=sync))
 
     def start(self, before_compile: Callable[[], None] = lambda: None) -> None:
@@ -229,11 +186,18 @@ class LiveSession:
         if self.output:
             self.writer = rec.Writer(self.output, self.header, force=self.force)
 
+    @property
+    def bpf(self) -> Tracer:
+        """The loaded programs (after start)."""
+        if self.tracer is None:
+            raise RuntimeError("the session has not started")
+        return self.tracer
+
     def attached(self) -> int:
         return sum(1 for s in self.tracer.statuses if s.status == "attached") if self.tracer else 0
 
     def poll(self, timeout_ms: int = 100) -> None:
-        self.tracer.poll(1 if self.kexec_seen else timeout_ms)
+        self.bpf.poll(1 if self.kexec_seen else timeout_ms)
         self.pump()
         if self.writer is not None:
             with self.lock:
@@ -260,8 +224,8 @@ class LiveSession:
         with self.lock:
             if self.final is not None:
                 return self.final
-            maps = self.tracer.dump_maps()
-            progs = self.tracer.prog_stats()
+            maps = self.bpf.dump_maps()
+            progs = self.bpf.prog_stats()
             self.agg.finish(maps)
             rows = file_rows(self.agg)
             rep = build(self.agg, self.header, self._end(progs, "running"), rows=rows)
@@ -270,12 +234,12 @@ class LiveSession:
                 if gone:
                     # the recording keeps the rows the maps are about to lose
                     self._write(lambda w: w.write_maps(maps))
-                    self.tracer.forget(gone)
+                    self.bpf.forget(gone)
             return rep
 
     def stop(self, stopped_by: str) -> dict:
         """Drain, read the maps, detach, close the recording; returns the final report."""
-        tracer = self.tracer
+        tracer = self.bpf
         try:
             tracer.drain()
             self.pump()
@@ -336,7 +300,7 @@ def run(opts: Options, output: Optional[str], command: Optional[List[str]] = Non
         rec.check_output(output, force, "recording")
     child: Optional[subprocess.Popen] = None
     stopped_by = ""
-    with _Stop() as stop:
+    with StopSignals() as stop:
         sess = LiveSession(opts, output, labels, force)
         try:
             sess.start(lambda: progress("luotrace: compiling and attaching the probes..."))
@@ -369,7 +333,7 @@ def run(opts: Options, output: Optional[str], command: Optional[List[str]] = Non
                 if time.monotonic() - last_note >= 10:
                     last_note = time.monotonic()
                     progress(f"luotrace: {sess.agg.received} events so far, "
-                             f"{sess.tracer.counters()['lost']} lost")
+                             f"{sess.bpf.counters()['lost']} lost")
             stop.quiet()
             if child is not None and child.poll() is None:
                 child.send_signal(signal.SIGINT if stopped_by == "SIGINT" else signal.SIGTERM)
@@ -399,24 +363,3 @@ def run(opts: Options, output: Optional[str], command: Optional[List[str]] = Non
             while not stop.reason:
                 time.sleep(0.2)
     return result
-
-
-def replay(path: str) -> dict:
-    """The report of a recording: exactly what the live run showed."""
-    return report_of(rec.read(path))
-
-
-def report_of(r: rec.Recording) -> dict:
-    try:
-        return _report_of(r)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-        raise LuotraceError(f"recording content is corrupt ({type(e).__name__}: {e})",
-                            "the file was damaged after it was written; record again") from None
-
-
-def _report_of(r: rec.Recording) -> dict:
-    agg = Aggregator(r.header.get("mode", "folio"), r.header.get("clock", {}).get("base_monotonic_ns", 0))
-    for batch in r.batches():
-        agg.feed(batch)
-    agg.finish(r.maps)
-    return build(agg, r.header, r.end, r.truncated, r.truncated_reason, r.damaged, r.damaged_records)

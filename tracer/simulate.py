@@ -16,12 +16,13 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 
 from . import __version__, catalog
 from . import recording as rec
+from .abi import SER_DEV
 from .errors import LuotraceError
 from .events import EV_ENTRY, EV_INSTANT, EV_RETURN, EVENT_DTYPE
 
@@ -54,7 +55,7 @@ class SimSpec:
 
 
 def parse_size(s: str) -> int:
-    from workloads.truth import size_bytes
+    from .units import size_bytes
     try:
         n = size_bytes(s)
     except ValueError:
@@ -74,9 +75,10 @@ class _Events:
             a1: int = 0, a2: int = 0, dev: int = GMEM_DEV, tid: int = 1000) -> None:
         self.rows.append((ts, 1000, tid, catalog.PROBE_IDS[probe], kind, 0, ret, ino, dev, handler, a0, a1, a2))
 
-    def call(self, probe: str, start: int, dur: int, ino: int, handler: int, ret: int = 0, entry=(0, 0, 0),
-             ret_a=(0, 0), dev: int = GMEM_DEV, tid: int = 1000) -> int:
-        self.add(probe, EV_ENTRY, start, ino, handler, 0, *entry, dev=dev, tid=tid)
+    def call(self, probe: str, start: int, dur: int, ino: int, handler: int, ret: int = 0,
+             entry: Tuple[int, int, int] = (0, 0, 0), ret_a: Tuple[int, int] = (0, 0), dev: int = GMEM_DEV,
+             tid: int = 1000) -> int:
+        self.add(probe, EV_ENTRY, start, ino, handler, 0, entry[0], entry[1], entry[2], dev=dev, tid=tid)
         self.add(probe, EV_RETURN, start + dur, ino, handler, ret, ret_a[0], ret_a[1], dur, dev=dev, tid=tid)
         return start + dur
 
@@ -187,8 +189,8 @@ def simulate(spec: SimSpec, output: str, progress=lambda s: None, force: bool = 
             continue
         ser = 0xA000_0000 + i
         r_end = ev.call("gmem_retrieve", t, int(folios * 30 * scale("retrieve")) + 1000, ser, handler,
-                        ret_a=(ino + 100_000, 0), dev=catalog.SER_DEV)
-        t = ev.call("gmem_finish", r_end + 500, int(5000 * scale("finish")), ser, handler, dev=catalog.SER_DEV)
+                        ret_a=(ino + 100_000, 0), dev=SER_DEV)
+        t = ev.call("gmem_finish", r_end + 500, int(5000 * scale("finish")), ser, handler, dev=SER_DEV)
         for row in folio_stats:
             if row["ino"] == ino:
                 row["restored"] = row["preserved"]

@@ -74,7 +74,7 @@ class StateDir:
         """The update that brought this boot up: the newest recording of
         another boot, if it saw a kexec (one that did not ended in a reboot or
         a stopped service, and an older one is not this boot's update)."""
-        from .session import replay  # analysis of a recording; no BPF is loaded
+        from .replay import replay
         for p in reversed(self.recordings()):
             m = _NAME.match(os.path.basename(p))
             if not m or m.group(1) == self.boot_id:
@@ -95,7 +95,8 @@ class StateDir:
         """Remove the oldest recordings beyond KEEP files or MAX_BYTES, never CURRENT."""
         paths = self.recordings()
         sizes = {p: os.stat(p).st_size for p in paths}
-        total, removed = sum(sizes.values()), []
+        total = sum(sizes.values())
+        removed: List[str] = []
         for p in paths:
             if len(paths) - len(removed) <= self.keep and total <= self.max_bytes:
                 break

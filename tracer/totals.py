@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Dict, Iterable, List, Tuple
 
+from .catalog import FILE_HANDLERS, HANDLER_BY_NAME
+
 # Histogram bounds: every other power of two nanoseconds, 2^11 ns (~2 us) ..
 # 2^37 ns (~137 s), 14 buckets: a factor of 4 per bucket keeps a host's
 # series within budget (README) and still places a latency within 2x.  The
@@ -17,13 +19,11 @@ LOG2_MIN, LOG2_MAX, LOG2_STEP = 11, 37, 2
 BUCKETS_S = [2 ** k / 1e9 for k in range(LOG2_MIN, LOG2_MAX + 1, LOG2_STEP)]
 NBUCKETS = len(BUCKETS_S) + 1  # the last one is +Inf
 
-HANDLERS = ("guest_memfd", "memfd")
+HANDLERS = FILE_HANDLERS  # the handlers whose files are counted (the catalog's)
 OUTCOMES = ("ok", "error")  # of a preserve call
 # The phases each handler goes through (tracer.aggregator names them), so that
 # their series exist, at zero, before the first update.
-PHASES = {"guest_memfd": ("can_preserve", "count_pass", "fill_pass", "vmalloc", "luo_freeze", "unpreserve",
-                          "retrieve", "finish"),
-          "memfd": ("can_preserve", "preserve_folios", "vmalloc", "luo_freeze", "unpreserve", "retrieve", "finish")}
+PHASES: Dict[str, Tuple[str, ...]] = {h: HANDLER_BY_NAME[h].phases for h in FILE_HANDLERS}
 FOLIO_COUNTERS = ("folios_preserved", "folios_unpreserved", "folios_restored", "folios_populated",
                   "bytes_preserved")
 HISTS = ("preserve", "phase", "folio", "blackout")

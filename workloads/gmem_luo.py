@@ -43,7 +43,7 @@ from typing import Dict, List, Optional
 
 from tracer.events import errno_name  # names Linux errnos Python's errno module lacks (EHWPOISON)
 
-from . import kvm_abi as kabi
+from tracer import kvm_abi as kabi
 from .gmem import VM, GmemError, GmemFile, fallocate
 from .liveupdate import (_pattern, create_session, finish_session, hold, open_dev, preserve_fd, retrieve_fd,
                          retrieve_from, retrieve_session)
@@ -92,11 +92,11 @@ def poison_page(f: GmemFile, page: int) -> Optional[str]:
         os.write(w, msg)
         os._exit(0)
     os.close(w)
-    msg = os.read(r, 512).decode()
+    why = os.read(r, 512).decode()
     os.close(r)
     _, status = os.waitpid(pid, 0)
-    if msg:
-        return msg
+    if why:
+        return why
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) != 7:  # SIGBUS is what poisoning a mapped page may send
         return f"poisoning child killed by signal {os.WTERMSIG(status)}"
     return None

@@ -172,7 +172,7 @@ def main(argv=None) -> int:
             try:
                 cases.append(("hugetlb memfd", os.memfd_create("luotrace-huge", MFD_HUGETLB)))
             except OSError as e:
-                truth["errors"].append({"case": "hugetlb memfd", "errno": errno_name(-e.errno),
+                truth["errors"].append({"case": "hugetlb memfd", "errno": errno_name(-(e.errno or 0)),
                                         "stage": "memfd_create"})
             tmp = tempfile.TemporaryFile()
             cases.append(("regular file", tmp.fileno()))
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
                     preserve_fd(sfd, fd, token)
                     truth["errors"].append({"case": what, "errno": None})
                 except OSError as e:
-                    truth["errors"].append({"case": what, "errno": errno_name(-e.errno),
+                    truth["errors"].append({"case": what, "errno": errno_name(-(e.errno or 0)),
                                             "inode": os.fstat(fd).st_ino})
             os.close(sfd)
             continue

@@ -14,7 +14,7 @@ import sys
 import time
 
 from .gmem import VM, GmemError
-from .kvm_abi import PAGE_SIZE
+from tracer.kvm_abi import PAGE_SIZE
 from .truth import parse_size as truth_size, write_truth
 
 

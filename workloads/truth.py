@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
-from typing import Dict, Optional
+from typing import Optional
+
+from tracer.units import UNITS, size_bytes
 
 PAGE_SIZE = 4096
 
@@ -15,18 +17,6 @@ def write_truth(truth: dict, path: Optional[str]) -> None:
             fh.write(out)
     else:
         print(out)
-
-
-UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def size_bytes(s: str, units: Dict[str, int] = UNITS) -> int:
-    """'64M', '1GiB', '4096' -> bytes; ValueError when it is not a size."""
-    t = s.strip().upper().removesuffix("IB").removesuffix("B")
-    try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except (ValueError, IndexError):
-        raise ValueError(f"bad size '{s}'") from None
 
 
 def parse_size(s: str) -> int:

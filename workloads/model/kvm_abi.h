@@ -2,7 +2,7 @@
  *
  * Source: include/uapi/linux/kvm.h, Linux 6.18 (Debian 12's userspace headers
  * predate guest_memfd, so the few facts needed are restated here).  The Python
- * twin is workloads/kvm_abi.py; tests/test_abi.py checks the two agree.
+ * twin is tracer/kvm_abi.py; tests/test_abi.py checks the two agree.
  */
 #ifndef LUO_MODEL_KVM_ABI_H
 #define LUO_MODEL_KVM_ABI_H

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Dict, List
 
 PY = sys.executable
 DRIVER = ["-m", "workloads.liveupdate", "keep:4M,1M:sparse", "cancel:2M", "errors"]
@@ -66,7 +67,7 @@ def with_bpftrace(program: str, out_name: str, run) -> None:
     bt = subprocess.Popen(["bpftrace", "-e", program], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     line = ""
     while "Attaching" not in line:
-        line = bt.stdout.readline()
+        line = bt.stdout.readline() if bt.stdout else ""
         if not line:
             break
     time.sleep(1)
@@ -122,7 +123,7 @@ def vmbench(handlers, reps: int = 5) -> None:
     untraced, under a recorder in light mode, in folio mode, untraced again.
     One recorder per mode (all handlers), started before its runs: the BPF
     compile under emulation is paid once, and every setting runs in this VM."""
-    res = {h: {} for h in handlers}
+    res: Dict[str, Dict[str, List[int]]] = {h: {} for h in handlers}
 
     def runs(cfg: str) -> None:
         for h in handlers:
@@ -170,7 +171,7 @@ def start_recorder(path: str, log: str, mode: str = "folio", handler: str = "") 
 
     def copy() -> None:
         with open(log, "w") as f:
-            for line in p.stdout:
+            for line in p.stdout or ():
                 f.write(line)
                 f.flush()
                 if line.startswith("luotrace: tracing"):

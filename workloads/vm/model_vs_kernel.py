@@ -63,10 +63,10 @@ def model_views(sessions: Dict[str, str], out: str) -> Dict[str, List[dict]]:
     names = list(sessions)
     res, truth = run_model("folio", [sessions[n] for n in names], out)
     files = {f["inode"]: f for f in res.report["files"]}
-    out: Dict[str, List[dict]] = {}
+    views: Dict[str, List[dict]] = {}
     for t in truth["files"]:
-        out.setdefault(names[t["session"] - 1], []).append(view(files[t["inode"]]))  # sessions count from 1
-    return out
+        views.setdefault(names[t["session"] - 1], []).append(view(files[t["inode"]]))  # sessions count from 1
+    return views
 
 
 def explain(kernel, model) -> Optional[str]:
