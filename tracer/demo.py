@@ -31,8 +31,11 @@ def default_model() -> str:
     src = os.path.join(MODEL_DIR, "luo_model.c")
     if not os.path.exists(src):
         raise LuotraceError(f"reference model {DEFAULT_MODEL} not built", "run `make model` (or `make setup`)")
-    with open(src, "rb") as f:
-        digest = hashlib.sha256(f.read() + open(os.path.join(MODEL_DIR, "kvm_abi.h"), "rb").read()).hexdigest()[:12]
+    h = hashlib.sha256()
+    for part in (src, os.path.join(MODEL_DIR, "kvm_abi.h")):  # what the binary is built from
+        with open(part, "rb") as f:
+            h.update(f.read())
+    digest = h.hexdigest()[:12]
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "luotrace")
     exe = os.path.join(cache, f"luo_model-{digest}")
     if not os.path.exists(exe):

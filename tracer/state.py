@@ -72,8 +72,9 @@ class StateDir:
 
     def previous_boot(self) -> Optional[EarlierBoot]:
         """The update that brought this boot up: the newest recording of
-        another boot, if it saw a kexec (one that did not ended in a reboot or
-        a stopped service, and an older one is not this boot's update)."""
+        another boot, if it saw a kexec.  None if it did not (that boot ended
+        in a reboot or a stopped service); an older recording is never this
+        boot's update."""
         from .replay import replay
         for p in reversed(self.recordings()):
             m = _NAME.match(os.path.basename(p))
