@@ -52,8 +52,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 model: $(MODEL)
 
-$(MODEL): workloads/model/luo_model.c workloads/model/kvm_abi.h
-	gcc -O2 -g -Wall -Wextra -fno-ipa-icf -o $@ $<
+# The core and every file handler under handlers/ (each registers itself).
+MODEL_SRCS := workloads/model/luo_model.c $(sort $(wildcard workloads/model/handlers/*.c))
+$(MODEL): $(MODEL_SRCS) workloads/model/model.h workloads/model/kvm_abi.h
+	gcc -O2 -g -Wall -Wextra -fno-ipa-icf -o $@ $(MODEL_SRCS)
 
 demo: setup
 	$(VENV)/bin/luotrace demo

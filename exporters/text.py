@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
-PHASE_COLUMNS = ["count_pass", "fill_pass", "preserve_folios", "vmalloc", "luo_freeze", "unpreserve",
-                 "retrieve", "finish"]
+from tracer.catalog import LEAF_PHASES
+
+PHASE_COLUMNS = [p for p in LEAF_PHASES if p != "can_preserve"]
 
 
 def fmt_ns(ns: Optional[int]) -> str:

@@ -123,7 +123,7 @@ def _folio_counter(f: dict, pid: int, ts: Optional[np.ndarray], base: int) -> Li
         cum = np.searchsorted(ts.astype(np.float64), edges[1:], side="left")
         return [{"ph": "C", "name": name, "pid": pid, "tid": 0, "ts": _us(int(x) - base),
                  "args": {f"inode {f['inode']}": int(c)}} for x, c in zip(edges[1:], cum)]
-    fill = next((p for p in f["phases"] if p["name"] in ("fill_pass", "preserve_folios")), None)
+    fill = next((p for p in f["phases"] if p["name"] in catalog.FILL_PHASES), None)
     if fill is None or f.get("folios_preserved") is None:
         return []
     return [{"ph": "C", "name": name, "pid": pid, "tid": 0, "ts": _us(fill["start_ns"]),

@@ -35,7 +35,7 @@ from typing import Dict, List
 
 from tracer import kernel
 from tracer.loader import Options
-from tracer.session import run
+from tracer.live import run
 from tracer.kvm import gmem_superblock_dev
 
 from .bench_ingest import ingest

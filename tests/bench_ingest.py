@@ -102,7 +102,7 @@ def run_once(tmp: str, total: int, rate: float, producers: int = 1,
         ep = select.epoll()
         ep.register(ring.fd, select.EPOLLIN)
         agg = Aggregator("trace")
-        w = rec.Writer(os.path.join(tmp, "ingest.luo"), {"format": "luotrace.recording", "mode": "trace"})
+        w = rec.Writer(os.path.join(tmp, "ingest.luo"), {"format": "luotrace.recording", "mode": "trace"}, force=True)
         cpu0 = time.process_time()
         for p in procs:
             p.stdin.write("go\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from tracer.loader import Options
-from tracer.session import run
+from tracer.live import run
 
 from .conftest import MODEL, load_json
 
@@ -28,7 +28,7 @@ def test_a_frozen_guest_memfd_filled_late_is_counted_whole_and_kept_bounded(mode
     inode): the anomaly counts all of them, the evidence kept is bounded."""
     from tracer.aggregator import EVIDENCE_MAX
     from tracer.loader import Options
-    from tracer.session import run
+    from tracer.live import run
     truth_path = str(tmp_path / "t.json")
     res = run(Options(mode="folio", model=MODEL), str(tmp_path / "late.luo"),
               command=[MODEL, "--json", truth_path, "keep:gmem:16M:late_fallocate=2048"], progress=lambda s: None)

@@ -79,8 +79,10 @@ def test_bad_label(model, tmp_path):
 
 
 def test_bad_ringbuf_size(model, tmp_path):
-    r = run_cli("record", "-o", str(tmp_path / "x.luo"), "--model", model, "--ringbuf-pages", "3", "--", "true")
-    assert_one_line_error(r, "power of two")
+    for flag in ("--folio-ringbuf-pages", "--ringbuf-pages", "--lifecycle-ringbuf-pages"):  # --ringbuf-pages: old name
+        r = run_cli("record", "-o", str(tmp_path / "x.luo"), "--model", model, flag, "3", "--", "true")
+        assert_one_line_error(r, "power of two")
+        assert ("--lifecycle" in r.stderr) == (flag == "--lifecycle-ringbuf-pages"), r.stderr
 
 
 def test_doctor_as_root_passes_and_explains(root):
@@ -161,7 +163,8 @@ def test_print_bpf_shows_final_text_with_resolved_offsets(model):
 NUMBERS = [  # every numeric option: finite, in range, fitting the kernel's or numpy's type
     (["record", "-o", "{tmp}/x.luo", "--duration", "nan", "--", "true"], "'nan' is not a number"),
     (["record", "-o", "{tmp}/x.luo", "--duration", "inf", "--", "true"], "--duration"),
-    (["record", "-o", "{tmp}/x.luo", "--ringbuf-pages", "1048576", "--", "true"], "--ringbuf-pages"),
+    (["record", "-o", "{tmp}/x.luo", "--folio-ringbuf-pages", "1048576", "--", "true"], "--folio-ringbuf-pages"),
+    (["record", "-o", "{tmp}/x.luo", "--lifecycle-ringbuf-pages", "0", "--", "true"], "--lifecycle-ringbuf-pages"),
     (["record", "-o", "{tmp}/x.luo", "--sample", str(2**40), "--", "true"], "--sample"),
     (["serve", "--duration", "nan"], "'nan' is not a number"),
     (["simulate", "-o", "{tmp}/s.luo", "--folio-ns", "inf"], "--folio-ns"),

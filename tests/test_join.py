@@ -18,7 +18,7 @@ import pytest
 
 from tracer import catalog, clock
 from tracer import recording as rec
-from tracer.join import join
+from tracer.join import join_report
 from tracer.replay import replay
 
 from .conftest import MODEL, load_json, run_cli
@@ -136,7 +136,7 @@ def test_join_of_a_fake_reboot_matches_the_single_recording(update_run):
     shift = 5 * 10**9
     _split_at_new_kernel(path, old, new, shift)
     whole = replay(path)
-    joined = join([new, old])  # any order: joined oldest first
+    joined = join_report([new, old])  # any order: joined oldest first
     assert [b["recording"] for b in joined["boots"]] == [old, new]
     assert joined["boots"][0]["ended_by"] == "kexec"
     assert joined["boots"][1]["joined_by"] == "tsc"

@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import load_json
 from tracer.loader import Options
 from tracer.replay import replay
-from tracer.session import run
+from tracer.live import run
 from tracer.kvm import gmem_superblock_dev
 
 MiB = 1 << 20

@@ -37,8 +37,6 @@ RETIRED_REMEMBERED = 4096  # keys of forgotten files whose late events are ignor
 # A file's result once nothing more happens to it (until it is preserved again);
 # "ok" is preserved and waiting for the kexec.
 FINAL_RESULTS = ("retrieved", "discarded", "cancelled", "rejected", "error")
-PHASE_ORDER = ["can_preserve", "preserve", "count_pass", "fill_pass", "preserve_folios", "vmalloc",
-               "luo_freeze", "unpreserve", "retrieve", "finish"]
 
 
 @dataclass

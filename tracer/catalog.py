@@ -33,7 +33,9 @@ class Handler:
     says the handler exists in the traced code.  ``walk``: the phase names of
     its folio walk probe's pass 1 and pass 2 (``walk_probe``).  ``phases``:
     every phase a file of it can show, in order (the exporter initialises a
-    series per phase).  ``bpf_file``: its probes' BPF, under bpf/."""
+    series per phase).  ``bpf_file``: its probes' BPF, under bpf/.
+    ``walk_counts_on_error``: its walk's out count is set even when the walk
+    fails (memfd_luo_preserve_folios sets it only on success)."""
 
     name: str
     id: int  # as in BPF map keys (struct fkey.handler) and events: stored in recordings
@@ -45,6 +47,7 @@ class Handler:
     fs_magic: Tuple[int, ...] = ()  # superblock magics of its kind of file (include/uapi/linux/magic.h)
     follows: Optional[str] = None
     bpf_file: str = "lifecycle.c"
+    walk_counts_on_error: bool = True
     help: str = ""
 
 
@@ -62,7 +65,7 @@ HANDLER_LIST: Tuple[Handler, ...] = (
     Handler("memfd", 2, "file", preserve="memfd_preserve", walk_probe="memfd_preserve_folios",
             walk=("preserve_folios", "preserve_folios"),
             phases=("can_preserve", "preserve_folios", "vmalloc", "luo_freeze", "unpreserve", "retrieve", "finish"),
-            fs_magic=(0x01021994, 0x958458F6), bpf_file="handlers/memfd.c",
+            fs_magic=(0x01021994, 0x958458F6), bpf_file="handlers/memfd.c", walk_counts_on_error=False,
             help="shared memory (mainline mm/memfd_luo.c)"),
     Handler("kho", 3, "core", help="Kexec HandOver: folios and metadata handed to the next kernel"),
     Handler("luo", 4, "core", help="Live Update Orchestrator: sessions, the blackout, the kexec"),
@@ -77,7 +80,31 @@ FILE_HANDLER_IDS = frozenset(HANDLERS[h] for h in FILE_HANDLERS)
 # What --handler accepts: the file handlers, and a population alone.
 TRACEABLE: Tuple[str, ...] = FILE_HANDLERS + tuple(h.name for h in HANDLER_LIST if h.kind == "population")
 FS_MAGIC: Dict[str, Tuple[int, ...]] = {h.name: h.fs_magic for h in HANDLER_LIST if h.fs_magic}
+# File handlers a population handler follows: their files' folios are counted as they enter.
+POPULATED = frozenset(h.follows for h in HANDLER_LIST if h.kind == "population")
 
+
+
+def _phase_order() -> Tuple[str, ...]:
+    """Every phase a file of any handler shows, in lifecycle order: each
+    handler's phases merged in (a new one goes before the next phase it shares
+    with those already placed), and ``preserve``, which encloses the walk and
+    vmalloc phases, after ``can_preserve``."""
+    order: List[str] = []
+    for h in HANDLER_LIST:
+        for i, ph in enumerate(h.phases):
+            if ph in order:
+                continue
+            nxt = next((order.index(q) for q in h.phases[i + 1:] if q in order), len(order))
+            order.insert(nxt, ph)
+    order.insert(order.index("can_preserve") + 1 if "can_preserve" in order else 0, "preserve")
+    return tuple(order)
+
+
+PHASE_ORDER: Tuple[str, ...] = _phase_order()
+LEAF_PHASES: Tuple[str, ...] = tuple(p for p in PHASE_ORDER if p != "preserve")  # phases with no phase inside
+# The walk pass that hands folios to KHO, per handler: where a timeline draws the folios going.
+FILL_PHASES = frozenset(h.walk[1] for h in HANDLER_LIST if h.walk_probe)
 
 def handler_kept(handler: str, files: Iterable[str]) -> bool:
     """The one rule of which handlers come together: a file handler when it

@@ -144,9 +144,14 @@ def doctor(model: Optional[str], as_json: bool) -> None:
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="label stored in the recording (repeatable)")
 @click.option("--sample", type=click.IntRange(min=1, max=2**32 - 1), default=1, show_default=True,
               help="trace mode: stream one per-folio event in N (counts stay exact)")
-@click.option("--ringbuf-pages", type=click.IntRange(min=1, max=1 << 18), default=1024, show_default=True,
-              help="trace mode: per-folio ring buffer size in 4 KiB pages (power of two); lifecycle "
-                   "events have their own buffer")
+@click.option("--folio-ringbuf-pages", "--ringbuf-pages", "folio_ringbuf_pages", type=click.IntRange(min=1, max=1 << 18),
+              default=1024, show_default=True,
+              help="trace mode: the per-folio events' ring buffer, in 4 KiB pages (power of two); "
+                   "--ringbuf-pages is its old name")
+@click.option("--lifecycle-ringbuf-pages", type=click.IntRange(min=1, max=1 << 18),
+              default=1024, show_default=True,
+              help="the lifecycle events' ring buffer (every mode), in 4 KiB pages (power of two): "
+                   "raise it when a burst of files loses events")
 @click.option("--quiet", is_flag=True, help="do not print the report at the end")
 @click.option("--print-bpf", is_flag=True, help="print the final BPF C text and compiler flags, then exit")
 @click.option("--strategy", type=click.Choice(["auto", "fentry", "kprobe"]), default="auto", show_default=True,
@@ -158,7 +163,8 @@ def doctor(model: Optional[str], as_json: bool) -> None:
 @json_option
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(output: str, mode: str, model: Optional[str], handlers: Tuple[str, ...], duration: Optional[float],
-           labels: Tuple[str, ...], sample: int, ringbuf_pages: int, quiet: bool, print_bpf: bool, strategy: str,
+           labels: Tuple[str, ...], sample: int, folio_ringbuf_pages: int, lifecycle_ringbuf_pages: int, quiet: bool,
+           print_bpf: bool, strategy: str,
            textfile_dir: Optional[str], pushgateway: Optional[str], fail_on: Tuple[str, ...], force: bool,
            as_json: bool, command: Tuple[str, ...]) -> None:
     """Attach, record events to OUTPUT until COMMAND exits, --duration passes or
@@ -178,9 +184,10 @@ def record(output: str, mode: str, model: Optional[str], handlers: Tuple[str, ..
           workloads/model/luo_model kexec:gmem:64M cancel:gmem:8M
     """
     from .loader import Options
-    from .session import run
+    from .live import run
     opts = Options(mode=mode, model=model, handlers=list(handlers) or None, sample_every=sample,
-                   folio_ringbuf_pages=ringbuf_pages, strategy=strategy)
+                   folio_ringbuf_pages=folio_ringbuf_pages, lifecycle_ringbuf_pages=lifecycle_ringbuf_pages,
+                   strategy=strategy)
     if print_bpf:
         from .loader import final_source
         click.echo(final_source(opts), nl=False)
@@ -237,8 +244,8 @@ def report(recordings: Tuple[str, ...], as_json: bool, events: bool, fail_on: Tu
                     click.echo(json.dumps(to_dict(ev, base)))
         return
     if len(recordings) > 1:
-        from .join import join
-        rep = join(list(recordings))
+        from .join import join_report
+        rep = join_report(list(recordings))
         _emit(rep, as_json)
         _gate(rep, fail_on)
         return
@@ -367,8 +374,8 @@ def timeline(recordings: Tuple[str, ...], output: str) -> None:
     """
     from exporters.timeline import write
     if len(recordings) > 1:
-        from .join import joined
-        rep, events, base = joined(list(recordings))
+        from .join import join_with_events
+        rep, events, base = join_with_events(list(recordings))
     else:
         from . import recording as rec_mod
         from .replay import report_of

@@ -18,12 +18,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .catalog import LEAF_PHASES
 from .errors import LuotraceError
 from .recording import write_output
 from .replay import replay
 
-LEAF_PHASES = ("can_preserve", "count_pass", "fill_pass", "preserve_folios", "vmalloc", "luo_freeze",
-               "unpreserve", "retrieve", "finish")
 BOOT = 2000
 ALPHA = 0.05
 MIN_CHANGE = 0.03  # below this relative change of the median nothing is called a change: noise

@@ -5,6 +5,7 @@ traced live, then the report, checked against the model's own ground truth.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ from typing import List, Optional, Tuple
 
 from .errors import LuotraceError
 from .loader import Options
-from .session import RunResult, run
+from .live import RunResult, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_DIR = os.path.join(REPO, "workloads", "model")  # also installed from a wheel (its source)
@@ -31,9 +32,10 @@ def default_model() -> str:
     src = os.path.join(MODEL_DIR, "luo_model.c")
     if not os.path.exists(src):
         raise LuotraceError(f"reference model {DEFAULT_MODEL} not built", "run `make model` (or `make setup`)")
+    sources = [src] + sorted(glob.glob(os.path.join(MODEL_DIR, "handlers", "*.c")))  # as the Makefile's MODEL_SRCS
     h = hashlib.sha256()
-    for part in (src, os.path.join(MODEL_DIR, "kvm_abi.h")):  # what the binary is built from
-        with open(part, "rb") as f:
+    for part in (*sources, os.path.join(MODEL_DIR, "model.h"), os.path.join(MODEL_DIR, "kvm_abi.h")):
+        with open(part, "rb") as f:  # what the binary is built from
             h.update(f.read())
     digest = h.hexdigest()[:12]
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "luotrace")
@@ -42,13 +44,13 @@ def default_model() -> str:
         os.makedirs(cache, exist_ok=True)
         tmp = f"{exe}.{os.getpid()}"
         try:
-            subprocess.run(["gcc", *MODEL_CFLAGS, "-o", tmp, src], check=True, capture_output=True, text=True)
+            subprocess.run(["gcc", *MODEL_CFLAGS, "-o", tmp, *sources], check=True, capture_output=True, text=True)
         except FileNotFoundError:
             raise LuotraceError("the reference model is not built and gcc is missing",
                                 "install gcc (build-essential), or pass --model") from None
         except subprocess.CalledProcessError as e:
             raise LuotraceError(f"building the reference model failed: {e.stderr.strip().splitlines()[-1:]}",
-                                "build it by hand: gcc -O2 -o luo_model " + src) from None
+                                "build it by hand: gcc -O2 -o luo_model " + " ".join(sources)) from None
         os.replace(tmp, exe)
     return exe
 DEFAULT_SESSIONS = ["kexec:gmem:16M,memfd:4M", "cancel:gmem:8M", "kexec:gmem:8M:hwpoison=500"]
@@ -89,7 +91,7 @@ def compare(report: dict, truth: dict) -> List[str]:
                 continue  # light mode has no per-folio counters: unknown, not wrong
             if f.get(k) != t[k]:
                 diffs.append(f"inode {t['inode']} {k}: luotrace {f.get(k)!r}, model {t[k]!r}")
-        if t["handler"] == "guest_memfd" and report["recording"]["mode"] != "light" \
+        if t["folios_populated"] is not None and report["recording"]["mode"] != "light" \
                 and f["folios_populated"] != t["folios_populated"]:
             diffs.append(f"inode {t['inode']} folios_populated: luotrace {f['folios_populated']}, "
                          f"model {t['folios_populated']}")

@@ -46,13 +46,14 @@ def _boot_row(path: str, r: rec.Recording, shift: int, how: str, kexec: bool) ->
             "truncated_reason": r.truncated_reason or None}
 
 
-def join(paths: List[str]) -> dict:
+def join_report(paths: List[str]) -> dict:
     """The report of several recordings of one live update, oldest first."""
-    return joined(paths)[0]
+    return join_with_events(paths)[0]
 
 
-def joined(paths: List[str]) -> Tuple[dict, np.ndarray, int]:
-    """The joined report, every record on the first recording's clock, and that clock's zero."""
+def join_with_events(paths: List[str]) -> Tuple[dict, np.ndarray, int]:
+    """The joined report, every record on the first recording's clock (for a
+    timeline), and that clock's zero."""
     recs = [(p, rec.read(p)) for p in paths]
     for p, r in recs:
         if "clock" not in r.header or "base_monotonic_ns" not in r.header["clock"]:

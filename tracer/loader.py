@@ -45,7 +45,7 @@ class Options:
     # lifecycle events: 4 MiB, 65,536 events.  LUO sessions come in bursts
     # (the kernel's 500-file stress test, with every handler asked about every
     # file, overflowed 256 KiB under emulation: 317 events lost).
-    ringbuf_pages: int = 1024
+    lifecycle_ringbuf_pages: int = 1024
     folio_ringbuf_pages: int = 1024  # trace mode's per-folio events: 4 MiB
     sample_every: int = 1
     max_files: int = 4096
@@ -79,7 +79,7 @@ def bpf_source(files: List[str]) -> str:
 def cflags(opts: Options, layout: Layout) -> List[str]:
     flags = [f"-D{k}={v}" for k, v in catalog.bpf_defines().items()]
     flags += layout.cflags()
-    flags += [f"-DRINGBUF_PAGES={opts.ringbuf_pages}", f"-DFOLIO_RINGBUF_PAGES={opts.folio_ringbuf_pages}",
+    flags += [f"-DRINGBUF_PAGES={opts.lifecycle_ringbuf_pages}", f"-DFOLIO_RINGBUF_PAGES={opts.folio_ringbuf_pages}",
               f"-DSAMPLE_EVERY={max(1, opts.sample_every)}",
               f"-DMAX_FILES={opts.max_files}", f"-DMAX_INFLIGHT={opts.max_inflight}"]
     if opts.model:
@@ -102,9 +102,9 @@ def source_files(probes: List[Probe]) -> List[str]:
     return [f for f in order if f in used]
 
 
-def _check_ringbuf_pages(n: int) -> None:
+def _check_ringbuf_pages(n: int, flag: str) -> None:
     if n < 1 or n & (n - 1):
-        raise LuotraceError(f"--ringbuf-pages {n} is not a power of two", "use e.g. 64, 256 or 1024")
+        raise LuotraceError(f"{flag} {n} is not a power of two", "use e.g. 64, 256 or 1024")
 
 
 def model_functions(path: str) -> Set[str]:
@@ -264,8 +264,8 @@ class Tracer:
                  before_compile: Callable[[], None] = lambda: None):
         from bcc import BPF  # imported late: doctor and report work without BCC
 
-        _check_ringbuf_pages(opts.ringbuf_pages)
-        _check_ringbuf_pages(opts.folio_ringbuf_pages)
+        _check_ringbuf_pages(opts.lifecycle_ringbuf_pages, "--lifecycle-ringbuf-pages")
+        _check_ringbuf_pages(opts.folio_ringbuf_pages, "--folio-ringbuf-pages")
         self.opts = opts
         self.layout = layout
         statuses = select_handlers(plan(opts), opts)
@@ -365,7 +365,7 @@ class Tracer:
         """Read the ring buffers ourselves (tracer/ringbuf.py), a block at a
         time, and wait on them with epoll: no Python call per event."""
         from .ringbuf import RingReader
-        rings = [("events", self.opts.ringbuf_pages)]
+        rings = [("events", self.opts.lifecycle_ringbuf_pages)]
         if self.opts.mode == "trace":
             rings.append(("folio_events", self.opts.folio_ringbuf_pages))
         self._rings = [RingReader(self.bpf[name].get_fd(), pages * mmap.PAGESIZE, EVENT_SIZE) for name, pages in rings]

@@ -120,7 +120,7 @@ def preamble(header_blob: bytes) -> bytes:
 class Writer:
     """Appends chunks; events are buffered and flushed in blocks.  Any OSError
     from a write is the caller's to handle (a live run stops recording and
-    goes on, see LiveSession)."""
+    goes on, see LiveRun)."""
 
     def __init__(self, path: str, header: dict, force: bool = False):
         self.path = path

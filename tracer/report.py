@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import anomalies
-from .aggregator import FINAL_RESULTS, PHASE_ORDER, Aggregator, FileState, Key
+from .aggregator import FINAL_RESULTS, Aggregator, FileState, Key
 from .abi import SER_DEV
-from .catalog import HANDLER_NAMES, HANDLERS
+from .catalog import HANDLER_BY_NAME, HANDLER_NAMES, HANDLERS, PHASE_ORDER, POPULATED
 from .events import errno_name
 from .totals import Totals
 
@@ -44,8 +44,8 @@ def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optio
         preserved = folio["preserved"] if folio is not None else 0
     elif preserve is None:
         preserved = 0  # never got to its handler's preserve (refused by every handler)
-    elif st.handler == "memfd" and st.failed_phase == "preserve":
-        preserved = None  # light mode: memfd_luo_preserve_folios reports no count on error
+    elif not HANDLER_BY_NAME[st.handler].walk_counts_on_error and st.failed_phase == "preserve":
+        preserved = None  # light mode: its walk (memfd_luo_preserve_folios) reports no count on error
     elif st.fill_count is not None:
         preserved = st.fill_count  # light mode: pass 2's count
     elif st.count_pass is not None:
@@ -60,7 +60,7 @@ def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optio
         "token": st.token,
         "size_bytes": st.size,
         "flags": st.flags,
-        "folios_populated": pop["added"] if pop else (0 if folio_mode and st.handler == "guest_memfd" and
+        "folios_populated": pop["added"] if pop else (0 if folio_mode and st.handler in POPULATED and
                                                       (agg.maps or {}).get("population_attached") else None),
         "nr_folios": st.count_pass,
         "folios_preserved": preserved if st.result != "none" else 0,

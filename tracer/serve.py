@@ -21,7 +21,7 @@ from .errors import LuotraceError
 from .loader import Options
 from .recording import check_output
 from .replay import replay
-from .session import LiveSession, RunResult, run
+from .live import LiveRun, RunResult, run
 from .stop import StopSignals
 from .state import StateDir
 
@@ -160,8 +160,8 @@ class UpdateExport:
             except OSError as e:
                 self.progress(f"luotrace: cannot push metrics to {self.pushgateway}: {e}")
 
-    def attach(self, sess: LiveSession) -> None:
-        sess.on_kexec.append(lambda s: self.write(s.snapshot(), "at the kexec"))
+    def attach(self, tracing: LiveRun) -> None:
+        tracing.on_kexec.append(lambda s: self.write(s.snapshot(), "at the kexec"))
 
 
 def serve_live(opts: Options, listen: str, output: Optional[str], command: Optional[List[str]],
@@ -175,12 +175,12 @@ def serve_live(opts: Options, listen: str, output: Optional[str], command: Optio
     months holds and scrapes the files of the moment, not all of history.
     With STATE, this boot is recorded there, and the previous boot's
     recording, if it ended at a kexec, is exported beside the live numbers."""
-    live: Dict[str, LiveSession] = {}
+    live: Dict[str, LiveRun] = {}
     earlier: List = []
 
     def snapshot() -> dict:
-        sess = live.get("sess")
-        return sess.snapshot(keep_files) if sess else {"recording": {"mode": opts.mode}, "files": []}
+        tracing = live.get("tracing")
+        return tracing.snapshot(keep_files) if tracing else {"recording": {"mode": opts.mode}, "files": []}
 
     if state is not None:
         if output:
@@ -195,10 +195,10 @@ def serve_live(opts: Options, listen: str, output: Optional[str], command: Optio
         threading.Thread(target=_load_earlier, args=(state, output, earlier, progress),
                          name="luotrace-state", daemon=True).start()
 
-    def started(sess: LiveSession) -> None:
-        live["sess"] = sess
+    def started(tracing: LiveRun) -> None:
+        live["tracing"] = tracing
         if update_export:
-            update_export.attach(sess)
+            update_export.attach(tracing)
         progress(f"luotrace: metrics on http://{listen}/metrics")
 
     def ended(res: RunResult) -> None:

@@ -77,13 +77,13 @@ def make_header(opts: Options, tracer: Tracer, labels: Dict[str, str], base_ns: 
         "probes": [s.to_json() for s in tracer.statuses],
         "layout": tracer.layout.to_json(),
         "sample_every": opts.sample_every,
-        "ringbuf_pages": opts.ringbuf_pages,
+        "ringbuf_pages": opts.lifecycle_ringbuf_pages,  # the lifecycle ring (recordings keep this key)
         "folio_ringbuf_pages": opts.folio_ringbuf_pages,
         "event_size": EVENT_SIZE,
     }
 
 
-class LiveSession:
+class LiveRun:
     """One live tracing run.  The poll loop feeds the aggregator; ``snapshot``
     may be called from another thread (a metrics scrape) at any time."""
 
@@ -107,7 +107,7 @@ class LiveSession:
         self.kexec_seen = False
         # called once, in the polling thread, when kernel_kexec() is seen and the
         # maps are dumped: the last moment the old kernel's numbers can leave it
-        self.on_kexec: List[Callable[["LiveSession"], None]] = []
+        self.on_kexec: List[Callable[["LiveRun"], None]] = []
         self._maps_at = 0.0
         self._maps_mark = 0  # lifecycle records received when the maps were last written
 
@@ -190,7 +190,7 @@ class LiveSession:
     def bpf(self) -> Tracer:
         """The loaded programs (after start)."""
         if self.tracer is None:
-            raise RuntimeError("the session has not started")
+            raise RuntimeError("the live run has not started")
         return self.tracer
 
     def attached(self) -> int:
@@ -283,12 +283,12 @@ def uses_path(command: Optional[List[str]], path: str) -> Optional[str]:
 def run(opts: Options, output: Optional[str], command: Optional[List[str]] = None,
         duration: Optional[float] = None, labels: Optional[Dict[str, str]] = None,
         progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
-        on_started: Optional[Callable[[LiveSession], None]] = None,
+        on_started: Optional[Callable[[LiveRun], None]] = None,
         linger: bool = False, force: bool = False,
         on_stopped: Optional[Callable[[RunResult], None]] = None, command_stdout=None) -> RunResult:
     """Trace until COMMAND exits, DURATION passes or SIGINT/SIGTERM/SIGHUP/
     SIGQUIT.  A signal before the probes are attached cancels the run before
-    COMMAND starts.  With ``linger`` the session stays up after the command
+    COMMAND starts.  With ``linger`` the run stays up after the command
     exits (serving its final state through ``on_started``'s hooks) until a
     signal.  COMMAND_STDOUT: where COMMAND's stdout goes (`record --json`
     sends it to stderr so that stdout is the JSON alone).  No failure of luotrace kills COMMAND: after one, the probes are
@@ -301,17 +301,17 @@ def run(opts: Options, output: Optional[str], command: Optional[List[str]] = Non
     child: Optional[subprocess.Popen] = None
     stopped_by = ""
     with StopSignals() as stop:
-        sess = LiveSession(opts, output, labels, force)
+        live = LiveRun(opts, output, labels, force)
         try:
-            sess.start(lambda: progress("luotrace: compiling and attaching the probes..."))
+            live.start(lambda: progress("luotrace: compiling and attaching the probes..."))
             if stop.reason:  # asked to stop while compiling and attaching: the command never starts
                 command = None
                 progress(f"luotrace: {stop.reason} before tracing started; the command was not run")
             else:
-                progress(f"luotrace: tracing {sess.attached()} probes in {opts.mode} mode"
+                progress(f"luotrace: tracing {live.attached()} probes in {opts.mode} mode"
                          f"{' on ' + opts.model if opts.model else ''}; Ctrl-C to stop")
             if on_started:
-                on_started(sess)
+                on_started(live)
             if command:
                 try:
                     child = subprocess.Popen(command, stdout=command_stdout)
@@ -320,7 +320,7 @@ def run(opts: Options, output: Optional[str], command: Optional[List[str]] = Non
             deadline = time.monotonic() + duration if duration else None
             last_note = time.monotonic()
             while True:
-                sess.poll(100)
+                live.poll(100)
                 if stop.reason:
                     stopped_by = stop.reason
                     break
@@ -332,8 +332,8 @@ def run(opts: Options, output: Optional[str], command: Optional[List[str]] = Non
                     break
                 if time.monotonic() - last_note >= 10:
                     last_note = time.monotonic()
-                    progress(f"luotrace: {sess.agg.received} events so far, "
-                             f"{sess.bpf.counters()['lost']} lost")
+                    progress(f"luotrace: {live.agg.received} events so far, "
+                             f"{live.bpf.counters()['lost']} lost")
             stop.quiet()
             if child is not None and child.poll() is None:
                 child.send_signal(signal.SIGINT if stopped_by == "SIGINT" else signal.SIGTERM)
@@ -343,18 +343,18 @@ def run(opts: Options, output: Optional[str], command: Optional[List[str]] = Non
                     child.kill()
                     child.wait()
             progress("luotrace: detaching...")
-            report = sess.stop(stopped_by)
+            report = live.stop(stopped_by)
         except BaseException as e:
-            sess.abort()
+            live.abort()
             if child is not None and child.poll() is None:
                 why = str(e).splitlines()[0] if str(e) else type(e).__name__
                 progress(f"luotrace: tracing failed ({why}); probes detached, the command runs on untraced")
                 stop.quiet()
                 child.wait()
             raise
-        if sess.recording_error:
-            progress(f"luotrace: recording {output} is incomplete: {sess.recording_error}")
-        result = RunResult(report, output, child.returncode if child else None, stopped_by, sess.recording_error)
+        if live.recording_error:
+            progress(f"luotrace: recording {output} is incomplete: {live.recording_error}")
+        result = RunResult(report, output, child.returncode if child else None, stopped_by, live.recording_error)
         if on_stopped:
             on_stopped(result)
         if linger and not stop.reason:

@@ -1,0 +1,312 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * luo_model: the guest_memfd LUO file handler (patch "guest_memfd preservation
+ * via LUO", virt/kvm/guest_memfd_luo.c, v1, and virt/kvm/guest_memfd.c), on
+ * real guest_memfds made through /dev/kvm.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "../kvm_abi.h"
+#include "../model.h"
+
+struct gmem_file { struct kvm *kvm; };
+struct guest_memfd_luo_folio_ser { uint64_t pfn:52; uint64_t flags:12; uint64_t index; } __attribute__((packed));
+struct guest_memfd_luo_ser {
+	uint64_t size; uint64_t flags; uint64_t nr_folios; uint64_t vm_token;
+	struct kho_vmalloc folios;
+} __attribute__((packed));
+
+static struct kvm private_kvm = { .has_private_mem = true };  /* a KVM_X86_SW_PROTECTED_VM's */
+
+static int create_gmem(uint64_t size)
+{
+	struct kvm_create_guest_memfd g = { .size = size,
+		.flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED };
+	int fd = ioctl(the_kvm.vm_fd, KVM_CREATE_GUEST_MEMFD, &g);
+	if (fd < 0)
+		die("KVM_CREATE_GUEST_MEMFD(size=%llu, flags=MMAP|INIT_SHARED): %s",
+		    (unsigned long long)size, strerror(errno));
+	return fd;
+}
+
+static int gmem_create(struct model_file *mf, uint64_t *alloc)
+{
+	struct gmem_file *gfile = calloc(1, sizeof(*gfile));
+
+	if (!gfile)
+		die("out of memory");
+	gfile->kvm = mf->fault == F_PRIVATE ? &private_kvm : &the_kvm;
+	mf->file.private_data = gfile;
+	/* a private VM's guest_memfd cannot be INIT_SHARED */
+	mf->inode.flags = mf->fault == F_PRIVATE ? 0 : GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+	*alloc = mf->size;
+	return create_gmem(mf->size);
+}
+
+NOINLINE void kvm_gmem_freeze(struct inode *inode, bool freeze)
+{
+	(void)inode;
+	cur->freeze_depth += freeze ? 1 : -1;
+}
+
+NOINLINE int kvm_gmem_luo_walk_folios(struct address_space *mapping, uint64_t end_index,
+				      struct guest_memfd_luo_folio_ser *folios_ser,
+				      uint64_t *out_count)
+{
+	uint64_t count = 0, i, nr = mapping->nr;
+	int err = 0;
+
+	model_pause();
+	if (folios_ser && cur->fault == F_PASS_MISMATCH && nr)
+		nr--;                           /* a folio vanished between the passes */
+	for (i = 0; i < nr; i++) {
+		struct folio *folio = &mapping->folios[i];
+		if (folio->index >= end_index)
+			break;
+		if (folios_ser) {
+			if (folio->hwpoison) {
+				err = -EHWPOISON;
+				goto out;
+			}
+			err = kho_preserve_folio(folio);
+			if (err)
+				goto out;
+			folios_ser[count].pfn = folio->pfn;
+			folios_ser[count].index = folio->index;
+			folios_ser[count].flags = folio->flags ? GUEST_MEMFD_LUO_FOLIO_UPTODATE : 0;
+		}
+		count++;
+	}
+out:
+	*out_count = count;
+	return err;
+}
+
+/* As the patch: a guest_memfd, of a VM without private memory, whose mapping
+ * has no large folios (the model's never does). */
+NOINLINE bool kvm_gmem_luo_can_preserve(void *handler, struct file *file)
+{
+	struct gmem_file *gmem_file;
+
+	(void)handler;
+	if (file->f_inode->i_sb->s_magic != GUEST_MEMFD_MAGIC)
+		return false;
+	gmem_file = file->private_data;
+	if (gmem_file->kvm->has_private_mem)
+		return false;
+	return true;
+}
+
+/* The reviewer's race: fallocate on the frozen inode.  Punch the last page and
+ * allocate it again, through the real guest_memfd; the kernel's
+ * filemap:mm_filemap_{delete_from,add_to}_page_cache tracepoints fire on it. */
+static void late_fallocate(struct model_file *mf)
+{
+	uint64_t n = mf->fault_arg > 0 ? (uint64_t)mf->fault_arg : 1;  /* late_fallocate=N: the last N pages */
+	off_t first;
+	if (n * PAGE_SZ > mf->size)
+		n = mf->size / PAGE_SZ;
+	first = (off_t)(mf->size - n * PAGE_SZ);
+	if (fallocate(mf->fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, first, (off_t)(n * PAGE_SZ)) ||
+	    fallocate(mf->fd, FALLOC_FL_KEEP_SIZE, first, (off_t)(n * PAGE_SZ)))
+		die("late fallocate: %s", strerror(errno));
+	mf->populated += n;
+}
+
+NOINLINE int kvm_gmem_luo_preserve(struct liveupdate_file_op_args *args)
+{
+	struct guest_memfd_luo_folio_ser *folios_ser = NULL;
+	struct inode *inode = args->file->f_inode;
+	struct guest_memfd_luo_ser *ser;
+	uint64_t count = 0, abi_flags = 0, end_index;
+	int64_t size;
+	int err = 0;
+
+	kvm_gmem_freeze(inode, true);
+	size = inode->i_size;
+	if (!size || size % (int64_t)PAGE_SZ) {
+		err = -EINVAL;
+		goto err_unfreeze_inode;
+	}
+	if (inode->flags & ~(GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)) {
+		err = -EOPNOTSUPP;
+		goto err_unfreeze_inode;
+	}
+	if (inode->flags & GUEST_MEMFD_FLAG_MMAP)
+		abi_flags |= GUEST_MEMFD_LUO_FLAG_MMAP;
+	if (inode->flags & GUEST_MEMFD_FLAG_INIT_SHARED)
+		abi_flags |= GUEST_MEMFD_LUO_FLAG_INIT_SHARED;
+	end_index = (uint64_t)size / PAGE_SZ;
+
+	ser = kho_alloc_preserve(sizeof(*ser));
+	if (!ser) {
+		err = -ENOMEM;
+		goto err_unfreeze_inode;
+	}
+	err = kvm_gmem_luo_walk_folios(inode->i_mapping, end_index, NULL, &count);
+	if (err)
+		goto err_free_ser;
+	ser->size = (uint64_t)size;
+	ser->flags = abi_flags;
+	ser->nr_folios = count;
+	ser->vm_token = 0;
+
+	if (count > 0) {
+		folios_ser = cur->fault == F_ENOMEM || cur->fault == F_UNBALANCED_FREEZE
+			? NULL : calloc(count, sizeof(*folios_ser));        /* vcalloc */
+		if (!folios_ser) {
+			err = -ENOMEM;
+			if (cur->fault == F_UNBALANCED_FREEZE) {
+				kho_unpreserve_free(ser);
+				return err;     /* the bug: leaves the inode frozen */
+			}
+			goto err_free_ser;
+		}
+		err = kvm_gmem_luo_walk_folios(inode->i_mapping, end_index, folios_ser, &count);
+		if (err)
+			goto err_unpreserve_unlocked;
+		if (count != ser->nr_folios) {  /* WARN_ON_ONCE in the patch */
+			err = -EINVAL;
+			goto err_unpreserve_unlocked;
+		}
+	}
+	if (cur->fault == F_LATE_FALLOC)
+		late_fallocate(cur);
+	if (count > 0) {
+		err = kho_preserve_vmalloc(folios_ser, &ser->folios);
+		if (err)
+			goto err_unpreserve_unlocked;
+	}
+	args->serialized_data = (uint64_t)(uintptr_t)ser;
+	args->private_data = folios_ser;
+	return 0;
+
+err_unpreserve_unlocked:
+	for (long i = (long)count - 1; i >= (cur->fault == F_LEAK_UNWIND ? 1 : 0); i--)
+		kho_unpreserve_folio(&inode->i_mapping->folios[i]);
+	free(folios_ser);
+err_free_ser:
+	kho_unpreserve_free(ser);
+err_unfreeze_inode:
+	kvm_gmem_freeze(inode, false);
+	return err;
+}
+
+NOINLINE int kvm_gmem_luo_freeze(struct liveupdate_file_op_args *args)
+{
+	struct guest_memfd_luo_ser *ser;
+	struct gmem_file *gmem_file;
+	struct file *kvm_file;
+	uint64_t vm_token;
+	int err;
+
+	if (!args->serialized_data)
+		return -EINVAL;
+	ser = (struct guest_memfd_luo_ser *)(uintptr_t)args->serialized_data;
+	gmem_file = args->file->private_data;
+	kvm_file = cur->fault == F_TOKEN ? NULL : gmem_file->kvm->vm_file;
+	model_pause();
+	err = liveupdate_get_token_outgoing(args->session, kvm_file, &vm_token);
+	if (err)
+		return err;
+	ser->vm_token = vm_token;
+	return 0;
+}
+
+NOINLINE void kvm_gmem_luo_unpreserve(struct liveupdate_file_op_args *args)
+{
+	struct guest_memfd_luo_folio_ser *folios_ser = args->private_data;
+	struct guest_memfd_luo_ser *ser;
+	long i;
+
+	if (!args->serialized_data)
+		return;
+	ser = (struct guest_memfd_luo_ser *)(uintptr_t)args->serialized_data;
+	if (ser->nr_folios > 0)
+		kho_unpreserve_vmalloc(&ser->folios);
+	for (i = (long)ser->nr_folios - 1; i >= 0; i--) {
+		if (!folios_ser[i].pfn)
+			continue;
+		kho_unpreserve_folio(&args->file->f_inode->i_mapping->folios[i]);
+	}
+	free(folios_ser);
+	kho_unpreserve_free(ser);
+	args->serialized_data = 0;
+	kvm_gmem_freeze(args->file->f_inode, false);
+}
+
+/* New-kernel side: rebuild a guest_memfd from the preserved folios.  The model
+ * cannot adopt the old pfns, so it allocates a fresh real file of the same size
+ * and restores each preserved folio into it. */
+NOINLINE int kvm_gmem_luo_retrieve(struct liveupdate_file_op_args *args)
+{
+	struct guest_memfd_luo_ser *ser = (struct guest_memfd_luo_ser *)(uintptr_t)args->serialized_data;
+	struct guest_memfd_luo_folio_ser *folios_ser = args->private_data;
+	struct model_file *mf = cur;
+	struct stat st;
+	int fd;
+
+	fd = create_gmem(ser->size);
+	if (fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, (off_t)ser->size))
+		die("retrieve fallocate: %s", strerror(errno));
+	for (uint64_t i = 0; i < ser->nr_folios; i++) {
+		if (kho_restore_folio(folios_ser[i].pfn * PAGE_SZ))
+			mf->folios_restored++;
+	}
+	if (fstat(fd, &st) == 0) {
+		mf->retrieved_ino = st.st_ino;
+		mf->rsb.s_dev = kernel_dev(st.st_dev);
+		mf->rsb.s_magic = mf->sb.s_magic;
+		mf->rinode.i_ino = st.st_ino;
+		mf->rinode.i_sb = &mf->rsb;
+		mf->rinode.i_size = (int64_t)ser->size;
+		mf->rfile.f_inode = &mf->rinode;
+		args->file = &mf->rfile;
+	}
+	args->retrieve_status = 1;
+	close(fd);
+	return 0;
+}
+
+NOINLINE void kvm_gmem_luo_finish(struct liveupdate_file_op_args *args)
+{
+	struct guest_memfd_luo_ser *ser = (struct guest_memfd_luo_ser *)(uintptr_t)args->serialized_data;
+	struct guest_memfd_luo_folio_ser *folios_ser = args->private_data;
+
+	model_pause();
+	if (!args->retrieve_status) {           /* discard: kvm_gmem_luo_discard_folios */
+		for (uint64_t i = 0; i < ser->nr_folios; i++) {
+			if (!folios_ser[i].pfn)
+				continue;
+			if (kho_restore_folio(folios_ser[i].pfn * PAGE_SZ))
+				cur->folios_discarded++;
+		}
+	}
+	free(folios_ser);
+	kho_unpreserve_free(ser);
+	args->serialized_data = 0;
+}
+
+static const struct model_handler guest_memfd = {
+	.name = "guest_memfd", .spec = "gmem", .order = 10,  /* kvm_init, before memfd's late_initcall */
+	.magic = GUEST_MEMFD_MAGIC,
+	.faults = FAULT(F_HWPOISON) | FAULT(F_ENOMEM) | FAULT(F_VMALLOC) | FAULT(F_TOKEN) |
+		  FAULT(F_PASS_MISMATCH) | FAULT(F_UNBALANCED_FREEZE) | FAULT(F_LEAK_UNWIND) |
+		  FAULT(F_LATE_FALLOC) | FAULT(F_PFN0) | FAULT(F_HOLES) | FAULT(F_PRIVATE),
+	.populated = true,
+	.create = gmem_create,
+	.can_preserve = kvm_gmem_luo_can_preserve,
+	.preserve = kvm_gmem_luo_preserve,
+	.freeze = kvm_gmem_luo_freeze,
+	.unpreserve = kvm_gmem_luo_unpreserve,
+	.retrieve = kvm_gmem_luo_retrieve,
+	.finish = kvm_gmem_luo_finish,
+};
+MODEL_HANDLER(guest_memfd);
