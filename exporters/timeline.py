@@ -6,20 +6,20 @@ slices, the session's LUO freeze (the blackout) on its own track, anomalies
 and errors as instant events carrying their evidence, and per-file folio
 progress as a counter.  Downsampling keeps the file openable whatever the
 recording's size: a file's folio counter gets at most MAX_POINTS samples
-(per-folio records are binned over equal time steps, vectorised); slices and
-instants are per phase and per anomaly, so they stay few.
+(per-folio records are binned over equal time steps, a batch at a time, by
+tracer/folio_progress.py); slices and instants are per phase and per anomaly,
+so they stay few.
 """
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Optional
+from typing import Dict, List
 
-import numpy as np
 
 from tracer import catalog
+from tracer.folio_progress import MAX_POINTS, FolioProgress
 from tracer.recording import write_output
 
-MAX_POINTS = 500
 NO_SESSION = 0
 
 
@@ -30,9 +30,9 @@ def _us(ns: int) -> float:
 LIVE_UPDATE_PID = 1 << 20  # the kernels and the jump between them, above every session
 
 
-def build(events: np.ndarray, base: int, report: dict) -> dict:
-    """``events``: every record on one clock (one recording's, or several
-    joined by tracer/join.py), ``base`` its zero."""
+def build(folios: FolioProgress, base: int, report: dict) -> dict:
+    """``folios``: each file's folio progress on the report's clock (one
+    recording's, or several joined by tracer/join.py), ``base`` its zero."""
     ev: List[dict] = _live_update(report)
     sessions = {s["id"]: s for s in report.get("sessions", [])}
     tids: Dict[int, int] = {}
@@ -46,7 +46,6 @@ def build(events: np.ndarray, base: int, report: dict) -> dict:
             ev.append({"ph": "X", "name": "blackout: luo_file_freeze", "pid": pid, "tid": 1,
                        "ts": _us(s["blackout_start_ns"]), "dur": _us(s["blackout_ns"]),
                        "args": {"files": len(s["files"]), "errno": s.get("freeze_errno")}})
-    folio_rows = _folio_rows(events)
     for n, f in enumerate(f for f in report["files"] if f["result"] != "none"):
         pid, tid = f["session"] or NO_SESSION, 100 + n
         tids[f["inode"]] = tid
@@ -74,7 +73,7 @@ def build(events: np.ndarray, base: int, report: dict) -> dict:
             ev.append({"ph": "i", "s": "t", "name": a["code"], "cat": "anomaly", "pid": pid, "tid": tid,
                        "ts": _us(end if t is None else t),
                        "args": {k: v for k, v in a.items() if k not in ("code", "time_ns") and v is not None}})
-        ev += _folio_counter(f, pid, folio_rows.get(f["inode"]), base)
+        ev += _folio_counter(f, pid, folios, base)
     return {"traceEvents": ev, "displayTimeUnit": "ns",
             "metadata": {"luotrace": report.get("recording", {}), "downsampling":
                          f"folio counters: at most {MAX_POINTS} samples per file"}}
@@ -98,31 +97,12 @@ def _live_update(report: dict) -> List[dict]:
     return ev
 
 
-def _folio_rows(e: np.ndarray) -> Dict[int, np.ndarray]:
-    """Timestamps of streamed kho_preserve_folio records, per inode (trace mode)."""
-    if not len(e):
-        return {}
-    sel = e[e["probe"] == catalog.PROBE_IDS["kho_preserve_folio"]]
-    out: Dict[int, np.ndarray] = {}
-    if not len(sel):
-        return out
-    order = np.argsort(sel["ino"], kind="stable")
-    inos, starts = np.unique(sel["ino"][order], return_index=True)
-    ts = sel["ts"][order]
-    bounds = list(starts[1:]) + [len(order)]
-    for ino, s, t in zip(inos.tolist(), starts.tolist(), bounds):
-        out[int(ino)] = np.sort(ts[s:t])
-    return out
-
-
-def _folio_counter(f: dict, pid: int, ts: Optional[np.ndarray], base: int) -> List[dict]:
+def _folio_counter(f: dict, pid: int, folios: FolioProgress, base: int) -> List[dict]:
     name = "folios preserved"
-    if ts is not None and len(ts):
-        # bin over equal time steps: cumulative count at each bin's end
-        edges = np.linspace(float(ts[0]), float(ts[-1]) + 1, min(MAX_POINTS, len(ts)) + 1)
-        cum = np.searchsorted(ts.astype(np.float64), edges[1:], side="left")
+    ends, cum = folios.series(f["inode"])
+    if len(ends):  # streamed records: the count at each of equal time steps
         return [{"ph": "C", "name": name, "pid": pid, "tid": 0, "ts": _us(int(x) - base),
-                 "args": {f"inode {f['inode']}": int(c)}} for x, c in zip(edges[1:], cum)]
+                 "args": {f"inode {f['inode']}": int(c)}} for x, c in zip(ends, cum)]
     fill = next((p for p in f["phases"] if p["name"] in catalog.FILL_PHASES), None)
     if fill is None or f.get("folios_preserved") is None:
         return []
@@ -132,7 +112,7 @@ def _folio_counter(f: dict, pid: int, ts: Optional[np.ndarray], base: int) -> Li
              "args": {f"inode {f['inode']}": f["folios_preserved"]}}]
 
 
-def write(events: np.ndarray, base: int, report: dict, out: str) -> int:
-    doc = build(events, base, report)
+def write(folios: FolioProgress, base: int, report: dict, out: str) -> int:
+    doc = build(folios, base, report)
     write_output(out, json.dumps(doc).encode(), "timeline")
     return len(doc["traceEvents"])

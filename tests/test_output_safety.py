@@ -133,11 +133,20 @@ def test_timeline_and_plot_write_exactly_their_path_and_never_a_device(root, tmp
     assert sorted(os.listdir(tmp_path)) == ["a.luo", "b.luo", "null", "p"]  # no temporary file left
 
 
-def test_a_simulation_that_fills_the_disk_leaves_no_partial_file(small_fs):
+def test_a_simulation_the_disk_cannot_hold_is_refused_or_leaves_no_partial_file(small_fs, tmp_path):
+    # known too big for the disk: refused before a byte is written
     r = run_cli("simulate", "--mode", "trace", "--size", "1G", "-o", str(small_fs / "big.luo"))
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert r.stderr.count("\n") == 1 and "No space left on device" in r.stderr and "removed" in r.stderr
+    assert r.stderr.count("\n") == 1 and "about 16.1 MiB (262222 records" in r.stderr and "free" in r.stderr, r.stderr
     assert list(small_fs.iterdir()) == []
+    # room gone while writing (here a 64 KiB file-size limit: the write fails
+    # half-way, as on a disk another writer filled): the partial file goes
+    cmd = ["prlimit", "--fsize=65536", sys.executable, "-m", "tracer.cli", "simulate", "--mode", "trace",
+           "--size", "64M", "-o", str(tmp_path / "cut.luo")]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and "File too large" in r.stderr and "removed" in r.stderr, r.stderr
+    assert not (tmp_path / "cut.luo").exists()
 
 
 def test_fifo_and_device_inputs_are_refused_at_once(tmp_path):

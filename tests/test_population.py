@@ -100,3 +100,36 @@ def test_repeated_population_of_the_same_inode(kvm, tmp_path):
     (t,) = load_json(truth_path)["files"]
     f = next(f for f in res.report["files"] if f["inode"] == t["inode"])
     assert f["folios_populated"] == t["folios"] == 3 * 2048
+
+
+def test_update_policy_runs_no_population_program_outside_an_update(kvm, tmp_path):
+    """serve's default: guest_memfd faults and fallocate outside an update
+    pay nothing; the population programs never ran (no row, no window)."""
+    truth_path = str(tmp_path / "truth.json")
+    res = run(Options(mode="folio", handlers=["population"], population="update"), str(tmp_path / "p.luo"),
+              command=populate_cmd(truth_path, "16M"), progress=lambda s: None)
+    assert load_json(truth_path)["files"][0]["folios"] == 4096  # populated for real, while traced
+    assert res.report["population"] == {"policy": "update", "windows_ns": []}
+    assert res.report["files"] == []
+    assert replay(str(tmp_path / "p.luo"))["population"] == res.report["population"]
+
+
+def test_update_policy_attaches_population_for_the_update_and_still_sees_the_race(model, kvm, tmp_path):
+    """A file enters an update (its preserve starts): the population
+    tracepoints are attached then, so a folio added to the frozen file later
+    is still caught; what was populated before is not counted (unknown)."""
+    from tracer.demo import run_model
+    res, truth = run_model("folio", ["keep:gmem:1M:late_fallocate", "cancel:gmem:512K"], str(tmp_path / "m.luo"),
+                           model=model, pause_ms=150, progress=lambda s: None, population="update")
+    files = {f["inode"]: f for f in res.report["files"]}
+    late, cancelled = (files[t["inode"]] for t in truth["files"])
+    assert [a["code"] for a in late["anomalies"]] == ["folio_added_while_frozen"]
+    assert late["anomalies"][0]["count"] == 1
+    assert late["folios_populated"] is None and cancelled["folios_populated"] is None
+    assert cancelled["result"] == "cancelled" and cancelled["anomalies"] == []
+    pop = res.report["population"]
+    assert pop["policy"] == "update" and len(pop["windows_ns"]) == 1
+    on, off = pop["windows_ns"][0]
+    preserve = next(p for p in late["phases"] if p["name"] == "preserve")
+    assert preserve["start_ns"] < on < late["anomalies"][0]["time_ns"]  # attached after the preserve began
+    assert off is None  # the kept file still waits for its kexec at the end: still attached

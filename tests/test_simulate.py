@@ -3,6 +3,8 @@ report path."""
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import run_cli
 from tracer import catalog
@@ -52,3 +54,67 @@ def test_cli_simulate_and_bad_input(tmp_path):
     assert r.returncode != 0 and "bad size" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("simulate", "-o", out, "--slow", "fill_pass")
     assert r.returncode != 0 and "--slow" in r.stderr
+
+
+def _stable_sorted(lifecycle: np.ndarray, chunks) -> np.ndarray:
+    allev = np.concatenate([lifecycle, *chunks])
+    return allev[np.argsort(allev["ts"], kind="stable")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 50), max_size=30), st.lists(st.lists(st.integers(0, 5), min_size=1, max_size=20),
+                                                            max_size=6))
+def test_streamed_merge_equals_one_stable_sort(life_ts, chunk_gaps):
+    """What trace mode writes a chunk at a time is what sorting everything at once gave."""
+    from tracer.events import EVENT_DTYPE
+    from tracer.simulate import _merged
+    lifecycle = np.zeros(len(life_ts), dtype=EVENT_DTYPE)
+    lifecycle["ts"] = sorted(life_ts)
+    lifecycle["probe"] = 1
+    lifecycle["a0"] = np.arange(len(life_ts))
+    chunks, t = [], 0
+    for gaps in chunk_gaps:  # each chunk sorted, each after the one before (ties allowed)
+        ts = t + np.cumsum(gaps)
+        t = int(ts[-1])
+        c = np.zeros(len(ts), dtype=EVENT_DTYPE)
+        c["ts"], c["probe"], c["a0"] = ts, 2, np.arange(len(ts))
+        chunks.append(c)
+    got = list(_merged(lifecycle, iter(chunks)))
+    got = np.concatenate(got) if got else np.zeros(0, dtype=EVENT_DTYPE)
+    assert got.tobytes() == _stable_sorted(lifecycle, chunks).tobytes()
+
+
+def test_trace_mode_chunks_keep_every_folio_in_time_order(tmp_path, monkeypatch):
+    """Chunked below one file's folio count: the per-folio records span chunks
+    and files, and stay whole and ordered."""
+    import tracer.simulate as sim
+    monkeypatch.setattr(sim, "CHUNK", 1000)
+    out = str(tmp_path / "t.luo")
+    info = simulate(SimSpec(files=3, size=3 * (10 << 20), mode="trace", sample_every=3), out)
+    ev = rec.read(out).events
+    assert len(ev) == info["records"]
+    assert (np.diff(ev["ts"].astype(np.int64)) >= 0).all()
+    folios = ev[ev["probe"] == catalog.PROBE_IDS["kho_preserve_folio"]]
+    assert len(folios) == 3 * -(-2560 // 3)
+    for ino in np.unique(folios["ino"]):
+        assert list(folios[folios["ino"] == ino]["a1"]) == list(range(0, 2560, 3))  # every 3rd index, once
+    rep = replay(out)
+    assert sum(f["streamed_events"]["kho_preserve_folio"] for f in rep["files"]) == len(folios)
+
+
+def test_trace_mode_bigger_than_the_disk_is_refused_before_writing(root, tmp_path):
+    import subprocess
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16M", "tmpfs", str(small)], check=True)
+    try:
+        r = run_cli("simulate", "-o", str(small / "big.luo"), "--size", "1TiB", "--mode", "trace")
+        assert r.returncode == 1, r.stderr
+        line = r.stderr.strip()
+        assert "\n" not in line and "Traceback" not in line
+        assert "about 16.0 GiB (268435" in line and "16.0 MiB free" in line and "--mode folio" in line, line
+        assert list(small.iterdir()) == []  # nothing written
+        # the same size in folio mode fits: no per-folio records
+        run_cli("simulate", "-o", str(small / "f.luo"), "--size", "1TiB", "--files", "64", check=True)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

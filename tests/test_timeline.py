@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import run_cli
 from tracer.demo import DEFAULT_SESSIONS, run_model
@@ -81,3 +84,33 @@ def test_single_recording_draws_its_kexec_and_puts_instants_at_their_evidence(mo
     lines = [json.loads(x) for x in run_cli("report", "--events", out, check=True).stdout.splitlines()]
     verdicts = [x["ret"] for x in lines if x["probe"].endswith("can_preserve") and x["kind"] == "return"]
     assert verdicts and all(isinstance(v, bool) for v in verdicts) and True in verdicts
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 4), st.integers(0, 10**6)), min_size=1, max_size=400),
+       st.integers(1, 50), st.integers(1, 7))
+def test_folio_progress_in_batches_equals_binning_everything_at_once(rows, batch, max_points):
+    """The streamed two-pass binning (bounded memory) gives the counter the
+    timeline drew from all of a file's sorted timestamps at once."""
+    from tracer import catalog
+    from tracer.events import EVENT_DTYPE
+    from tracer.folio_progress import FolioProgress
+    e = np.zeros(len(rows) + 5, dtype=EVENT_DTYPE)
+    e["probe"] = catalog.PROBE_IDS["kho_preserve_folio"]
+    e["ino"][:len(rows)] = [r[0] for r in rows]
+    e["ts"][:len(rows)] = [r[1] for r in rows]
+    e["probe"][len(rows):] = catalog.PROBE_IDS["gmem_preserve"]  # other records are not folios
+    batches = [e[i:i + batch] for i in range(0, len(e), batch)]
+    fp = FolioProgress(max_points)
+    for b in batches:
+        fp.scan(b)
+    for b in batches:
+        fp.count(b)
+    for ino in set(r[0] for r in rows):
+        ts = np.sort(np.array([r[1] for r in rows if r[0] == ino], dtype=np.uint64))
+        edges = np.linspace(float(ts[0]), float(ts[-1]) + 1, min(max_points, len(ts)) + 1)
+        want = np.searchsorted(ts.astype(np.float64), edges[1:], side="left")
+        ends, cum = fp.series(ino)
+        assert list(ends) == list(edges[1:]) and list(cum) == list(want)
+        assert cum[-1] == len(ts)
+    assert len(fp.series(99)[0]) == 0

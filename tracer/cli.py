@@ -374,14 +374,15 @@ def timeline(recordings: Tuple[str, ...], output: str) -> None:
     """
     from exporters.timeline import write
     if len(recordings) > 1:
-        from .join import join_with_events
-        rep, events, base = join_with_events(list(recordings))
+        from .join import join_with_progress
+        rep, folios, base = join_with_progress(list(recordings))
     else:
         from . import recording as rec_mod
+        from .folio_progress import of_batches
         from .replay import report_of
         r = rec_mod.read(recordings[0])
-        rep, events, base = report_of(r), r.events, r.header.get("clock", {}).get("base_monotonic_ns", 0)
-    n = write(events, base, rep, output)
+        rep, folios, base = report_of(r), of_batches(r.batches), r.header.get("clock", {}).get("base_monotonic_ns", 0)
+    n = write(folios, base, rep, output)
     click.echo(f"luotrace: {n} trace events written to {output}", err=True)
 
 
@@ -439,13 +440,18 @@ def compare(recordings: Tuple[str, ...], by: Optional[str], plot: Optional[str],
               type=click.Choice(["holes", "folio_added_while_frozen", "pass_count_mismatch", "pfn_zero",
                                  "large_folios"]), help="inject this anomaly on one file (repeatable)")
 @click.option("--lost", type=click.IntRange(min=0), default=0, help="lost per-folio events to report")
+@click.option("--sample", type=click.IntRange(min=1, max=2**32 - 1), default=1, show_default=True,
+              help="trace mode: write one per-folio record in N (as record --sample)")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="label stored in the recording")
 @force_option
 def simulate(output: str, files: int, size: str, mode: str, folio_ns: float, slow: Tuple[str, ...], errors: int,
-             anomalies: Tuple[str, ...], lost: int, seed: int, labels: Tuple[str, ...], force: bool) -> None:
+             anomalies: Tuple[str, ...], lost: int, sample: int, seed: int, labels: Tuple[str, ...],
+             force: bool) -> None:
     """Write a synthetic recording of a preservation run at any scale (same
-    format as `record`), for load tests of everything downstream.
+    format as `record`), for load tests of everything downstream.  Memory
+    stays bounded at any size; trace mode (a record per folio: 64 bytes per
+    4 KiB of --size) is refused up front when the disk cannot hold it.
 
     Example: luotrace simulate --files 64 --size 1TiB -o big.luo && luotrace report big.luo
     """
@@ -464,7 +470,8 @@ def simulate(output: str, files: int, size: str, mode: str, folio_ns: float, slo
         if not sep or not k:
             raise LuotraceError(f"bad --slow '{item}'", "use PHASE=FACTOR with 0 < FACTOR < 1e6, e.g. --slow fill_pass=1.1")
     spec = SimSpec(files=files, size=parse_size(size), mode=mode, folio_ns=folio_ns, phase_scale=scales,
-                   errors=errors, anomalies=list(anomalies), lost=lost, seed=seed, labels=_labels(labels))
+                   errors=errors, anomalies=list(anomalies), lost=lost, sample_every=sample, seed=seed,
+                   labels=_labels(labels))
     sim(spec, output, progress=lambda s: click.echo(s, err=True), force=force)
 
 

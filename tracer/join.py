@@ -20,6 +20,7 @@ from . import clock
 from . import recording as rec
 from .aggregator import Aggregator
 from .errors import LuotraceError
+from .folio_progress import FolioProgress
 from .report import build, probe_row
 
 
@@ -48,12 +49,14 @@ def _boot_row(path: str, r: rec.Recording, shift: int, how: str, kexec: bool) ->
 
 def join_report(paths: List[str]) -> dict:
     """The report of several recordings of one live update, oldest first."""
-    return join_with_events(paths)[0]
+    return join_with_progress(paths, progress=False)[0]
 
 
-def join_with_events(paths: List[str]) -> Tuple[dict, np.ndarray, int]:
-    """The joined report, every record on the first recording's clock (for a
-    timeline), and that clock's zero."""
+def join_with_progress(paths: List[str], progress: bool = True) -> Tuple[dict, FolioProgress, int]:
+    """The joined report; with PROGRESS, each file's folio progress on the
+    first recording's clock (for a timeline: a second pass over the records);
+    and that clock's zero.  Records are read a batch at a time: memory does
+    not grow with the recordings."""
     recs = [(p, rec.read(p)) for p in paths]
     for p, r in recs:
         if "clock" not in r.header or "base_monotonic_ns" not in r.header["clock"]:
@@ -70,17 +73,17 @@ def join_with_events(paths: List[str]) -> Tuple[dict, np.ndarray, int]:
     mode = "light" if "light" in modes else str(next(iter(modes)) or "folio")
     first = recs[0][1]
     agg = Aggregator(mode, first.header["clock"]["base_monotonic_ns"])
-    boots, ends_ns, shifted = [], [], []
+    boots, ends_ns, shifts = [], [], []
+    folios = FolioProgress()
     for p, r in recs:
         shift, how = clock.offset(first.header["clock"], r.header["clock"])
+        shifts.append(shift)
         kexec_before = len(agg.kexec_ts)
         last = 0
-        for batch in r.batches():
-            if shift:
-                batch = batch.copy()
-                batch["ts"] = (batch["ts"].astype(np.int64) + shift).astype(np.uint64)
+        for batch in _shifted(r, shift):
             agg.feed(batch)
-            shifted.append(batch)
+            if progress:
+                folios.scan(batch)
             if len(batch):
                 last = max(last, int(batch["ts"].max()))
         if last and r.end is None:
@@ -107,8 +110,20 @@ def join_with_events(paths: List[str]) -> Tuple[dict, np.ndarray, int]:
     ends = [e - agg.base for e in ends_ns]
     for f in report["files"]:
         f["blackout_ns"], f["blackout_from"] = blackout(f, report["kexec_ns"], ends)
-    events = np.concatenate(shifted) if shifted else np.zeros(0, dtype=rec.EVENT_DTYPE)
-    return report, events, agg.base
+    if progress:
+        for (_, r), shift in zip(recs, shifts):
+            for batch in _shifted(r, shift):
+                folios.count(batch)
+    return report, folios, agg.base
+
+
+def _shifted(r: rec.Recording, shift: int):
+    """R's batches moved by SHIFT ns onto the first recording's clock."""
+    for batch in r.batches():
+        if shift:
+            batch = batch.copy()
+            batch["ts"] = (batch["ts"].astype(np.int64) + shift).astype(np.uint64)
+        yield batch
 
 
 def blackout(f: dict, kexec_ns: List[int], boot_ends_ns: List[int]) -> Tuple[Optional[int], Optional[str]]:

@@ -342,8 +342,11 @@ def run(opts: Options, output: Optional[str], command: Optional[List[str]] = Non
                 except subprocess.TimeoutExpired:
                     child.kill()
                     child.wait()
-            progress("luotrace: detaching...")
+            n = live.attached()
+            progress(f"luotrace: draining and detaching {n} probes...")
+            t0 = time.monotonic()
             report = live.stop(stopped_by)
+            progress(f"luotrace: {n} probes detached in {time.monotonic() - t0:.1f} s")
         except BaseException as e:
             live.abort()
             if child is not None and child.poll() is None:

@@ -196,6 +196,8 @@ class Recording:
     damaged: List[str] = field(default_factory=list)  # chunks skipped: their checksum failed
     damaged_records: int = 0  # event records in those chunks
     _events: Optional[np.ndarray] = field(default=None, repr=False)
+    _mem: Optional[mmap.mmap] = field(default=None, repr=False)  # the file, when mapped
+    _spans: List[Tuple[int, int]] = field(default_factory=list, repr=False)  # each chunk's bytes in it
 
     @property
     def events(self) -> np.ndarray:
@@ -205,7 +207,16 @@ class Recording:
         return self._events
 
     def batches(self) -> Iterator[np.ndarray]:
-        yield from self.chunks
+        """Each chunk's records in turn.  A mapped file's pages are let go
+        once the consumer has moved past them (they load again if touched),
+        so walking a recording of any size keeps memory flat."""
+        mapped = self._mem is not None and len(self._spans) == len(self.chunks)
+        for i, chunk in enumerate(self.chunks):
+            if mapped:
+                _populate(self._mem, *self._spans[i])
+            yield chunk
+            if mapped:
+                _release(self._mem, *self._spans[i])
 
 
 # Per-file tables of a map dump and the fields that key a row.
@@ -294,9 +305,36 @@ def _json(blob, path: str, what: str) -> dict:
     return obj
 
 
-def _crc_ok(data, pos: int, end: int) -> bool:
+def _crc_ok(data, pos: int, end: int, release: bool = False) -> bool:
+    """The chunk at POS checks out.  With RELEASE, a mapped file's pages just
+    read are let go (a recording of any size is checked in flat memory)."""
     kind, length, crc = CHUNK.unpack_from(data, pos)
-    return crc32c(memoryview(data)[pos + CHUNK.size: end], crc32c(CHUNK_V1.pack(kind, length))) == crc
+    ok = crc32c(memoryview(data)[pos + CHUNK.size: end], crc32c(CHUNK_V1.pack(kind, length))) == crc
+    if release:
+        _release(data, pos, end)
+    return ok
+
+
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14; Python 3.11 lacks the name
+
+
+def _populate(data, start: int, stop: int) -> None:
+    """Map [START, STOP) in one call rather than a fault per few pages."""
+    first = start - start % mmap.PAGESIZE
+    try:
+        data.madvise(MADV_POPULATE_READ, first, stop - first)
+    except (OSError, ValueError):
+        pass  # an older kernel: the pages fault in as read
+
+
+def _release(data, start: int, stop: int) -> None:
+    """Drop the pages of [START, STOP) from a mapping (they load again if touched)."""
+    if isinstance(data, mmap.mmap) and stop > start:
+        first = start - start % mmap.PAGESIZE
+        try:
+            data.madvise(mmap.MADV_DONTNEED, first, stop - first)
+        except (OSError, ValueError):
+            pass  # only a hint
 
 
 def _sound_chunk_at(data, pos: int) -> bool:
@@ -332,7 +370,7 @@ def parse(data, path: str = "<recording>") -> Recording:
     header = _json(hblob, path, "header")
     chunk = CHUNK if version >= 2 else CHUNK_V1
     pos = hstart + hlen
-    rec = Recording(header, [])
+    rec = Recording(header, [], _mem=data if isinstance(data, mmap.mmap) else None)
     while pos < len(data):
         if pos + chunk.size > len(data):
             rec.truncated, rec.truncated_reason = True, f"cut inside a chunk header at byte {pos}"
@@ -342,7 +380,7 @@ def parse(data, path: str = "<recording>") -> Recording:
         body = view[start: stop]
         short = len(body) < length
         name = CHUNK_NAMES.get(kind, f"chunk of type {kind}")
-        if version >= 2 and not short and not _crc_ok(data, pos, stop):
+        if version >= 2 and not short and not _crc_ok(data, pos, stop, release=True):
             if not _sound_chunk_at(data, stop):
                 rec.damaged.append(f"byte {pos} onwards (a chunk failed its checksum and its length cannot "
                                    f"be trusted)")
@@ -359,6 +397,7 @@ def parse(data, path: str = "<recording>") -> Recording:
             n = len(body) // EVENT_SIZE
             if n:
                 rec.chunks.append(np.frombuffer(body, dtype=EVENT_DTYPE, count=n))
+                rec._spans.append((start, start + n * EVENT_SIZE))
             if short:
                 rec.truncated, rec.truncated_reason = True, f"cut inside an event chunk at byte {len(data)}"
                 break

@@ -6,17 +6,22 @@ retrieve, finish) with a log-normal kho_preserve_folio latency.  Nothing is
 generated per folio in Python: in ``folio`` mode the per-file counters and
 log2 histograms are drawn directly (a multinomial over the log2 slots), in
 ``trace`` mode the per-folio records are built as numpy arrays, so a 1 TiB
-guest (268 M folios) simulates in a blink.  Used by tests and benchmarks of
-everything downstream of the kernel, and by ``luotrace simulate``.
+guest (268 M folios) simulates in a blink.  Trace mode's per-folio records
+are drawn and written a chunk at a time (CHUNK records, merged in time order
+with the few lifecycle records), so memory stays bounded at any size; its
+file is estimated first and refused when the disk cannot hold it.  Used by
+tests and benchmarks of everything downstream of the kernel, and by
+``luotrace simulate``.
 """
 from __future__ import annotations
 
 import math
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 
@@ -24,11 +29,12 @@ from . import __version__, catalog
 from . import recording as rec
 from .abi import SER_DEV
 from .errors import LuotraceError
-from .events import EV_ENTRY, EV_INSTANT, EV_RETURN, EVENT_DTYPE
+from .events import EV_ENTRY, EV_INSTANT, EV_RETURN, EVENT_DTYPE, EVENT_SIZE
 
 PAGE = 4096
 GMEM_DEV = 16
 SLOTS = np.arange(0, 64)
+CHUNK = 1 << 16  # records drawn, merged and written at a time (4 MiB)
 
 
 # The phases whose durations --slow can scale (each drawn by scale() below).
@@ -116,7 +122,7 @@ def simulate(spec: SimSpec, output: str, progress=lambda s: None, force: bool = 
     for j, code in enumerate(spec.anomalies):
         bad.setdefault(spec.errors + j, code)
     session = 0x5E55_0000
-    streamed: List[np.ndarray] = []
+    fills: List[Tuple[int, int, int, int]] = []  # trace mode: (ino, start, duration, folios) of each fill pass
     inos = list(range(10_000, 10_000 + spec.files))
     for i, ino in enumerate(inos):
         fault = bad.get(i)
@@ -166,15 +172,7 @@ def simulate(spec: SimSpec, output: str, progress=lambda s: None, force: bool = 
                                "large": 4 if fault == "large_folios" else 0,
                                "max_order": 9 if fault == "large_folios" else 0, "deleted_frozen": 0})
         if spec.mode == "trace" and n_fill:
-            k = np.arange(0, n_fill, max(1, spec.sample_every))
-            lat = rng.lognormal(math.log(spec.folio_ns), spec.folio_sigma, len(k)).astype(np.uint64)
-            f = np.zeros(len(k), dtype=EVENT_DTYPE)
-            f["ts"] = f_start + (np.arange(len(k), dtype=np.uint64) * (f_dur // max(1, len(k))))
-            f["tgid"], f["tid"] = 1000, 1000
-            f["probe"], f["kind"] = catalog.PROBE_IDS["kho_preserve_folio"], EV_RETURN
-            f["ino"], f["dev"], f["handler"] = ino, GMEM_DEV, handler
-            f["a0"], f["a1"], f["a2"] = 0x100000 + k, k, lat
-            streamed.append(f)
+            fills.append((ino, f_start, f_dur, n_fill))
         t = p_end + 10_000
     # the session freezes every preserved file inside one blackout, then the new kernel retrieves them
     ok = [ino for i, ino in enumerate(inos) if bad.get(i) not in ("error", "pass_count_mismatch")]
@@ -196,8 +194,9 @@ def simulate(spec: SimSpec, output: str, progress=lambda s: None, force: bool = 
                 row["restored"] = row["preserved"]
         t += 1000
     lifecycle = ev.array()
-    allev = np.concatenate([lifecycle] + streamed) if streamed else lifecycle
-    allev = allev[np.argsort(allev["ts"], kind="stable")]
+    step = max(1, spec.sample_every)
+    records = len(lifecycle) + sum(-(-n // step) for *_, n in fills)
+    _check_room(output, records, spec)
     header = {
         "format": "luotrace.recording", "luotrace_version": __version__, "kernel": "simulated",
         "hostname": socket.gethostname(), "mode": spec.mode, "target": "simulate", "labels": spec.labels,
@@ -214,19 +213,77 @@ def simulate(spec: SimSpec, output: str, progress=lambda s: None, force: bool = 
         w = rec.Writer(output, header, force=force)
     except OSError as e:
         raise LuotraceError(f"cannot write {output}: {e.strerror}", "choose a writable path") from None
-    step = 1 << 16
-    maps = {"counters": {"lost": 0, "folio_lost": spec.lost, "emitted": len(allev)}, "folio_stats": folio_stats,
+    maps = {"counters": {"lost": 0, "folio_lost": spec.lost, "emitted": records}, "folio_stats": folio_stats,
             "folio_hist": folio_hist, "population": population, "population_attached": spec.mode != "light"}
-    end = {"stopped_by": "simulated", "duration_ns": int(t - base), "records": len(allev),
+    end = {"stopped_by": "simulated", "duration_ns": int(t - base), "records": records,
            "bpf": {"run_time_ns": 0, "run_cnt": 0, "stats_enabled": False, "programs": {}}}
     try:
-        for s in range(0, len(allev), step):
-            w.add(allev[s:s + step].tobytes())
+        done = 0
+        for part in _merged(lifecycle, _folio_records(spec, handler, fills)):
+            w.add(part.tobytes())
+            done += len(part)
+            if len(fills) and done // (16 * CHUNK) != (done - len(part)) // (16 * CHUNK):
+                progress(f"luotrace: {done * 100 // records}% of {records} records written")
         w.close(maps, end)
     except OSError as e:  # a simulation cut short is worth nothing: remove it
         w.abandon()
         os.unlink(output)
         raise LuotraceError(f"cannot write {output}: {e.strerror}; the partial file was removed",
                             "choose a path with more room, or a smaller --size") from None
-    progress(f"luotrace: simulated {spec.files} files, {spec.files * folios} folios, {len(allev)} records")
-    return {"records": len(allev), "folios": spec.files * folios, "files": spec.files}
+    progress(f"luotrace: simulated {spec.files} files, {spec.files * folios} folios, {records} records")
+    return {"records": records, "folios": spec.files * folios, "files": spec.files}
+
+
+def _folio_records(spec: SimSpec, handler: int, fills: List[Tuple[int, int, int, int]]) -> Iterator[np.ndarray]:
+    """Trace mode's kho_preserve_folio records, file after file, CHUNK at a
+    time; each file's latencies come from its own seeded generator."""
+    step = max(1, spec.sample_every)
+    for ino, start, dur, n_fill in fills:
+        rng = np.random.default_rng([spec.seed, ino])
+        n = -(-n_fill // step)
+        gap = dur // n
+        for s in range(0, n, CHUNK):
+            i = np.arange(s, min(n, s + CHUNK), dtype=np.uint64)
+            f = np.zeros(len(i), dtype=EVENT_DTYPE)
+            f["ts"] = start + i * np.uint64(gap)
+            f["tgid"], f["tid"] = 1000, 1000
+            f["probe"], f["kind"] = catalog.PROBE_IDS["kho_preserve_folio"], EV_RETURN
+            f["ino"], f["dev"], f["handler"] = ino, GMEM_DEV, handler
+            k = i * np.uint64(step)
+            f["a0"], f["a1"] = 0x100000 + k, k
+            f["a2"] = rng.lognormal(math.log(spec.folio_ns), spec.folio_sigma, len(i)).astype(np.uint64)
+            yield f
+
+
+def _merged(lifecycle: np.ndarray, chunks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """LIFECYCLE (sorted) and CHUNKS (each sorted, each after the one before)
+    as one stream in time order, lifecycle records first on a tie: what one
+    stable sort of everything gave, a chunk at a time."""
+    pos = 0
+    for c in chunks:
+        upto = int(np.searchsorted(lifecycle["ts"], c["ts"][-1], side="right"))
+        part = np.concatenate([lifecycle[pos:upto], c])
+        pos = upto
+        yield part[np.argsort(part["ts"], kind="stable")]
+    if pos < len(lifecycle):
+        yield lifecycle[pos:]
+
+
+def _check_room(output: str, records: int, spec: SimSpec) -> None:
+    """Refuse, before writing anything, a file the disk cannot hold."""
+    # records, their chunks' headers, the header, and the map dump (per-file rows)
+    need = records * EVENT_SIZE + (records // CHUNK + 1) * 16 + (64 << 10) + spec.files * (8 << 10)
+    where = os.path.dirname(os.path.abspath(output))
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return  # the writer says what is wrong with the path
+    if need > free:
+        raise LuotraceError(f"this simulation writes about {_gib(need)} ({records} records, {spec.mode} mode) and "
+                            f"{where} has {_gib(free)} free",
+                            "use --mode folio (no per-folio records), --sample N, a smaller --size, "
+                            "or write elsewhere")
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
