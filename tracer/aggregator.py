@@ -222,6 +222,13 @@ class Aggregator:
         elif mask.any():
             self._count_streamed(seg[mask])
 
+    def in_update(self) -> bool:
+        """Whether a file is being preserved, or is preserved and waits for
+        the kexec: when guest_memfd population matters (a folio added to a
+        frozen file is lost to the next kernel)."""
+        return any(st.result == "ok" or st.open_calls for st in self.files.values()
+                   if st.key[0] in FILE_HANDLER_IDS)
+
     def _count_streamed(self, rows: np.ndarray, one_file: bool = False) -> None:
         """Per-folio records arrive through their own ring buffer, so they may
         overtake the lifecycle record of their file: count them by raw key and

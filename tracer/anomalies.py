@@ -32,10 +32,11 @@ def _phase_end(st: FileState, name: str) -> Optional[int]:
 class Facts:
     """What the rules read about one file: its state and its map counters."""
 
-    def __init__(self, st: FileState, folio: Optional[dict], pop: Optional[dict]):
+    def __init__(self, st: FileState, folio: Optional[dict], pop: Optional[dict], pop_whole: bool = True):
         self.st = st
         self.folio = folio  # folio_stats row (None in light mode or if never touched)
         self.pop = pop  # population row
+        self.pop_whole = pop_whole  # False: counted only during updates, not since the file began
 
 
 def folio_added_while_frozen(f: Facts) -> Optional[Finding]:
@@ -112,7 +113,7 @@ def holes(f: Facts) -> Optional[Finding]:
         return None
     pages = st.size // PAGE_SIZE
     present = st.count_pass
-    if present is None and f.pop is not None:
+    if present is None and f.pop is not None and f.pop_whole:
         present = f.pop["added"] - f.pop["deleted"]
     if present is None or present >= pages:
         return None

@@ -157,6 +157,9 @@ def doctor(model: Optional[str], as_json: bool) -> None:
 @click.option("--strategy", type=click.Choice(["auto", "fentry", "kprobe"]), default="auto", show_default=True,
               help="kernel attach strategy: fentry/fexit where BTF and trampolines allow, else kprobe; "
                    "'kprobe' forces the fallback")
+@click.option("--population", type=click.Choice(["always", "update"]), default="always", show_default=True,
+              help="when guest_memfd population is traced (folio and trace modes): the whole run, or only while a "
+                   "file is in an update (preserved or being preserved), as serve does by default")
 @update_export_options
 @fail_on_option
 @force_option
@@ -164,7 +167,7 @@ def doctor(model: Optional[str], as_json: bool) -> None:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(output: str, mode: str, model: Optional[str], handlers: Tuple[str, ...], duration: Optional[float],
            labels: Tuple[str, ...], sample: int, folio_ringbuf_pages: int, lifecycle_ringbuf_pages: int, quiet: bool,
-           print_bpf: bool, strategy: str,
+           print_bpf: bool, strategy: str, population: str,
            textfile_dir: Optional[str], pushgateway: Optional[str], fail_on: Tuple[str, ...], force: bool,
            as_json: bool, command: Tuple[str, ...]) -> None:
     """Attach, record events to OUTPUT until COMMAND exits, --duration passes or
@@ -187,7 +190,7 @@ def record(output: str, mode: str, model: Optional[str], handlers: Tuple[str, ..
     from .live import run
     opts = Options(mode=mode, model=model, handlers=list(handlers) or None, sample_every=sample,
                    folio_ringbuf_pages=folio_ringbuf_pages, lifecycle_ringbuf_pages=lifecycle_ringbuf_pages,
-                   strategy=strategy)
+                   strategy=strategy, population=population)
     if print_bpf:
         from .loader import final_source
         click.echo(final_source(opts), nl=False)
@@ -310,13 +313,16 @@ def demo(mode: str, output: Optional[str], as_json: bool) -> None:
                    "else off]")
 @click.option("--state-keep", type=click.IntRange(1, 10000), default=8, show_default=True,
               help="recordings kept in --state-dir (this boot's included)")
+@click.option("--population", type=click.Choice(["update", "always"]), default="update", show_default=True,
+              help="when guest_memfd population is traced (folio and trace modes): only while a file is in an "
+                   "update, so that guests pay nothing on faults between updates; or the whole time")
 @click.option("--state-max-bytes", default="512M", show_default=True, metavar="SIZE",
               help="bytes of recordings kept in --state-dir (oldest removed first, never this boot's)")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def serve(listen: str, replay_path: Optional[str], output: Optional[str], mode: str, model: Optional[str],
           handlers: Tuple[str, ...], duration: Optional[float], labels: Tuple[str, ...], keep_files: int,
           bpf_stats: bool, textfile_dir: Optional[str], pushgateway: Optional[str], state_dir: Optional[str],
-          state_keep: int, state_max_bytes: str, command: Tuple[str, ...]) -> None:
+          state_keep: int, population: str, state_max_bytes: str, command: Tuple[str, ...]) -> None:
     """Export metrics for Prometheus at http://LISTEN/metrics, read from the
     BPF maps at scrape time.  With COMMAND or --duration, keeps serving the
     final state after it ends, until Ctrl-C / SIGTERM.
@@ -337,7 +343,7 @@ def serve(listen: str, replay_path: Optional[str], output: Optional[str], mode: 
     from .simulate import parse_size
     from .state import StateDir
     state = StateDir(state_dir, state_keep, parse_size(state_max_bytes)) if state_dir else None
-    opts = Options(mode=mode, model=model, handlers=list(handlers) or None)
+    opts = Options(mode=mode, model=model, handlers=list(handlers) or None, population=population)
     serve_live(opts, listen, output, list(command) or None, duration, _labels(labels), keep_files=keep_files,
                per_program=bpf_stats, update_export=UpdateExport(textfile_dir, pushgateway, bpf_stats), state=state)
 

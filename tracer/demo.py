@@ -59,7 +59,7 @@ COMPARED = ("folios_preserved", "folios_unpreserved", "folios_restored", "folios
 
 
 def run_model(mode: str, sessions: List[str], output: str, model: Optional[str] = None,
-              pause_ms: float = 0.0, **kw) -> Tuple[RunResult, dict]:
+              pause_ms: float = 0.0, population: str = "always", **kw) -> Tuple[RunResult, dict]:
     """Trace one model run; returns the run and the model's ground truth."""
     model = model or default_model()
     if not os.path.exists(model):
@@ -69,7 +69,7 @@ def run_model(mode: str, sessions: List[str], output: str, model: Optional[str] 
         cmd = [model, "--json", truth_path]
         if pause_ms:
             cmd += ["--pause-ms", str(pause_ms)]
-        res = run(Options(mode=mode, model=model), output, command=cmd + sessions, **kw)
+        res = run(Options(mode=mode, model=model, population=population), output, command=cmd + sessions, **kw)
         if res.command_rc != 0:
             raise LuotraceError(f"the reference model failed (exit {res.command_rc})", "see its message above")
         with open(truth_path) as f:

@@ -31,6 +31,7 @@ from .stop import StopSignals
 
 
 KEXEC_PROBE = PROBE_IDS["kexec"]
+POPULATION_LINGER = 5.0  # s the population tracepoints stay after the last file left an update
 
 
 @dataclass
@@ -110,6 +111,8 @@ class LiveRun:
         self.on_kexec: List[Callable[["LiveRun"], None]] = []
         self._maps_at = 0.0
         self._maps_mark = 0  # lifecycle records received when the maps were last written
+        self._busy_at = 0.0  # when a file was last seen in an update ("update" population policy)
+        self.progress: Callable[[str], None] = lambda s: None
 
     def _on_bytes(self, raw: bytes) -> None:
         self._pending.append(raw)
@@ -199,6 +202,7 @@ class LiveRun:
     def poll(self, timeout_ms: int = 100) -> None:
         self.bpf.poll(1 if self.kexec_seen else timeout_ms)
         self.pump()
+        self._population()
         if self.writer is not None:
             with self.lock:
                 self._write(lambda w: w.maybe_flush())
@@ -206,6 +210,23 @@ class LiveRun:
                 if self.writer is not None and self._lifecycle_records() != self._maps_mark and \
                         time.monotonic() - self._maps_at >= rec.FLUSH_SECONDS:
                     self._dump_maps()
+
+    def _population(self) -> None:
+        """"update" policy: population tracepoints on when a file enters an
+        update, off POPULATION_LINGER s after the last one left it."""
+        t = self.tracer
+        if t is None or not t._standby or self.kexec_seen:
+            return
+        now = time.monotonic()
+        with self.lock:
+            busy = self.agg.in_update()
+        if busy:
+            self._busy_at = now
+            if t.population_on():
+                self.progress("luotrace: a file entered an update: population tracepoints attached")
+        elif t.population_live and now - self._busy_at >= POPULATION_LINGER:
+            t.population_off()
+            self.progress("luotrace: no file in an update: population tracepoints detached")
 
     def _end(self, progs: Dict[str, Dict[str, int]], stopped_by: str) -> dict:
         return {
@@ -302,6 +323,7 @@ def run(opts: Options, output: Optional[str], command: Optional[List[str]] = Non
     stopped_by = ""
     with StopSignals() as stop:
         live = LiveRun(opts, output, labels, force)
+        live.progress = progress
         try:
             live.start(lambda: progress("luotrace: compiling and attaching the probes..."))
             if stop.reason:  # asked to stop while compiling and attaching: the command never starts

@@ -18,6 +18,7 @@ import ctypes as ct
 import mmap
 import os
 import select
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
@@ -51,6 +52,11 @@ class Options:
     max_files: int = 4096
     max_inflight: int = 16384
     gmem_dev: Optional[int] = None  # population filter; None = find it through /dev/kvm
+    # When the population tracepoints run: "always" (the whole run), or
+    # "update" (only while a file is being preserved or waits, preserved, for
+    # the kexec; serve's default: a service must cost guests nothing between
+    # updates, and any program on those tracepoints costs every fault).
+    population: str = "always"
     strategy: str = "auto"  # auto | fentry | kprobe (kernel targets)
 
 
@@ -315,6 +321,9 @@ class Tracer:
                 raise LuotraceError(f"tracefs is not usable: {why}", "mount debugfs and tracefs (run `make setup`)")
         self.gmem_dev = self._gmem_dev(statuses) if self.population else None
         self._on_bytes = on_bytes
+        self._standby: List[Probe] = []  # population probes attached only during an update
+        self.population_live = opts.population != "update"
+        self.population_windows: List[List[int]] = []  # [on, off] CLOCK_MONOTONIC ns, "update" policy
         before_compile()
         self.bpf = self._compile(BPF, probes)
         try:
@@ -366,6 +375,9 @@ class Tracer:
             if p.kind == "tracepoint":
                 if st.status == "planned":
                     st.status = "attached"  # BCC attaches TRACEPOINT_PROBE functions when loading
+                    if self.opts.population == "update":
+                        b.detach_tracepoint(p.symbol)  # until an update starts: population_on()
+                        self._standby.append(p)
                 else:
                     b.detach_tracepoint(p.symbol)
                 continue
@@ -389,6 +401,26 @@ class Tracer:
                                         "check `luotrace doctor`") from None
         if not any(s.status == "attached" for s in self.statuses):
             raise LuotraceError("no probe could be attached", "check `luotrace doctor`")
+
+    def population_on(self) -> bool:
+        """Attach the population tracepoints ("update" policy); True if it did."""
+        if self.population_live or not self._standby:
+            return False
+        for p in self._standby:
+            self.bpf.attach_tracepoint(tp=p.symbol, fn_name=p.entry_fn)
+        self.population_live = True
+        self.population_windows.append([time.monotonic_ns(), 0])
+        return True
+
+    def population_off(self) -> bool:
+        """Detach them again once no file is in an update; True if it did."""
+        if not self.population_live or not self._standby:
+            return False
+        for p in self._standby:
+            self.bpf.detach_tracepoint(p.symbol)
+        self.population_live = False
+        self.population_windows[-1][1] = time.monotonic_ns()
+        return True
 
     def _open_ringbuf(self) -> None:
         """Read the ring buffers ourselves (tracer/ringbuf.py), a block at a
@@ -458,6 +490,9 @@ class Tracer:
                     add(c.key, c.v)
             dump["population"] = [r for r in rows.values() if r["added"] or r["deleted"]]
         dump["population_attached"] = bool(self.population and self.gmem_dev is not None)
+        if self._standby:
+            dump["population_policy"] = "update"
+            dump["population_windows"] = [list(w) for w in self.population_windows]
         for key in ("folio_stats", "folio_hist", "population"):
             dump[key].sort(key=lambda r: tuple(r.values()))
         return dump

@@ -38,6 +38,9 @@ def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optio
                hist: Dict[int, int]) -> dict:
     base = agg.base
     folio_mode = agg.mode != "light"
+    # "update" policy: population counted only while files were in an update,
+    # so a file's count since its creation is unknown (its races are not)
+    partial_pop = (agg.maps or {}).get("population_policy") == "update"
     phases = sorted(st.phases, key=lambda p: (p.start_ns, PHASE_ORDER.index(p.name)))
     preserve = next((p for p in phases if p.name == "preserve"), None)
     if folio_mode:
@@ -60,8 +63,9 @@ def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optio
         "token": st.token,
         "size_bytes": st.size,
         "flags": st.flags,
-        "folios_populated": pop["added"] if pop else (0 if folio_mode and st.handler in POPULATED and
-                                                      (agg.maps or {}).get("population_attached") else None),
+        "folios_populated": None if partial_pop else (
+            pop["added"] if pop else (0 if folio_mode and st.handler in POPULATED and
+                                      (agg.maps or {}).get("population_attached") else None)),
         "nr_folios": st.count_pass,
         "folios_preserved": preserved if st.result != "none" else 0,
         "folios_unpreserved": folio["unpreserved"] if folio_mode and folio else (0 if folio_mode else None),
@@ -82,11 +86,23 @@ def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optio
         d["folio_preserve_ns_total"] = folio["preserve_ns"] if folio else None
     if st.streamed:
         d["streamed_events"] = dict(sorted(st.streamed.items()))
-    d["anomalies"] = anomalies.check(anomalies.Facts(st, folio if folio_mode else None, pop), base)
+    d["anomalies"] = anomalies.check(anomalies.Facts(st, folio if folio_mode else None, pop, not partial_pop), base)
     return d
 
 
 Rows = Tuple[List[Tuple[Key, dict]], Dict[Key, dict], List[Key]]  # see file_rows
+
+
+def _population(agg: Aggregator) -> Optional[dict]:
+    """When the population tracepoints ran: the whole run ("always"), or
+    only in the windows an update held ("update"; off 0 = still on at the end)."""
+    maps = agg.maps or {}
+    if not maps.get("population_attached"):
+        return None
+    if maps.get("population_policy") != "update":
+        return {"policy": "always", "windows_ns": None}
+    return {"policy": "update", "windows_ns": [[on - agg.base, off - agg.base if off else None]
+                                               for on, off in maps.get("population_windows", [])]}
 
 
 def file_rows(agg: Aggregator) -> Rows:
@@ -194,6 +210,7 @@ def build(agg: Aggregator, header: dict, end: Optional[dict], truncated: bool = 
         "sessions": sessions,
         "anomalies": all_anoms,
         "anomalies_not_checked": list(anomalies.NEEDS_FOLIO_MODE) if agg.mode == "light" else [],
+        "population": _population(agg),
         "totals": totals,
         "probes": [probe_row(p) for p in header.get("probes", [])],
         "layout_unknown": header.get("layout", {}).get("unknown", {}),
