@@ -167,7 +167,9 @@ scrape_configs:
                 assert p.value(q) == n, (path, q)
         # the next boot's own series are live beside the old one's, without a boot_id label
         assert p.value('luotrace_folios_preserved_total{job="luotrace",handler="memfd",boot_id=""}') == 0
-        assert len(os.listdir(state)) == 2  # this boot's recording beside the previous one
+        # this boot's recording beside the previous one (its writer opens once the probes are attached,
+        # which may come after the scrapes above)
+        wait_for(lambda: len(os.listdir(state)) == 2, 60, "this boot's recording in the state directory")
     finally:
         for proc in (first, second, prom):
             if proc is not None and proc.poll() is None:
