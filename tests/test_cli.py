@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -114,7 +115,9 @@ def test_record_report_roundtrip_json(model, tmp_path):
     r = run_cli("record", "-o", out, "--model", model, "--mode", "light", "--label", "patch=v3", "--json", "--",
                 model, "--json", str(tmp_path / "truth.json"), "kexec:gmem:1M")
     assert r.returncode == 0, r.stderr
-    import json
+    n = sum(1 for p in json.loads(r.stdout)["probes"] if p["status"] == "attached")
+    assert re.search(rf"draining and detaching {n} probes\.\.\.\n(.*\n)*?luotrace: {n} probes detached in \d+\.\d s",
+                     r.stderr), r.stderr
     live = json.loads(r.stdout)
     again = json.loads(run_cli("report", out, "--json", check=True).stdout)
     assert live == again

@@ -215,15 +215,18 @@ class LiveRun:
         """"update" policy: population tracepoints on when a file enters an
         update, off POPULATION_LINGER s after the last one left it."""
         t = self.tracer
-        if t is None or not t._standby or self.kexec_seen:
+        if t is None or not t.population_on_demand or self.kexec_seen:
             return
         now = time.monotonic()
         with self.lock:
             busy = self.agg.in_update()
         if busy:
             self._busy_at = now
-            if t.population_on():
-                self.progress("luotrace: a file entered an update: population tracepoints attached")
+            try:
+                if t.population_on():
+                    self.progress("luotrace: a file entered an update: population tracepoints attached")
+            except LuotraceError as e:
+                self.progress(f"luotrace: {e}")
         elif t.population_live and now - self._busy_at >= POPULATION_LINGER:
             t.population_off()
             self.progress("luotrace: no file in an update: population tracepoints detached")
@@ -267,7 +270,7 @@ class LiveRun:
             maps = tracer.dump_maps()
             progs = tracer.prog_stats()
         finally:
-            tracer.close()
+            tracer.close(self.progress)
             self._stats_off()
         end = self._end(progs, stopped_by)
         with self.lock:
