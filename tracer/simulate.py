@@ -218,11 +218,11 @@ def simulate(spec: SimSpec, output: str, progress=lambda s: None, force: bool = 
     end = {"stopped_by": "simulated", "duration_ns": int(t - base), "records": records,
            "bpf": {"run_time_ns": 0, "run_cnt": 0, "stats_enabled": False, "programs": {}}}
     try:
-        done = 0
+        done, every = 0, max(16 * CHUNK, records // 10)  # said at most ten times, and only for a large run
         for part in _merged(lifecycle, _folio_records(spec, handler, fills)):
             w.add(part.tobytes())
             done += len(part)
-            if len(fills) and done // (16 * CHUNK) != (done - len(part)) // (16 * CHUNK):
+            if done // every != (done - len(part)) // every and done < records:
                 progress(f"luotrace: {done * 100 // records}% of {records} records written")
         w.close(maps, end)
     except OSError as e:  # a simulation cut short is worth nothing: remove it
