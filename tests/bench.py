@@ -252,7 +252,7 @@ def detach() -> List[str]:
             n = sum(1 for s in t.statuses if s.status == "attached")
             t0 = time.perf_counter()
             if how == "sequential":
-                loader.detach_all = lambda b: 0  # what close() did before: BCC's cleanup alone
+                loader.detach_all = lambda b, progress=None: 0  # what close() did before: BCC's cleanup alone
             try:
                 t.close()
             finally:
