@@ -327,6 +327,7 @@ class Tracer:
         self.gmem_dev = self._gmem_dev(statuses) if self.population else None
         self._on_bytes = on_bytes
         self._standby: List[Probe] = []  # population probes attached only during an update
+        self._on_demand = False  # "update" policy in force: population counts only cover the windows
         self.population_live = opts.population != "update"
         self.population_windows: List[List[int]] = []  # [on, off] CLOCK_MONOTONIC ns, "update" policy
         before_compile()
@@ -383,6 +384,7 @@ class Tracer:
                     if self.opts.population == "update":
                         b.detach_tracepoint(p.symbol)  # until an update starts: population_on()
                         self._standby.append(p)
+                        self._on_demand = True
                 else:
                     b.detach_tracepoint(p.symbol)
                 continue
@@ -409,7 +411,8 @@ class Tracer:
 
     @property
     def population_on_demand(self) -> bool:
-        """Population tracepoints loaded, attached only during updates."""
+        """Whether the poll loop attaches and detaches the population
+        tracepoints ("update" policy; no longer once an attach failed)."""
         return bool(self._standby)
 
     def population_on(self) -> bool:
@@ -510,7 +513,7 @@ class Tracer:
                     add(c.key, c.v)
             dump["population"] = [r for r in rows.values() if r["added"] or r["deleted"]]
         dump["population_attached"] = bool(self.population and self.gmem_dev is not None)
-        if self._standby:
+        if self._on_demand:  # also after a failed attach ended it: the counts are still partial
             dump["population_policy"] = "update"
             dump["population_windows"] = [list(w) for w in self.population_windows]
         for key in ("folio_stats", "folio_hist", "population"):
