@@ -119,7 +119,7 @@ class Session:
 # The record as little-endian 64-bit words (tracer/abi.py's layout): the
 # inode's word and, next to it, the one holding dev and handler.
 EVENT_WORDS = EVENT_DTYPE.itemsize // 8
-_OFF = {k: EVENT_DTYPE.fields[k][1] for k in ("probe", "ino", "dev", "handler")}  # type: ignore[index]
+_OFF = {k: EVENT_DTYPE.fields[k][1] for k in ("ino", "dev", "handler")}  # type: ignore[index]
 _W_INO, _W_DEV_HANDLER = _OFF["ino"] // 8, _OFF["dev"] // 8
 assert _OFF["ino"] % 8 == 0 and _W_DEV_HANDLER == _W_INO + 1 and _OFF["handler"] == _OFF["dev"] + 4
 
@@ -189,16 +189,18 @@ class Aggregator:
 
     # ---- feeding ----
 
-    def feed(self, batch: np.ndarray) -> None:
+    def feed(self, batch: np.ndarray) -> int:
+        """Apply BATCH; returns its latest timestamp (0 when empty), which
+        the scan over it found anyway."""
         if not len(batch):
-            return
+            return 0
         self.received += len(batch)
         last, one_file = _scan(batch)
         self.last_ts = max(self.last_ts, last)
         p0 = int(batch["probe"][0])
         if one_file and p0 < len(_PER_FOLIO) and _PER_FOLIO[p0]:
             self._count_streamed(batch, one_file=True)  # the usual batch of a trace: one file's folios, no copy
-            return
+            return last
         probes = batch["probe"].astype(np.intp)
         valid = probes < len(_PER_FOLIO)
         folio_mask = np.zeros(len(batch), dtype=bool)
@@ -213,6 +215,7 @@ class Aggregator:
             prev = i + 1
         if prev < len(batch):
             self._count_run(batch[prev:], folio_mask[prev:])
+        return last
 
     def _count_run(self, seg: np.ndarray, mask: np.ndarray) -> None:
         """The per-folio records of SEG (a run between lifecycle records):

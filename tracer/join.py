@@ -81,11 +81,9 @@ def join_with_progress(paths: List[str], progress: bool = True) -> Tuple[dict, F
         kexec_before = len(agg.kexec_ts)
         last = 0
         for batch in _shifted(r, shift):
-            agg.feed(batch)
+            last = max(last, agg.feed(batch))
             if progress:
                 folios.scan(batch)
-            if len(batch):
-                last = max(last, int(batch["ts"].max()))
         if last and r.end is None:
             ends_ns.append(last)
         boots.append(_boot_row(p, r, shift, how, len(agg.kexec_ts) > kexec_before))
