@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 from typing import Dict, List
 
-
 from tracer import catalog
 from tracer.folio_progress import MAX_POINTS, FolioProgress
 from tracer.recording import write_output

@@ -84,7 +84,6 @@ FS_MAGIC: Dict[str, Tuple[int, ...]] = {h.name: h.fs_magic for h in HANDLER_LIST
 POPULATED = frozenset(h.follows for h in HANDLER_LIST if h.kind == "population")
 
 
-
 def _phase_order() -> Tuple[str, ...]:
     """Every phase a file of any handler shows, in lifecycle order: each
     handler's phases merged in (a new one goes before the next phase it shares
@@ -105,6 +104,7 @@ PHASE_ORDER: Tuple[str, ...] = _phase_order()
 LEAF_PHASES: Tuple[str, ...] = tuple(p for p in PHASE_ORDER if p != "preserve")  # phases with no phase inside
 # The walk pass that hands folios to KHO, per handler: where a timeline draws the folios going.
 FILL_PHASES = frozenset(h.walk[1] for h in HANDLER_LIST if h.walk_probe)
+
 
 def handler_kept(handler: str, files: Iterable[str]) -> bool:
     """The one rule of which handlers come together: a file handler when it

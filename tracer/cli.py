@@ -71,6 +71,22 @@ def finite(lo: float, hi: float) -> click.FloatRange:
 
 # A seed must fit numpy's generator (non-negative, 64-bit).
 SEED = click.IntRange(min=0, max=2**63 - 1)
+
+
+def population_option(default: str):
+    """--population, for record (default always) and serve (default update)."""
+    return click.option("--population", type=click.Choice(["always", "update"]), default=default, show_default=True,
+                        help="when guest_memfd population is traced (folio and trace modes): the whole run, or only "
+                             "while a file is in an update (being preserved, or preserved and waiting for the kexec), "
+                             "so that guests pay nothing on faults and fallocate between updates")
+
+
+def sample_option(what: str):
+    """--sample N for record and simulate: one per-folio record in N."""
+    return click.option("--sample", type=click.IntRange(min=1, max=2**32 - 1), default=1, show_default=True,
+                        help=f"trace mode: {what} one per-folio record in N (counts stay exact)")
+
+
 force_option = click.option("--force", is_flag=True, help="overwrite OUTPUT if it exists (a regular file only)")
 json_option = click.option("--json", "as_json", is_flag=True, help="print the report as JSON (schema luotrace.report/1)")
 
@@ -142,8 +158,7 @@ def doctor(model: Optional[str], as_json: bool) -> None:
                    "traces guest_memfd population on any kernel")
 @click.option("--duration", type=finite(0.1, 365 * 86400.0), default=None, help="stop after this many seconds")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="label stored in the recording (repeatable)")
-@click.option("--sample", type=click.IntRange(min=1, max=2**32 - 1), default=1, show_default=True,
-              help="trace mode: stream one per-folio event in N (counts stay exact)")
+@sample_option("stream")
 @click.option("--folio-ringbuf-pages", "--ringbuf-pages", "folio_ringbuf_pages", type=click.IntRange(min=1, max=1 << 18),
               default=1024, show_default=True,
               help="trace mode: the per-folio events' ring buffer, in 4 KiB pages (power of two); "
@@ -157,9 +172,7 @@ def doctor(model: Optional[str], as_json: bool) -> None:
 @click.option("--strategy", type=click.Choice(["auto", "fentry", "kprobe"]), default="auto", show_default=True,
               help="kernel attach strategy: fentry/fexit where BTF and trampolines allow, else kprobe; "
                    "'kprobe' forces the fallback")
-@click.option("--population", type=click.Choice(["always", "update"]), default="always", show_default=True,
-              help="when guest_memfd population is traced (folio and trace modes): the whole run, or only while a "
-                   "file is in an update (preserved or being preserved), as serve does by default")
+@population_option("always")
 @update_export_options
 @fail_on_option
 @force_option
@@ -313,9 +326,7 @@ def demo(mode: str, output: Optional[str], as_json: bool) -> None:
                    "else off]")
 @click.option("--state-keep", type=click.IntRange(1, 10000), default=8, show_default=True,
               help="recordings kept in --state-dir (this boot's included)")
-@click.option("--population", type=click.Choice(["update", "always"]), default="update", show_default=True,
-              help="when guest_memfd population is traced (folio and trace modes): only while a file is in an "
-                   "update, so that guests pay nothing on faults between updates; or the whole time")
+@population_option("update")
 @click.option("--state-max-bytes", default="512M", show_default=True, metavar="SIZE",
               help="bytes of recordings kept in --state-dir (oldest removed first, never this boot's)")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
@@ -446,8 +457,7 @@ def compare(recordings: Tuple[str, ...], by: Optional[str], plot: Optional[str],
               type=click.Choice(["holes", "folio_added_while_frozen", "pass_count_mismatch", "pfn_zero",
                                  "large_folios"]), help="inject this anomaly on one file (repeatable)")
 @click.option("--lost", type=click.IntRange(min=0), default=0, help="lost per-folio events to report")
-@click.option("--sample", type=click.IntRange(min=1, max=2**32 - 1), default=1, show_default=True,
-              help="trace mode: write one per-folio record in N (as record --sample)")
+@sample_option("write")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="label stored in the recording")
 @force_option
