@@ -16,6 +16,8 @@ struct folio_stats_v {
 	u64 pfn_unknown;
 	u64 meta_preserved;   /* KHO's own metadata pages (kho_alloc_preserve) */
 	u64 meta_unpreserved;
+	u64 array_walked;     /* successful preserves counted from the folio array */
+	u64 array_unread;     /* ... of which some page could not be read: pfn_zero unknown */
 };
 
 struct hist_key {
@@ -187,3 +189,148 @@ static __always_inline int kho_restore_folio_entry_body(u64 *a)
 	/* kho_restore_folio(phys_addr_t phys) */
 	return folio_release(PROBE_kho_restore_folio, (s64)(a[0] >> 12));
 }
+
+#ifdef FOLIO_ARRAY
+/* Folio mode without a program per folio.  Both handlers build an array of
+ * {pfn:52, flags:12, index} entries, one per preserved folio, and hand it to
+ * kho_preserve_vmalloc(array, &ser->folios), which preserves it a page at a
+ * time through kho_preserve_pages: one program run there reads a page and
+ * checks its 256 entries.  The count is ser->nr_folios, read when the
+ * handler's preserve returns 0 (memfd sets it only after the walk).  KHO's own
+ * chunk pages pass kho_preserve_pages too, zeroed: a page of nothing but
+ * zeros is one of those, never the array (at most one entry has index 0).
+ * The array's last page is padded with zero entries (vcalloc): the pages
+ * read hold 256 * pages entries, and the pfn 0 count drops the padding. */
+#define FSER_PER_PAGE 256
+#define FSER_PFN_MASK ((1ULL << 52) - 1)
+
+struct fser_walk_v {
+	u64 kv;         /* &ser->folios while a walk is open or done, else 0 */
+	u64 pages;      /* array pages read */
+	u64 pfn_zero;   /* entries with pfn 0 in them, padding included */
+	u32 open;       /* inside kho_preserve_vmalloc */
+	u32 unread;     /* pages that could not be read */
+};
+struct fser_page_v {
+	u64 w[FSER_PER_PAGE * 2];
+};
+BPF_TASK_STORAGE(fser_walk, struct fser_walk_v);
+BPF_PERCPU_ARRAY(fser_page, struct fser_page_v, 1);
+/* handler id -> offsetof(ser, nr_folios) - offsetof(ser, folios); 0 = unknown.
+ * Filled by the loader from the layout (kernel BTF or the model's). */
+BPF_ARRAY(fser_nr_delta, s64, 16);
+
+static __always_inline void fser_open(u64 kv)
+{
+	struct fser_walk_v *w;
+	if (!cur_get())
+		return;
+	w = fser_walk.task_storage_get(luo_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!w) {
+		count(CNT_INFLIGHT_FULL);
+		return;
+	}
+	w->kv = kv;
+	w->pages = 0;
+	w->pfn_zero = 0;
+	w->unread = 0;
+	w->open = 1;
+}
+
+static __always_inline void fser_close(u64 rc)
+{
+	struct fser_walk_v *w = fser_walk.task_storage_get(luo_current_task_btf(), 0, 0);
+	if (!w)
+		return;
+	w->open = 0;
+	if ((int)rc)
+		w->kv = 0;
+}
+
+/* struct page * -> the page's address (the model names a page by its address) */
+static __always_inline u64 page_address(u64 page)
+{
+#ifdef LUO_USER
+	return page;
+#elif defined(VMEMMAP_BASE_PTR) && defined(PAGE_OFFSET_BASE_PTR)
+	u64 vmemmap = 0, direct = 0;
+	if (bpf_probe_read_kernel(&vmemmap, 8, (const void *)VMEMMAP_BASE_PTR) ||
+	    bpf_probe_read_kernel(&direct, 8, (const void *)PAGE_OFFSET_BASE_PTR) || !vmemmap || page < vmemmap)
+		return 0;
+	return direct + ((page - vmemmap) / PAGE_STRUCT_SIZE) * 4096;
+#else
+	return 0;
+#endif
+}
+
+/* kho_preserve_pages(page, nr_pages) */
+static __always_inline int kho_vmalloc_page_entry_body(u64 *a)
+{
+	struct fser_walk_v *w = fser_walk.task_storage_get(luo_current_task_btf(), 0, 0);
+	struct fser_page_v *p;
+	u64 addr, any = 0, zero = 0;
+	int i, k = 0;
+	if (!w || !w->open)
+		return 0;
+	addr = page_address(a[0]);
+	p = fser_page.lookup(&k);
+	if (a[1] != 1 || !addr || !p) {
+		w->unread += 1;
+		return 0;
+	}
+#ifdef LUO_USER
+	if (bpf_probe_read_user(p->w, sizeof(p->w), (const void *)addr)) {
+#else
+	if (bpf_probe_read_kernel(p->w, sizeof(p->w), (const void *)addr)) {
+#endif
+		w->unread += 1;
+		return 0;
+	}
+	for (i = 0; i < FSER_PER_PAGE; i++) {
+		u64 word = p->w[2 * i];
+		any |= word | p->w[2 * i + 1];
+		zero += (word & FSER_PFN_MASK) == 0;
+	}
+	if (!any)
+		return 0;       /* KHO's chunk page */
+	w->pages += 1;
+	w->pfn_zero += zero;
+	return 0;
+}
+
+static __always_inline void fser_commit(struct fkey *k, u64 rc)
+{
+	struct fser_walk_v *w = fser_walk.task_storage_get(luo_current_task_btf(), 0, 0);
+	struct folio_stats_v *s;
+	u32 h = k->handler;
+	s64 *delta;
+	u64 nr = 0, slots, kv;
+	if ((int)rc) {
+		if (w)
+			w->kv = 0;
+		return;
+	}
+	s = stats_for(k);
+	if (!s)
+		return;
+	kv = w ? w->kv : 0;
+	if (!kv) {              /* no array handed over: no folio (an empty file) */
+		__sync_fetch_and_add(&s->array_walked, 1);
+		return;
+	}
+	w->kv = 0;
+	delta = fser_nr_delta.lookup(&h);
+	if (!delta || !*delta) {
+		__sync_fetch_and_add(&s->array_unread, 1);
+		return;
+	}
+	LUO_READ(nr, kv + *delta);
+	slots = w->pages * FSER_PER_PAGE;
+	__sync_fetch_and_add(&s->array_walked, 1);
+	__sync_fetch_and_add(&s->preserved, nr);
+	if (w->unread || slots < nr || w->pfn_zero < slots - nr)
+		__sync_fetch_and_add(&s->array_unread, 1);
+	else
+		__sync_fetch_and_add(&s->pfn_zero, w->pfn_zero - (slots - nr));
+}
+#endif

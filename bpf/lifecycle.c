@@ -17,6 +17,19 @@ enum { KEEP_CUR = 0, CLEAR_CUR = 1 };
 /* How an args op names its file (args_op_entry's by_ser). */
 enum { KEY_BY_FILE = 0, KEY_BY_SER = 1 };
 
+/* Folio mode reading the handlers' serialized folio arrays (kho.c): a
+ * handler's kho_preserve_vmalloc opens the walk of its array, its preserve's
+ * successful return commits the counts to the file. */
+#ifdef FOLIO_ARRAY
+static __always_inline void fser_open(u64 kv);
+static __always_inline void fser_close(u64 rc);
+static __always_inline void fser_commit(struct fkey *k, u64 rc);
+#else
+#define fser_open(kv) do { } while (0)
+#define fser_close(rc) do { } while (0)
+#define fser_commit(k, rc) do { } while (0)
+#endif
+
 static __always_inline int op_return(u64 rc, u16 probe, int clear_cur, int ret_kind)
 {
 	u64 id = inflight_id(probe);
@@ -27,8 +40,10 @@ static __always_inline int op_return(u64 rc, u16 probe, int clear_cur, int ret_k
 	if (v) {
 		ev_key(&e, &v->key);
 		e.a2 = e.ts - v->ts;
-		if (ret_kind == RET_SER)        /* args op: serialized_data after the call */
+		if (ret_kind == RET_SER) {      /* args op: serialized_data after the call */
 			e.a0 = read_ptr(v->ptr, OFF_ARGS_SER);
+			fser_commit(&v->key, rc);
+		}
 		else if (ret_kind == RET_OUT_COUNT) /* walk: *out_count after the call */
 			e.a0 = read_ptr(v->ptr, 0), e.a1 = v->a1;
 		else if (ret_kind == RET_NEW_INODE) /* retrieve: the new file's inode */
@@ -153,8 +168,10 @@ static __always_inline int attributed_entry(u16 probe, u64 ptr, u64 a0, u64 a1, 
  * this file when the handler is traced (tracer/catalog.py HANDLER_LIST). */
 
 /* KHO metadata */
-BODY_ENTRY(kho_preserve_vmalloc) { return attributed_entry(PROBE_kho_preserve_vmalloc, 0, 0, 0, 0, EV_ENTRY); }
-BODY_RETURN(kho_preserve_vmalloc, KEEP_CUR, RET_PLAIN)
+/* kho_preserve_vmalloc(ptr, &ser->folios) */
+BODY_ENTRY(kho_preserve_vmalloc) { fser_open(a[1]); return attributed_entry(PROBE_kho_preserve_vmalloc, 0, 0, 0, 0, EV_ENTRY); }
+static __always_inline int kho_preserve_vmalloc_return_body(u64 rc)
+{ fser_close(rc); return op_return(rc, PROBE_kho_preserve_vmalloc, KEEP_CUR, RET_PLAIN); }
 BODY_ENTRY(kho_unpreserve_vmalloc) { return attributed_entry(PROBE_kho_unpreserve_vmalloc, 0, 0, 0, 0, EV_INSTANT); }
 BODY_ENTRY(kho_alloc_preserve) { cur_meta(1); return attributed_entry(PROBE_kho_alloc_preserve, 0, a[0], 0, 0, EV_ENTRY); }
 static __always_inline int kho_alloc_preserve_return_body(u64 rc) { cur_meta(-1); return op_return(rc, PROBE_kho_alloc_preserve, KEEP_CUR, RET_PLAIN); }

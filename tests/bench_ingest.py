@@ -78,7 +78,7 @@ def load_harness(ring_pages: int):
     from bcc import BPF
     opts = Options(mode="trace", folio_ringbuf_pages=ring_pages)
     b = BPF(text=bpf_source([]) + HARNESS,
-            cflags=cflags(opts, kernel_layout(kernel.btf())) + [f"-DTARGET_DEV={gmem_superblock_dev()}"])
+            cflags=cflags(opts, kernel_layout(kernel.btf()), []) + [f"-DTARGET_DEV={gmem_superblock_dev()}"])
     return b, RingReader(b["folio_events"].get_fd(), ring_pages * mmap.PAGESIZE, EVENT_SIZE)
 
 

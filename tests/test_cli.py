@@ -160,7 +160,12 @@ def test_demo_shows_report_and_metrics_and_agrees_with_the_model(model, kvm, tmp
 def test_print_bpf_shows_final_text_with_resolved_offsets(model):
     r = run_cli("record", "-o", "/dev/null", "--model", model, "--print-bpf", check=True)
     assert "-DLUO_USER=1" in r.stdout and "-DOFF_ARGS_FILE=16" in r.stdout
+    # folio mode reads the folio arrays a page at a time; --folio-latency runs a program per folio instead
+    assert "int kho_vmalloc_page_entry(struct pt_regs *ctx)" in r.stdout and "-DFOLIO_ARRAY=1" in r.stdout
+    assert "int kho_preserve_folio_entry(struct pt_regs *ctx)" not in r.stdout
+    r = run_cli("record", "-o", "/dev/null", "--model", model, "--folio-latency", "--print-bpf", check=True)
     assert "int kho_preserve_folio_entry(struct pt_regs *ctx)" in r.stdout
+    assert "int kho_vmalloc_page_entry(" not in r.stdout and "-DFOLIO_ARRAY" not in r.stdout
 
 
 NUMBERS = [  # every numeric option: finite, in range, fitting the kernel's or numpy's type

@@ -37,12 +37,21 @@ EXPECTED_ERRNO = {"private_vm": "ENOENT", "hwpoison": "EHWPOISON", "enomem": "EN
                   "pass_mismatch": "EINVAL", "unbalanced_freeze": "ENOMEM", "leak_unwind": "ENOMEM"}
 
 
-@pytest.fixture(scope="module", params=["light", "folio", "trace"])
+# folio: counted from each file's serialized folio array (the default);
+# folio-latency: a program per kho_preserve_folio call (--folio-latency)
+@pytest.fixture(scope="module", params=["light", "folio", "folio-latency", "trace"])
 def traced(request, model, kvm, tmp_path_factory):
     mode = request.param
     out = str(tmp_path_factory.mktemp(mode) / "model.luo")
-    res, truth = run_model(mode, SESSIONS, out, model=model, progress=lambda s: None)
+    res, truth = run_model(mode.split("-")[0], SESSIONS, out, model=model, progress=lambda s: None,
+                           folio_latency=mode == "folio-latency")
     return mode, res, truth, out
+
+
+def unknown_from_array(mode: str, t: dict) -> bool:
+    """A failed memfd preserve, counted from folio arrays: its walk (which
+    gives no count on error) never handed its array over."""
+    return mode == "folio" and t["handler"] == "memfd" and t["failed_phase"] == "preserve"
 
 
 def by_inode(report):
@@ -56,7 +65,10 @@ def test_every_file_matches_ground_truth(traced):
     files = by_inode(res.report)
     for t in truth["files"]:
         f = files[t["inode"]]
-        if mode != "light":
+        if unknown_from_array(mode, t):
+            assert f["folios_preserved"] is None and f["anomalies_not_checked"] == ["unwind_incomplete"]
+            assert f["folios_unpreserved"] == t["folios_unpreserved"]
+        elif mode != "light":
             # exact per-folio counters from the BPF maps
             assert f["folios_preserved"] == t["folios_preserved"]
             assert f["folios_unpreserved"] == t["folios_unpreserved"]
@@ -77,6 +89,8 @@ def test_faults_give_exactly_their_anomaly_and_errno(traced):
         want = set(t["anomalies"])
         if mode == "light":
             want -= set(NEEDS_FOLIO_MODE)
+        if unknown_from_array(mode, t):
+            want -= {"unwind_incomplete"}
         got = {a["code"] for a in f["anomalies"]}
         assert got == want, (t["fault"], f["anomalies"])
         if t["fault"] in EXPECTED_ERRNO:
@@ -151,10 +165,15 @@ def test_replay_equals_live(traced):
 def test_probe_strategies_and_accounting(traced):
     mode, res, truth, _ = traced
     probes = res.report["probes"]
-    assert probes and all(p["status"] == "attached" for p in probes)
+    # the folio source not used (folio mode has two) is listed as skipped, with why
+    unused = {"folio": "kho_preserve_folio", "folio-latency": "kho_preserve_pages"}.get(mode)
+    assert probes and all(p["status"] == "attached" for p in probes if p["symbol"] != unused)
+    assert all(p["status"] == "skipped" and "folio" in p["reason"] for p in probes if p["symbol"] == unused)
+    attached = {p["symbol"] for p in probes if p["status"] == "attached"}
     assert {p["strategy"] for p in probes} == ({"uprobe"} if mode == "light" else {"uprobe", "tracepoint"})
-    per_folio = any(p["symbol"] == "kho_preserve_folio" for p in probes)
-    assert per_folio == (mode != "light")
+    assert ("kho_preserve_folio" in attached) == (mode in ("folio-latency", "trace"))
+    assert ("kho_preserve_pages" in attached) == (mode == "folio")
+    assert res.report["folio_source"] == {"light": None, "folio": "array"}.get(mode, "calls")
     ev = res.report["events"]
     assert ev["lost"] == 0 and ev["received"] > 0
     assert res.report["bpf"]["run_cnt"] > 0 and res.report["bpf"]["run_time_ns"] > 0

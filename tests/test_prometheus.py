@@ -75,8 +75,9 @@ def stack(model, kvm, tmp_path_factory):
     # the update starts 12 s after the probes are attached: Prometheus (5 s
     # interval) has scraped the zero-initialised series by then, as it would
     # have on a host where serve runs before any update
+    # --folio-latency: the per-folio latency histogram is among the series checked
     serve = subprocess.Popen(LUOTRACE + ["serve", "--listen", f"127.0.0.1:{lport}", "-o", rec, "--model", model,
-                                         "--", "sh", "-c", 'sleep 12; exec "$@"', "sh",
+                                         "--folio-latency", "--", "sh", "-c", 'sleep 12; exec "$@"', "sh",
                                          model, "--json", str(tmp / "truth.json"), "--pause-ms", "300", *SESSIONS],
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     cfg = tmp / "prometheus.yml"

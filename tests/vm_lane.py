@@ -33,18 +33,28 @@ def test_booted_a_luo_kernel():
     assert info["kernel"].startswith("7.2") and info["liveupdate"] and info["btf"]
 
 
+def folio_probes(tag: str) -> tuple:
+    """The per-folio probes a tag's run attaches: folio mode reads each
+    file's folio array a page at a time (kho_preserve_pages); with
+    --folio-latency a program runs on every kho_preserve_folio."""
+    if tag.endswith("light"):
+        return ()
+    return ("kho_preserve_folio",) if tag.endswith("latency") else ("kho_preserve_pages",)
+
+
 @single_kernel
-@pytest.mark.parametrize("tag", ["light", "folio", "folio-kprobe"])
+@pytest.mark.parametrize("tag", ["light", "folio", "folio-kprobe", "folio-latency"])
 def test_real_attach_on_real_symbols(tag):
     rep = load(f"report-{tag}.json")
     strat = {p["symbol"]: (p["strategy"], p["status"]) for p in rep["probes"]}
     allowed = {"kprobe"} if tag.endswith("kprobe") else {"kprobe", "fentry"}
-    for sym in ("memfd_luo_preserve", "luo_preserve_file") + (("kho_preserve_folio",) if tag != "light" else ()):
+    for sym in ("memfd_luo_preserve", "luo_preserve_file") + folio_probes(tag):
         assert strat[sym][1] == "attached" and strat[sym][0] in allowed, (sym, strat[sym])
+    assert rep["folio_source"] == {"light": None, "folio-latency": "calls"}.get(tag, "array")
 
 
 @single_kernel
-@pytest.mark.parametrize("mode", ["light", "folio", "folio-kprobe"])
+@pytest.mark.parametrize("mode", ["light", "folio", "folio-kprobe", "folio-latency"])
 def test_memfds_preserved_with_holes_filled(mode):
     rep, truth = load(f"report-{mode}.json"), load(f"truth-{mode}.json")
     files = {f["inode"]: f for f in rep["files"]}
@@ -73,7 +83,7 @@ def test_error_cases_show_errno_and_no_preservation():
 
 @single_kernel
 def test_kho_metadata_pages_are_not_counted_as_file_folios():
-    rep = load("report-folio.json")
+    rep = load("report-folio-latency.json")  # seen per call only
     for f in rep["files"]:
         if f["preserve"]:
             assert f["metadata_folios"] >= 1  # kho_alloc_preserve's own page, counted apart
@@ -88,15 +98,15 @@ def test_luo_selftest_passes_with_and_without_luotrace():
 @single_kernel
 def test_bpftrace_counts_the_same_kho_preserve_folio_calls():
     rep, bt = load("report-sbs.json"), load("bpftrace.json")
-    ours = sum(f["folios_preserved"] + f["metadata_folios"] for f in rep["files"] if f["preserve"])
-    assert bt["folios"] == ours, bt["output"]
+    ours = sum(f["folios_preserved"] for f in rep["files"] if f["preserve"])  # from the folio arrays
+    assert rep["folio_source"] == "array" and bt["folios"] == ours, bt["output"]
 
 
 @single_kernel
 def test_vmbench_ran():
     res = load("vmbench.json")
     base = sorted(res["untraced"] + res["untraced2"])[len(res["untraced"])]
-    for mode in ("light", "folio"):
+    for mode in ("light", "folio", "folio-latency"):
         med = sorted(res[mode])[len(res[mode]) // 2]
         print(f"vmbench 256 MiB memfd preserve: {mode} ratio {med / base:.3f} (baseline {base / 1e6:.1f} ms)")
         assert med > 0
@@ -187,7 +197,7 @@ def test_blackout_agrees_with_the_guests_own_clock():
 # ---- the guest_memfd LUO handler under review, built into the lane's kernel
 # (workloads/vm/patches/) and driven by workloads/gmem_luo.py ----
 
-GMEM_TAGS = ["gmem-folio", "gmem-folio-kprobe", "gmem-light"]
+GMEM_TAGS = ["gmem-folio", "gmem-folio-kprobe", "gmem-folio-latency", "gmem-light"]
 GMEM_REQUIRED = ("kvm_gmem_luo_preserve", "kvm_gmem_freeze", "kvm_gmem_luo_freeze", "kvm_gmem_luo_unpreserve",
                  "kvm_gmem_luo_can_preserve", "luo_preserve_file", "liveupdate_get_token_outgoing")
 # the patch's order inside a preserve (count_pass/fill_pass only when the walk is not inlined)
@@ -214,7 +224,7 @@ def test_gmem_probes_attach_to_the_patched_kernel(tag):
     strat = {p["symbol"]: (p["strategy"], p["status"], p["reason"]) for p in rep["probes"]}
     allowed = {"kprobe"} if tag.endswith("kprobe") else {"kprobe", "fentry"}
     print(f"{tag}: " + ", ".join(f"{s}={v[0]}/{v[1]}" for s, v in sorted(strat.items())))
-    need = GMEM_REQUIRED + (("kho_preserve_folio", "kho_unpreserve_folio") if tag != "gmem-light" else ())
+    need = GMEM_REQUIRED + folio_probes(tag) + (("kho_unpreserve_folio",) if tag != "gmem-light" else ())
     for sym in need:
         assert strat[sym][1] == "attached" and strat[sym][0] in allowed, (sym, strat[sym])
     if not tag.endswith("kprobe"):
@@ -268,10 +278,11 @@ def test_gmem_scenarios_give_their_result_errno_and_counts(tag):
                                              ("report-update.json", "bpftrace-gmem-update.json")])
 def test_gmem_bpftrace_counts_the_same_kho_preserve_folio_calls(report, counted):
     """bpftrace counting kho_preserve_folio inside kvm_gmem_luo_preserve on the
-    same run: each file's data folios plus KHO's metadata page (kho_alloc_preserve)."""
+    same run (not those of KHO's metadata page, inside kho_alloc_preserve),
+    against the counts luotrace read from each file's folio array."""
     rep, bt = load(report), load(counted)
-    ours = sum(f["folios_preserved"] + f["metadata_folios"] for f in rep["files"]
-               if f["handler"] == "guest_memfd" and f["preserve"])
+    assert rep["folio_source"] == "array"
+    ours = sum(f["folios_preserved"] for f in rep["files"] if f["handler"] == "guest_memfd" and f["preserve"])
     print(f"{report}: bpftrace {bt['folios']}, luotrace {ours}")
     assert bt["folios"] == ours, bt["output"]
 
@@ -319,7 +330,7 @@ def test_gmem_timeline_spans_both_kernels():
 def test_gmem_vmbench_ran():
     res = load("vmbench-gmem.json")
     base = sorted(res["untraced"] + res["untraced2"])[len(res["untraced"])]
-    for mode in ("light", "folio"):
+    for mode in ("light", "folio", "folio-latency"):
         runs = sorted(res[mode])
         med = runs[len(runs) // 2]
         print(f"vmbench 256 MiB guest_memfd preserve: {mode} ratio {med / base:.3f} "

@@ -58,7 +58,7 @@ def pass_count_mismatch(f: Facts) -> Optional[Finding]:
     if st.fill_count != st.count_pass:
         return Finding(f"pass 1 counted {st.count_pass} folios, pass 2 preserved {st.fill_count}",
                        abs(st.fill_count - st.count_pass), time_ns=when)
-    if f.folio is not None and f.folio["preserved"] != st.count_pass:
+    if f.folio is not None and f.folio["preserved"] is not None and f.folio["preserved"] != st.count_pass:
         return Finding(f"pass 1 counted {st.count_pass} folios, kho_preserve_folio succeeded "
                        f"{f.folio['preserved']} times", abs(f.folio["preserved"] - st.count_pass), time_ns=when)
     return None
@@ -74,6 +74,8 @@ def unwind_incomplete(f: Facts) -> Optional[Finding]:
     if not (failed_in_preserve or cancelled):
         return None
     done, undone = f.folio["preserved"], f.folio["unpreserved"]
+    if done is None:
+        return None  # not known: folio mode read the folio arrays and memfd's walk gives no count on error
     if done != undone:
         why = f"preserve failed with {st.errno}" if failed_in_preserve else "unpreserve"
         return Finding(f"{why}: {done} folio(s) preserved but {undone} unpreserved", abs(done - undone),

@@ -35,7 +35,12 @@ class Handler:
     every phase a file of it can show, in order (the exporter initialises a
     series per phase).  ``bpf_file``: its probes' BPF, under bpf/.
     ``walk_counts_on_error``: its walk's out count is set even when the walk
-    fails (memfd_luo_preserve_folios sets it only on success)."""
+    fails (memfd_luo_preserve_folios sets it only on success).  ``ser``: the
+    structs of the serialized folio array it hands to kho_preserve_vmalloc
+    (``<ser>.folios``, ``<ser>.nr_folios``, an array of ``<folio_ser>``
+    {pfn:52, flags:12, index}): folio mode counts its folios by walking
+    that array once per file instead of a program on every
+    kho_preserve_folio; a handler without one is counted per call."""
 
     name: str
     id: int  # as in BPF map keys (struct fkey.handler) and events: stored in recordings
@@ -48,6 +53,7 @@ class Handler:
     follows: Optional[str] = None
     bpf_file: str = "lifecycle.c"
     walk_counts_on_error: bool = True
+    ser: Tuple[str, str] = ("", "")  # (ser struct, folio ser struct) in kernel BTF
     help: str = ""
 
 
@@ -61,11 +67,13 @@ HANDLER_LIST: Tuple[Handler, ...] = (
             phases=("can_preserve", "count_pass", "fill_pass", "vmalloc", "luo_freeze", "unpreserve",
                     "retrieve", "finish"),
             fs_magic=(0x474D454D,), bpf_file="handlers/guest_memfd.c",
+            ser=("guest_memfd_luo_ser", "guest_memfd_luo_folio_ser"),
             help="guest memory (the guest_memfd LUO patch under review)"),
     Handler("memfd", 2, "file", preserve="memfd_preserve", walk_probe="memfd_preserve_folios",
             walk=("preserve_folios", "preserve_folios"),
             phases=("can_preserve", "preserve_folios", "vmalloc", "luo_freeze", "unpreserve", "retrieve", "finish"),
             fs_magic=(0x01021994, 0x958458F6), bpf_file="handlers/memfd.c", walk_counts_on_error=False,
+            ser=("memfd_luo_ser", "memfd_luo_folio_ser"),
             help="shared memory (mainline mm/memfd_luo.c)"),
     Handler("kho", 3, "core", help="Kexec HandOver: folios and metadata handed to the next kernel"),
     Handler("luo", 4, "core", help="Live Update Orchestrator: sessions, the blackout, the kexec"),
@@ -149,6 +157,9 @@ class Probe:
     entry: Dict[str, str] = field(default_factory=dict)
     ret: Dict[str, str] = field(default_factory=dict)
     per_folio: bool = False
+    # "calls" or "array": attached only when folio mode counts folios that way
+    # (loader.folio_source); "" = whatever the folio source
+    source: str = ""
     help: str = ""
     returns: str = "int"  # what the function returns: int (0 or -errno) or bool
 
@@ -238,7 +249,9 @@ PROBES: Tuple[Probe, ...] = (
     # KHO core, per folio (folio and trace modes only).
     Probe("kho_preserve_folio", "kho_preserve_folio", "kho", "folio_preserve", bpf_file="kho.c",
           modes=("folio", "trace"), required=True, per_folio=True, ret={"a0": "pfn", "a1": "index"},
-          help="marks one folio for handover: count, latency histogram, errors, pfn 0"),
+          source="calls",
+          help="marks one folio for handover: count, latency histogram, errors, pfn 0 (trace mode, "
+               "--folio-latency, or a handler whose folio array luotrace cannot read)"),
     Probe("kho_unpreserve_folio", "kho_unpreserve_folio", "kho", "folio_unpreserve", kind="entry",
           bpf_file="kho.c", modes=("folio", "trace"), per_folio=True, entry={"a0": "pfn"},
           help="releases one folio (unwind or cancel)"),
@@ -262,6 +275,10 @@ PROBES: Tuple[Probe, ...] = (
     Probe("kexec", "kernel_kexec", "luo", "kexec", kind="entry",
           help="the jump to the next kernel starts; LUO freezes every session next, so the recording is "
                "flushed at once and drained until the machine goes"),
+    Probe("kho_vmalloc_page", "kho_preserve_pages", "kho", "vmalloc_page", kind="entry", bpf_file="kho.c",
+          modes=("folio",), required=True, source="array",
+          help="each page of a handler's serialized folio array, inside kho_preserve_vmalloc: its 256 "
+               "entries are counted and checked (pfn 0) in one program run, no event"),
 )
 
 PROBE_IDS: Dict[str, int] = {p.name: i for i, p in enumerate(PROBES)}

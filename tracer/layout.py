@@ -13,7 +13,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
-from . import kernel
+from . import catalog, kernel
 from .btf import BTF, BTFError
 from .errors import LuotraceError
 
@@ -45,6 +45,11 @@ class Layout:
     vmemmap_base_ptr: Optional[int] = None
     page_struct_size: int = 64
     notes: Dict[str, str] = field(default_factory=dict)
+    # handler -> (offsetof nr_folios, offsetof folios) of the serialized folio
+    # array it hands to kho_preserve_vmalloc, where its layout is the one the
+    # BPF walk reads (16-byte entries, pfn in bits 0..51, index at 8)
+    ser: Dict[str, Tuple[int, int]] = field(default_factory=dict)
+    page_offset_base_ptr: Optional[int] = None  # &page_offset_base: struct page * -> its direct-map address
 
     def unknown(self) -> Dict[str, str]:
         return {k: self.notes.get(k, "not resolved") for k, v in self.offsets.items() if v < 0}
@@ -56,12 +61,14 @@ class Layout:
         elif self.vmemmap_base_ptr:
             flags.append(f"-DVMEMMAP_BASE_PTR={self.vmemmap_base_ptr:#x}ULL")
             flags.append(f"-DPAGE_STRUCT_SIZE={self.page_struct_size}")
+            if self.page_offset_base_ptr:
+                flags.append(f"-DPAGE_OFFSET_BASE_PTR={self.page_offset_base_ptr:#x}ULL")
         return flags
 
     def to_json(self) -> dict:
         return {"source": self.source, "offsets": dict(sorted(self.offsets.items())),
                 "pfn": "field" if self.pfn_from_field else ("vmemmap" if self.vmemmap_base_ptr else "unknown"),
-                "unknown": self.unknown()}
+                "unknown": self.unknown(), "folio_arrays": {h: list(v) for h, v in sorted(self.ser.items())}}
 
 
 def _kallsyms_addr(symbol: str, path: str = "/proc/kallsyms") -> Optional[int]:
@@ -94,8 +101,35 @@ def kernel_layout(btf: BTF, kallsyms: str = "/proc/kallsyms") -> Layout:
     base = _kallsyms_addr("vmemmap_base", kallsyms)
     if base is None:
         notes["FOLIO_PFN"] = "vmemmap_base not in /proc/kallsyms (needs CONFIG_KALLSYMS_ALL): pfn unknown"
+    ser: Dict[str, Tuple[int, int]] = {}
+    for h in catalog.HANDLER_LIST:
+        if h.ser[0]:
+            got = _kernel_ser(btf, *h.ser)
+            if isinstance(got, str):
+                notes[f"SER_{h.name}"] = got
+            else:
+                ser[h.name] = got
     return Layout("kernel BTF", offsets, vmemmap_base_ptr=base,
-                  page_struct_size=btf.sizeof("page") or 64, notes=notes)
+                  page_struct_size=btf.sizeof("page") or 64, notes=notes, ser=ser,
+                  page_offset_base_ptr=_kallsyms_addr("page_offset_base", kallsyms))
+
+
+FOLIO_SER_SIZE = 16  # struct <handler>_luo_folio_ser { u64 pfn:52; u64 flags:12; u64 index; } __packed
+
+
+def _kernel_ser(btf: BTF, ser: str, folio_ser: str):
+    """(offsetof nr_folios, offsetof folios) of SER when its entries are
+    FOLIO_SER as the BPF walk reads them; else why not, as a string."""
+    nr, folios = btf.offsetof(ser, "nr_folios"), btf.offsetof(ser, "folios")
+    if nr is None or folios is None:
+        return f"struct {ser} (nr_folios, folios) not in this kernel's BTF"
+    tid = btf.structs.get(folio_ser)
+    members = {m.name: m for m in btf.members(tid)} if tid is not None else {}
+    pfn, index = members.get("pfn"), members.get("index")
+    if btf.sizeof(folio_ser) != FOLIO_SER_SIZE or pfn is None or index is None \
+            or pfn.bit_offset != 0 or pfn.bitfield_size != 52 or index.bit_offset != 64:
+        return f"struct {folio_ser} is not {{pfn:52, flags:12, index}} in this kernel's BTF"
+    return nr, folios
 
 
 def model_layout(model_path: str) -> Layout:
@@ -106,7 +140,8 @@ def model_layout(model_path: str) -> Layout:
         raise LuotraceError(f"cannot read the layout of {model_path}: {e}",
                             "pass the reference model built by `make model` (workloads/model/luo_model)")
     offsets = {k: int(data.get(k, -1)) for k in LOGICAL}
-    return Layout(f"model {model_path}", offsets, pfn_from_field=True)
+    ser = {h: (int(v[0]), int(v[1])) for h, v in data.get("SER", {}).items() if int(v[3]) == FOLIO_SER_SIZE}
+    return Layout(f"model {model_path}", offsets, pfn_from_field=True, ser=ser)
 
 
 def resolve_layout(model: Optional[str]) -> Layout:

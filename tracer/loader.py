@@ -58,6 +58,10 @@ class Options:
     # updates, and any program on those tracepoints costs every fault).
     population: str = "always"
     strategy: str = "auto"  # auto | fentry | kprobe (kernel targets)
+    # Folio mode: a program on every kho_preserve_folio (a latency histogram
+    # per file, about 3 us a folio under emulation) instead of reading each
+    # handler's serialized folio array once per file.
+    folio_latency: bool = False
 
 
 @dataclass
@@ -82,7 +86,7 @@ def bpf_source(files: List[str]) -> str:
     return "\n".join(parts)
 
 
-def cflags(opts: Options, layout: Layout) -> List[str]:
+def cflags(opts: Options, layout: Layout, probes: List[Probe]) -> List[str]:
     flags = [f"-D{k}={v}" for k, v in catalog.bpf_defines().items()]
     flags += layout.cflags()
     flags += [f"-DRINGBUF_PAGES={opts.lifecycle_ringbuf_pages}", f"-DFOLIO_RINGBUF_PAGES={opts.folio_ringbuf_pages}",
@@ -94,7 +98,45 @@ def cflags(opts: Options, layout: Layout) -> List[str]:
         flags.append("-DMODE_FOLIO=1")
     if opts.mode == "trace":
         flags.append("-DMODE_TRACE=1")
+    if any(p.source == "array" for p in probes):
+        flags.append("-DFOLIO_ARRAY=1")
     return flags
+
+
+def folio_source(opts: Options, layout: Layout, handlers: Set[str]) -> Tuple[str, str]:
+    """How folio mode counts the folios of HANDLERS: "array" (each file's
+    serialized folio array, read a page at a time inside
+    kho_preserve_vmalloc: no program per folio) or "calls" (a program on
+    every kho_preserve_folio); with the reason when it is "calls"."""
+    if opts.mode == "light":
+        return "", ""
+    if opts.mode == "trace":
+        return "calls", "trace mode streams an event per folio"
+    if opts.folio_latency:
+        return "calls", "--folio-latency"
+    unread = sorted(h for h in handlers if catalog.HANDLER_BY_NAME[h].kind == "file" and h not in layout.ser)
+    if unread:
+        why = "; ".join(layout.notes.get(f"SER_{h}", f"{h} declares no serialized folio array") for h in unread)
+        return "calls", f"no folio array luotrace can read: {why}"
+    return "array", ""
+
+
+def apply_folio_source(statuses: List[ProbeStatus], opts: Options, layout: Layout) -> Tuple[str, str]:
+    """Choose the folio source for the handlers in STATUSES and mark the
+    other source's probes skipped; "array" falls back to "calls" where its
+    probe cannot be attached."""
+    source, why = folio_source(opts, layout, {s.handler for s in statuses})
+    if source == "array":
+        page = next((s for s in statuses if catalog.BY_NAME[s.name].source == "array"), None)
+        if page is None or page.status != "planned":
+            source, why = "calls", f"kho_preserve_pages cannot be traced: {page.reason if page else 'not planned'}"
+    for s in statuses:
+        want = catalog.BY_NAME[s.name].source
+        if want and want != source and s.status == "planned":
+            s.status = "skipped"
+            s.reason = (f"folios counted per call ({why})" if source == "calls" else
+                        "folios counted from each file's folio array (--folio-latency: per call)")
+    return source, why
 
 
 def source_files(probes: List[Probe]) -> List[str]:
@@ -228,7 +270,7 @@ def build_program(opts: Options, layout: Layout, probes: List[Probe], strategy: 
     what runs.  GMEM_DEV_FLAG replaces the population filter's value where it
     is not known yet (--print-bpf)."""
     dev = gmem_dev_flag or str(gmem_dev if gmem_dev is not None else NO_GMEM_DEV)
-    return Program(program_text(probes, strategy), cflags(opts, layout) + [f"-DGMEM_DEV={dev}"])
+    return Program(program_text(probes, strategy), cflags(opts, layout, probes) + [f"-DGMEM_DEV={dev}"])
 
 
 def _signatures(probes: List[Probe], strategy: Dict[str, str]) -> Dict[str, tuple]:
@@ -241,7 +283,8 @@ def _signatures(probes: List[Probe], strategy: Dict[str, str]) -> Dict[str, tupl
 
 def _required_missing(statuses: List[ProbeStatus], opts: Options) -> Optional[ProbeStatus]:
     for s in statuses:
-        if s.required and s.status not in ("planned", "attached"):
+        unused = s.status == "skipped" and catalog.BY_NAME[s.name].source  # the other folio source's
+        if s.required and s.status not in ("planned", "attached") and not unused:
             return s
     return None
 
@@ -309,6 +352,7 @@ class Tracer:
         self.opts = opts
         self.layout = layout
         statuses = select_handlers(plan(opts), opts)
+        self.folio_source, self.folio_source_why = apply_folio_source(statuses, opts, layout)
         missing = _required_missing(statuses, opts)
         if missing:
             where = f"model {opts.model}" if opts.model else f"kernel {kernel.release()}"
@@ -333,6 +377,7 @@ class Tracer:
         before_compile()
         self.bpf = self._compile(BPF, probes)
         try:
+            self._fill_layout_maps()
             self._attach(probes)
             self._open_ringbuf()
         except BaseException:
@@ -358,6 +403,15 @@ class Tracer:
                                  self.gmem_dev)
             self.source = prog.text
             return BPF(text=self.source, cflags=self.cflags)
+
+    def _fill_layout_maps(self) -> None:
+        """Where each handler's ser struct keeps nr_folios, from its folios
+        member (the folio-array walk's commit reads it)."""
+        if self.folio_source != "array":
+            return
+        t = self.bpf["fser_nr_delta"]
+        for h, (nr, folios) in self.layout.ser.items():
+            t[ct.c_int(catalog.HANDLERS[h])] = ct.c_int64(nr - folios)
 
     def _gmem_dev(self, statuses: List[ProbeStatus]) -> Optional[int]:
         """The guest_memfd superblock's dev_t, compiled into the population
@@ -513,6 +567,8 @@ class Tracer:
                     add(c.key, c.v)
             dump["population"] = [r for r in rows.values() if r["added"] or r["deleted"]]
         dump["population_attached"] = bool(self.population and self.gmem_dev is not None)
+        if self.folio_source:
+            dump["folio_source"] = self.folio_source
         if self._on_demand:  # also after a failed attach ended it: the counts are still partial
             dump["population_policy"] = "update"
             dump["population_windows"] = [list(w) for w in self.population_windows]
@@ -601,6 +657,7 @@ def final_source(opts: Options) -> str:
     """The BPF text and flags a run with ``opts`` would compile (``--print-bpf``)."""
     layout = resolve_layout(opts.model)
     statuses = select_handlers(plan(opts), opts)
+    apply_folio_source(statuses, opts, layout)
     probes = [catalog.BY_NAME[s.name] for s in statuses if s.status == "planned"]
     prog = build_program(opts, layout, probes, {s.name: s.strategy for s in statuses},
                          gmem_dev_flag="<found at start>")

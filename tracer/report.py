@@ -34,6 +34,11 @@ def _merge_ser_rows(agg: Aggregator, rows: List[dict]) -> Dict[Tuple[int, int, i
     return out
 
 
+# a file folio mode saw no folio call for, when its counts come from the array
+EMPTY_FOLIO_ROW = {"preserved": 0, "preserve_errors": 0, "unpreserved": 0, "restored": 0, "discarded": 0,
+                   "pfn_zero": 0, "array_walked": 0, "array_unread": 0}
+
+
 def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optional[dict],
                hist: Dict[int, int]) -> dict:
     base = agg.base
@@ -43,7 +48,10 @@ def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optio
     partial_pop = (agg.maps or {}).get("population_policy") == "update"
     phases = sorted(st.phases, key=lambda p: (p.start_ns, PHASE_ORDER.index(p.name)))
     preserve = next((p for p in phases if p.name == "preserve"), None)
-    if folio_mode:
+    # folio mode read the file's folio array, which a failed preserve never
+    # hands over: its count is then its walk's, as in light mode
+    from_array = folio_mode and (agg.maps or {}).get("folio_source") == "array"
+    if folio_mode and not (from_array and st.failed_phase == "preserve"):
         preserved = folio["preserved"] if folio is not None else 0
     elif preserve is None:
         preserved = 0  # never got to its handler's preserve (refused by every handler)
@@ -55,6 +63,8 @@ def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optio
         preserved = 0  # pass 1 ran, pass 2 never did
     else:
         preserved = None  # light mode without the (static, often inlined) walk probe: unknown
+    if from_array:
+        folio = {**EMPTY_FOLIO_ROW, **(folio or {}), "preserved": preserved}
     d = {
         "inode": st.key[2],
         "dev": st.key[1],
@@ -71,7 +81,8 @@ def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optio
         "folios_unpreserved": folio["unpreserved"] if folio_mode and folio else (0 if folio_mode else None),
         "folios_restored": folio["restored"] if folio_mode and folio else (0 if folio_mode else None),
         "folios_discarded": folio["discarded"] if folio_mode and folio else (0 if folio_mode else None),
-        "metadata_folios": folio.get("meta_preserved", 0) if folio_mode and folio else None,
+        # KHO's own metadata pages are seen only per call (kho_preserve_folio)
+        "metadata_folios": folio.get("meta_preserved", 0) if folio_mode and folio and not from_array else None,
         "result": st.result,
         "errno": st.errno,
         "failed_phase": st.failed_phase,
@@ -87,6 +98,8 @@ def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optio
     if st.streamed:
         d["streamed_events"] = dict(sorted(st.streamed.items()))
     d["anomalies"] = anomalies.check(anomalies.Facts(st, folio if folio_mode else None, pop, not partial_pop), base)
+    if from_array and preserved is None:
+        d["anomalies_not_checked"] = ["unwind_incomplete"]  # how many its failed walk preserved is unknown
     return d
 
 
@@ -211,6 +224,9 @@ def build(agg: Aggregator, header: dict, end: Optional[dict], truncated: bool = 
         "anomalies": all_anoms,
         "anomalies_not_checked": list(anomalies.NEEDS_FOLIO_MODE) if agg.mode == "light" else [],
         "population": _population(agg),
+        # folio mode: "array" (each file's serialized folio array) or "calls"
+        # (a program per kho_preserve_folio: trace mode, --folio-latency)
+        "folio_source": (agg.maps or {}).get("folio_source", "calls") if agg.mode != "light" else None,
         "totals": totals,
         "probes": [probe_row(p) for p in header.get("probes", [])],
         "layout_unknown": header.get("layout", {}).get("unknown", {}),

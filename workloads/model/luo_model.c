@@ -197,13 +197,92 @@ NOINLINE struct folio *kho_restore_folio(uint64_t phys)
 	return &restored;
 }
 
+/* The model has no struct page: a page is named by its own address. */
+NOINLINE int kho_preserve_pages(void *page, unsigned long nr_pages)
+{
+	(void)page;
+	(void)nr_pages;
+	__asm__ volatile("" ::: "memory");     /* not a const function: every call stays */
+	return 0;
+}
+
+/* vcalloc's areas, for kho_preserve_vmalloc's find_vm_area() */
+#define MAX_VM_AREAS 256
+static struct { void *addr; size_t pages; } vm_areas[MAX_VM_AREAS];
+
+void *vcalloc(size_t n, size_t size)
+{
+	size_t pages = (n * size + PAGE_SZ - 1) / PAGE_SZ;
+	void *p;
+	int i;
+
+	if (!pages)
+		pages = 1;
+	for (i = 0; i < MAX_VM_AREAS && vm_areas[i].addr; i++)
+		;
+	if (i == MAX_VM_AREAS)
+		die("vcalloc: more than %d areas", MAX_VM_AREAS);
+	p = mmap(NULL, pages * PAGE_SZ, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (p == MAP_FAILED)
+		return NULL;
+	vm_areas[i].addr = p;
+	vm_areas[i].pages = pages;
+	return p;
+}
+
+void vfree(void *ptr)
+{
+	for (int i = 0; ptr && i < MAX_VM_AREAS; i++) {
+		if (vm_areas[i].addr == ptr) {
+			munmap(ptr, vm_areas[i].pages * PAGE_SZ);
+			vm_areas[i].addr = NULL;
+			return;
+		}
+	}
+}
+
+/* As the kernel's: a zeroed chunk page of physical addresses (preserved
+ * itself), then each page of the area in order, a new chunk every
+ * KHO_VMALLOC_SIZE pages.  The model keeps no chunk: each is preserved while
+ * zero, as the kernel's is, and freed. */
+#define KHO_VMALLOC_SIZE ((PAGE_SZ - 8) / 8)
+static int new_vmalloc_chunk(void)
+{
+	void *chunk = aligned_alloc(PAGE_SZ, PAGE_SZ);
+
+	if (!chunk)
+		return -ENOMEM;
+	explicit_bzero(chunk, PAGE_SZ);        /* get_zeroed_page (a memset before free() may be elided) */
+	kho_preserve_pages(chunk, 1);
+	free(chunk);
+	return 0;
+}
+
 NOINLINE int kho_preserve_vmalloc(void *ptr, struct kho_vmalloc *kv)
 {
+	size_t pages = 0, i, idx = 0;
+	int a;
+
 	model_pause();
 	if (cur->fault == F_VMALLOC || cur->fault == F_LEAK_UNWIND)
 		return -ENOMEM;
+	for (a = 0; a < MAX_VM_AREAS; a++)
+		if (vm_areas[a].addr == ptr)
+			pages = vm_areas[a].pages;
+	if (!pages)
+		return -EINVAL;         /* not a vcalloc area: find_vm_area() fails */
+	if (new_vmalloc_chunk())
+		return -ENOMEM;
+	for (i = 0; i < pages; i++) {
+		kho_preserve_pages((char *)ptr + i * PAGE_SZ, 1);
+		if (++idx == KHO_VMALLOC_SIZE) {
+			if (new_vmalloc_chunk())
+				return -ENOMEM;
+			idx = 0;
+		}
+	}
 	kv->first = (uint64_t)(uintptr_t)ptr;
-	kv->total_pages = 1;
+	kv->total_pages = (uint32_t)pages;
 	return 0;
 }
 
@@ -449,11 +528,14 @@ static void json_file(FILE *o, struct model_file *mf, int session, const char *o
 
 static void print_layout(void)
 {
+	const struct model_handler *const *h;
+	int first = 1;
+
 	/* Logical offsets luotrace's BPF programs need, the model's own layout;
 	 * tracer/layout.py resolves the same names from kernel BTF. */
 	printf("{\"ARGS_FILE\": %zu, \"ARGS_SER\": %zu, \"FILE_INODE\": %zu, \"INODE_INO\": %zu, "
 	       "\"INODE_SB\": %zu, \"INODE_SIZE\": %zu, \"SB_DEV\": %zu, \"SB_MAGIC\": %zu, \"INODE_GMEM_FLAGS\": %zu, "
-	       "\"FOLIO_INDEX\": %zu, \"FOLIO_PFN\": %zu}\n",
+	       "\"FOLIO_INDEX\": %zu, \"FOLIO_PFN\": %zu, \"SER\": {",
 	       offsetof(struct liveupdate_file_op_args, file),
 	       offsetof(struct liveupdate_file_op_args, serialized_data),
 	       offsetof(struct file, f_inode), offsetof(struct inode, i_ino),
@@ -461,6 +543,15 @@ static void print_layout(void)
 	       offsetof(struct super_block, s_dev), offsetof(struct super_block, s_magic),
 	       offsetof(struct inode, flags),
 	       offsetof(struct folio, index), offsetof(struct folio, pfn));
+	/* each handler's serialized folio array: [nr_folios, folios, sizeof ser, sizeof folio ser] */
+	for (h = __start_model_handlers; h < __stop_model_handlers; h++) {
+		if (!(*h)->ser_size)
+			continue;
+		printf("%s\"%s\": [%zu, %zu, %zu, %zu]", first ? "" : ", ", (*h)->name, (*h)->ser_nr,
+		       (*h)->ser_folios, (*h)->ser_size, (*h)->folio_ser_size);
+		first = 0;
+	}
+	printf("}}\n");
 }
 
 struct session_spec { const char *outcome; int first, n; };

@@ -92,6 +92,10 @@ struct model_handler {
 	uint64_t magic;         /* s_magic of its files' superblock */
 	unsigned int faults;    /* FAULT(f) of every fault it models */
 	bool populated;         /* its folios pass the filemap tracepoints (truth counts them) */
+	/* Its serialized folio array, as --layout prints it for luotrace's walk
+	 * of that array: offsetof(<ser>, nr_folios) and (<ser>, folios),
+	 * sizeof(<folio_ser>); ser_size 0 = it hands no such array to KHO. */
+	size_t ser_nr, ser_folios, ser_size, folio_ser_size;
 	/* Makes the real file: returns its fd, sets *alloc to the bytes to fallocate
 	 * and may set inode.flags and file.private_data. */
 	int (*create)(struct model_file *mf, uint64_t *alloc);
@@ -121,10 +125,16 @@ void scan_folios(struct model_file *mf, uint64_t resident);
 int kho_preserve_folio(struct folio *folio);
 void kho_unpreserve_folio(struct folio *folio);
 struct folio *kho_restore_folio(uint64_t phys);
+int kho_preserve_pages(void *page, unsigned long nr_pages);
 int kho_preserve_vmalloc(void *ptr, struct kho_vmalloc *kv);
 void kho_unpreserve_vmalloc(struct kho_vmalloc *kv);
 void *kho_alloc_preserve(size_t size);
 void kho_unpreserve_free(void *mem);
+
+/* vcalloc()/vfree() (mm/vmalloc.c): whole zeroed pages, so that
+ * kho_preserve_vmalloc hands them to KHO a page at a time as the kernel's does. */
+void *vcalloc(size_t n, size_t size);
+void vfree(void *ptr);
 
 /* LUO core (kernel/liveupdate/luo_file.c). */
 int liveupdate_get_token_outgoing(struct liveupdate_session *s, struct file *file, uint64_t *token);

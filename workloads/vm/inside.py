@@ -57,9 +57,12 @@ def selftests(kdir: str) -> None:
 
 
 def bpftrace_program(preserve: str) -> str:
-    """kho_preserve_folio calls made inside PRESERVE, counted by bpftrace."""
+    """kho_preserve_folio calls made inside PRESERVE for the file's data,
+    counted by bpftrace: those inside kho_alloc_preserve preserve KHO's own
+    metadata page and are left out."""
     return (f"kprobe:{preserve} {{ @in[tid] = 1; }} kretprobe:{preserve} {{ delete(@in[tid]); }} "
-            "kprobe:kho_preserve_folio /@in[tid]/ { @folios = count(); }")
+            "kprobe:kho_alloc_preserve { @meta[tid] = 1; } kretprobe:kho_alloc_preserve { delete(@meta[tid]); } "
+            "kprobe:kho_preserve_folio /@in[tid] && !@meta[tid]/ { @folios = count(); }")
 
 
 def with_bpftrace(program: str, out_name: str, run) -> None:
@@ -92,8 +95,8 @@ GMEM_SCENARIOS = ["keep", "cancel", "rejected", "hwpoison", "race"]
 GMEM_HELD = ["keep", "discard"]
 
 
-def gmem_record(tag: str, mode: str, strategy: str = "auto") -> None:
-    sh([PY, "-m", "tracer.cli", "record", "--mode", mode, "--strategy", strategy, "--handler", "guest_memfd",
+def gmem_record(tag: str, mode: str, strategy: str = "auto", extra=()) -> None:
+    sh([PY, "-m", "tracer.cli", "record", "--mode", mode, "--strategy", strategy, *extra, "--handler", "guest_memfd",
         "-o", os.path.join(OUT, f"{tag}.luo"), "--json", "--", PY, *GMEM, "--json",
         os.path.join(OUT, f"truth-{tag}.json"), *GMEM_SCENARIOS], os.path.join(OUT, f"report-{tag}.json"))
 
@@ -105,6 +108,7 @@ def gmem_single_kernel() -> None:
     with_bpftrace(bpftrace_program("kvm_gmem_luo_preserve"), "bpftrace-gmem.json",
                   lambda: gmem_record("gmem-folio", "folio"))
     gmem_record("gmem-folio-kprobe", "folio", "kprobe")
+    gmem_record("gmem-folio-latency", "folio", extra=("--folio-latency",))
     gmem_record("gmem-light", "light")
 
 
@@ -135,9 +139,10 @@ def vmbench(handlers, reps: int = 5) -> None:
                     res[h][cfg] += [x["preserve_ns"] for x in json.load(f)["files"]]
 
     runs("untraced")
-    for mode in ("light", "folio"):
-        rec = start_recorder(os.path.join(OUT, f"bench-{mode}.luo"), os.path.join(OUT, f"bench-{mode}.log"), mode=mode)
-        runs(mode)
+    for cfg in ("light", "folio", "folio-latency"):
+        rec = start_recorder(os.path.join(OUT, f"bench-{cfg}.luo"), os.path.join(OUT, f"bench-{cfg}.log"),
+                             mode=cfg.split("-")[0], extra=("--folio-latency",) if cfg == "folio-latency" else ())
+        runs(cfg)
         rec.send_signal(signal.SIGINT)
         rec.wait(300)
     runs("untraced2")
@@ -159,12 +164,13 @@ def kexec_selftests(kdir: str, stage: int, tag: str) -> None:
         json.dump(res, f)
 
 
-def start_recorder(path: str, log: str, mode: str = "folio", handler: str = "") -> subprocess.Popen:
+def start_recorder(path: str, log: str, mode: str = "folio", handler: str = "", extra=()) -> subprocess.Popen:
     """luotrace record with no command: it runs until SIGINT or the kexec.
     Its output is read from a pipe (a file on the shared 9p directory, read
     while written, once gave ENODATA) and copied to LOG by a thread.  Every
     file handler is traced unless HANDLER names one."""
-    p = subprocess.Popen([PY, "-m", "tracer.cli", "record", "--mode", mode, *(["--handler", handler] if handler else []),
+    p = subprocess.Popen([PY, "-m", "tracer.cli", "record", "--mode", mode, *extra,
+                          *(["--handler", handler] if handler else []),
                           "--quiet", "-o", path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          errors="backslashreplace")
     ready = threading.Event()
@@ -266,9 +272,10 @@ def single_kernel(kdir: str) -> None:
     with open(os.path.join(OUT, "info.json"), "w") as f:
         json.dump(info, f)
     sh([PY, "-m", "tracer.cli", "doctor", "--json"], os.path.join(OUT, "doctor.json"))
-    for mode, strategy in (("light", "auto"), ("folio", "auto"), ("folio", "kprobe")):
-        tag = mode if strategy == "auto" else f"{mode}-{strategy}"
-        sh([PY, "-m", "tracer.cli", "record", "--mode", mode, "--strategy", strategy, "--handler", "memfd", "-o",
+    for tag, mode, strategy in (("light", "light", "auto"), ("folio", "folio", "auto"),
+                                ("folio-kprobe", "folio", "kprobe"), ("folio-latency", "folio", "auto")):
+        extra = ["--folio-latency"] if tag == "folio-latency" else []
+        sh([PY, "-m", "tracer.cli", "record", "--mode", mode, "--strategy", strategy, *extra, "--handler", "memfd", "-o",
             os.path.join(OUT, f"{tag}.luo"), "--json", "--", PY, *DRIVER[:2], "--json",
             os.path.join(OUT, f"truth-{tag}.json"), *DRIVER[2:]], os.path.join(OUT, f"report-{tag}.json"))
     sh([PY, *DRIVER[:2], "--json", os.path.join(OUT, "truth-untraced.json"), *DRIVER[2:]])

@@ -60,14 +60,14 @@ NOINLINE int synth_luo_preserve(struct liveupdate_file_op_args *args)
 	int err;
 
 	ser->size = (uint64_t)args->file->f_inode->i_size;
-	ser->fs = calloc(mapping->nr ? mapping->nr : 1, sizeof(*ser->fs));
+	ser->fs = vcalloc(mapping->nr, sizeof(*ser->fs));
 	err = synth_luo_preserve_folios(mapping, ser->fs, &ser->nr_folios);
 	if (!err)
 		err = kho_preserve_vmalloc(ser->fs, &ser->folios);
 	if (err) {
 		for (long i = (long)ser->nr_folios - 1; i >= 0; i--)
 			kho_unpreserve_folio(&mapping->folios[i]);
-		free(ser->fs);
+		vfree(ser->fs);
 		kho_unpreserve_free(ser);
 		return err;
 	}
@@ -88,7 +88,7 @@ NOINLINE void synth_luo_unpreserve(struct liveupdate_file_op_args *args)
 	kho_unpreserve_vmalloc(&ser->folios);
 	for (long i = (long)ser->nr_folios - 1; i >= 0; i--)
 		kho_unpreserve_folio(&args->file->f_inode->i_mapping->folios[i]);
-	free(ser->fs);
+	vfree(ser->fs);
 	kho_unpreserve_free(ser);
 	args->serialized_data = 0;
 }
@@ -113,7 +113,7 @@ NOINLINE void synth_luo_finish(struct liveupdate_file_op_args *args)
 		for (uint64_t i = 0; i < ser->nr_folios; i++)
 			if (kho_restore_folio(ser->fs[i].pfn * PAGE_SZ))
 				cur->folios_discarded++;
-	free(ser->fs);
+	vfree(ser->fs);
 	kho_unpreserve_free(ser);
 	args->serialized_data = 0;
 }

@@ -160,7 +160,7 @@ NOINLINE int kvm_gmem_luo_preserve(struct liveupdate_file_op_args *args)
 
 	if (count > 0) {
 		folios_ser = cur->fault == F_ENOMEM || cur->fault == F_UNBALANCED_FREEZE
-			? NULL : calloc(count, sizeof(*folios_ser));        /* vcalloc */
+			? NULL : vcalloc(count, sizeof(*folios_ser));
 		if (!folios_ser) {
 			err = -ENOMEM;
 			if (cur->fault == F_UNBALANCED_FREEZE) {
@@ -191,7 +191,7 @@ NOINLINE int kvm_gmem_luo_preserve(struct liveupdate_file_op_args *args)
 err_unpreserve_unlocked:
 	for (long i = (long)count - 1; i >= (cur->fault == F_LEAK_UNWIND ? 1 : 0); i--)
 		kho_unpreserve_folio(&inode->i_mapping->folios[i]);
-	free(folios_ser);
+	vfree(folios_ser);
 err_free_ser:
 	kho_unpreserve_free(ser);
 err_unfreeze_inode:
@@ -236,7 +236,7 @@ NOINLINE void kvm_gmem_luo_unpreserve(struct liveupdate_file_op_args *args)
 			continue;
 		kho_unpreserve_folio(&args->file->f_inode->i_mapping->folios[i]);
 	}
-	free(folios_ser);
+	vfree(folios_ser);
 	kho_unpreserve_free(ser);
 	args->serialized_data = 0;
 	kvm_gmem_freeze(args->file->f_inode, false);
@@ -289,7 +289,7 @@ NOINLINE void kvm_gmem_luo_finish(struct liveupdate_file_op_args *args)
 				cur->folios_discarded++;
 		}
 	}
-	free(folios_ser);
+	vfree(folios_ser);
 	kho_unpreserve_free(ser);
 	args->serialized_data = 0;
 }
@@ -301,6 +301,10 @@ static const struct model_handler guest_memfd = {
 		  FAULT(F_PASS_MISMATCH) | FAULT(F_UNBALANCED_FREEZE) | FAULT(F_LEAK_UNWIND) |
 		  FAULT(F_LATE_FALLOC) | FAULT(F_PFN0) | FAULT(F_HOLES) | FAULT(F_PRIVATE),
 	.populated = true,
+	.ser_nr = offsetof(struct guest_memfd_luo_ser, nr_folios),
+	.ser_folios = offsetof(struct guest_memfd_luo_ser, folios),
+	.ser_size = sizeof(struct guest_memfd_luo_ser),
+	.folio_ser_size = sizeof(struct guest_memfd_luo_folio_ser),
 	.create = gmem_create,
 	.can_preserve = kvm_gmem_luo_can_preserve,
 	.preserve = kvm_gmem_luo_preserve,

@@ -14,7 +14,12 @@
 #include "../model.h"
 
 struct memfd_luo_folio_ser { uint64_t pfn:52; uint64_t flags:12; uint64_t index; } __attribute__((packed));
-struct memfd_luo_ser { uint64_t pos; uint64_t size; uint64_t nr_folios; struct kho_vmalloc folios; } __attribute__((packed));
+struct memfd_luo_ser {
+	uint64_t pos; uint64_t size; uint32_t seals; uint32_t flags; uint64_t nr_folios;
+	struct kho_vmalloc folios;
+} __attribute__((packed));
+#define MEMFD_LUO_FOLIO_DIRTY 1
+#define MEMFD_LUO_FOLIO_UPTODATE 2
 
 static int memfd_create_file(struct model_file *mf, uint64_t *alloc)
 {
@@ -50,7 +55,7 @@ NOINLINE int memfd_luo_preserve_folios(struct file *file, struct kho_vmalloc *kv
 	scan_folios(mf, mf->size);              /* memfd_pin_folios: holes get allocated */
 	nr = mf->mapping.nr;
 	*nr_foliosp = 0;
-	folios_ser = mf->fault == F_ENOMEM ? NULL : calloc(nr ? nr : 1, sizeof(*folios_ser));
+	folios_ser = mf->fault == F_ENOMEM ? NULL : vcalloc(nr, sizeof(*folios_ser));
 	if (!folios_ser)
 		return -ENOMEM;
 	for (i = 0; i < nr; i++) {
@@ -58,6 +63,7 @@ NOINLINE int memfd_luo_preserve_folios(struct file *file, struct kho_vmalloc *kv
 		if (err)
 			goto err_unpreserve;
 		folios_ser[i].pfn = mf->mapping.folios[i].pfn;
+		folios_ser[i].flags = MEMFD_LUO_FOLIO_DIRTY | MEMFD_LUO_FOLIO_UPTODATE;
 		folios_ser[i].index = mf->mapping.folios[i].index;
 	}
 	err = kho_preserve_vmalloc(folios_ser, kv);
@@ -69,7 +75,7 @@ NOINLINE int memfd_luo_preserve_folios(struct file *file, struct kho_vmalloc *kv
 err_unpreserve:
 	for (long j = (long)i - 1; j >= (mf->fault == F_LEAK_UNWIND ? 1 : 0); j--)
 		kho_unpreserve_folio(&mf->mapping.folios[j]);
-	free(folios_ser);
+	vfree(folios_ser);
 	return err;
 }
 
@@ -117,7 +123,7 @@ NOINLINE void memfd_luo_unpreserve(struct liveupdate_file_op_args *args)
 	kho_unpreserve_vmalloc(&ser->folios);
 	for (long i = (long)ser->nr_folios - 1; i >= 0; i--)
 		kho_unpreserve_folio(&args->file->f_inode->i_mapping->folios[i]);
-	free(args->private_data);
+	vfree(args->private_data);
 	kho_unpreserve_free(ser);
 	args->serialized_data = 0;
 	shmem_freeze(args->file->f_inode, false);
@@ -143,7 +149,7 @@ NOINLINE void memfd_luo_finish(struct liveupdate_file_op_args *args)
 		for (uint64_t i = 0; i < ser->nr_folios; i++)
 			if (kho_restore_folio(folios_ser[i].pfn * PAGE_SZ))
 				cur->folios_discarded++;
-	free(folios_ser);
+	vfree(folios_ser);
 	kho_unpreserve_free(ser);
 	args->serialized_data = 0;
 }
@@ -153,6 +159,10 @@ static const struct model_handler memfd = {
 	.magic = TMPFS_MAGIC,
 	.faults = FAULT(F_ENOMEM) | FAULT(F_VMALLOC) | FAULT(F_LEAK_UNWIND),
 	.populated = false,     /* shmem folios bypass the filemap tracepoint */
+	.ser_nr = offsetof(struct memfd_luo_ser, nr_folios),
+	.ser_folios = offsetof(struct memfd_luo_ser, folios),
+	.ser_size = sizeof(struct memfd_luo_ser),
+	.folio_ser_size = sizeof(struct memfd_luo_folio_ser),
 	.create = memfd_create_file,
 	.can_preserve = memfd_luo_can_preserve,
 	.preserve = memfd_luo_preserve,
