@@ -173,6 +173,14 @@ def test_probe_strategies_and_accounting(traced):
     assert {p["strategy"] for p in probes} == ({"uprobe"} if mode == "light" else {"uprobe", "tracepoint"})
     assert ("kho_preserve_folio" in attached) == (mode in ("folio-latency", "trace"))
     assert ("kho_preserve_pages" in attached) == (mode == "folio")
+    progs = res.report["bpf"]["programs"]
+    if mode == "folio":
+        # one program run per page of a folio array (256 entries) and per KHO chunk page, none per folio
+        kept = sum(f["folios_preserved"] for f in res.report["files"] if f["failed_phase"] != "preserve")
+        tried = sum(f["folios_preserved"] or 0 for f in res.report["files"])
+        vmallocs = progs["kho_preserve_vmalloc_entry"]["run_cnt"]
+        assert kept // 256 <= progs["kho_vmalloc_page_entry"]["run_cnt"] <= tried // 256 + 2 * vmallocs
+        assert "kho_preserve_folio_entry" not in progs
     assert res.report["folio_source"] == {"light": None, "folio": "array"}.get(mode, "calls")
     ev = res.report["events"]
     assert ev["lost"] == 0 and ev["received"] > 0

@@ -36,6 +36,10 @@ def merge_maps(dumps: List[Optional[dict]]) -> dict:
         for key in ("folio_stats", "folio_hist", "population"):
             out[key].extend(d.get(key, []))
         out["population_attached"] = out["population_attached"] or bool(d.get("population_attached"))
+        if d.get("folio_source") and out.get("folio_source") != "array":
+            # any boot that read folio arrays: its failed memfd preserves are
+            # unknown, and unknown is said rather than a wrong 0
+            out["folio_source"] = d["folio_source"]
     return out
 
 
