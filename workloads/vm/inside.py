@@ -250,16 +250,17 @@ def main() -> None:
         return stage2(kdir)
     if stage == 3:
         return stage3(kdir)
+    if only("kexec"):
+        # memfd's vmbench first, on the fresh VM: a memfd preserve measured
+        # after guest_memfds were used and freed ran 10-30x slower and kept
+        # drifting (54 ms -> 0.5-1.9 s), which made its ratios meaningless
+        vmbench(["memfd"])
     if os.environ.get("LUOTRACE_VM_ONLY", "all") == "all":
         single_kernel(kdir)
     if only("gmem"):
         gmem_single_kernel()
     if os.environ.get("LUOTRACE_VM_ONLY", "all") != "kexec":
-        # guest_memfd first in every setting: a memfd preserve measured right
-        # after 1.25 GiB of guest_memfds were freed ran 10-30x slower than one
-        # measured before (54 ms -> 0.5-1.7 s here), so each memfd setting
-        # follows the same guest_memfd work.
-        vmbench(["guest_memfd", "memfd"] if only("kexec") else ["guest_memfd"])
+        vmbench(["guest_memfd"])
     if kdir:
         if only("kexec"):
             kexec_selftests(kdir, 1, "kexec-untraced-1")
