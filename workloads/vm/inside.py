@@ -140,7 +140,8 @@ def vmbench(handlers, reps: int = 5) -> None:
 
     runs("untraced")
     for cfg in ("light", "folio", "folio-latency"):
-        rec = start_recorder(os.path.join(OUT, f"bench-{cfg}.luo"), os.path.join(OUT, f"bench-{cfg}.log"),
+        tag = f"bench-{'-'.join(handlers)}-{cfg}"  # vmbench runs once per handler: a path each
+        rec = start_recorder(os.path.join(OUT, f"{tag}.luo"), os.path.join(OUT, f"{tag}.log"),
                              mode=cfg.split("-")[0], extra=("--folio-latency",) if cfg == "folio-latency" else ())
         runs(cfg)
         rec.send_signal(signal.SIGINT)
@@ -173,7 +174,7 @@ def start_recorder(path: str, log: str, mode: str = "folio", handler: str = "", 
                           *(["--handler", handler] if handler else []),
                           "--quiet", "-o", path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          errors="backslashreplace")
-    ready = threading.Event()
+    ready, attached = threading.Event(), threading.Event()
 
     def copy() -> None:
         with open(log, "w") as f:
@@ -181,11 +182,12 @@ def start_recorder(path: str, log: str, mode: str = "folio", handler: str = "", 
                 f.write(line)
                 f.flush()
                 if line.startswith("luotrace: tracing"):
+                    attached.set()
                     ready.set()
-        ready.set()  # ended before attaching: the caller sees it exit
+        ready.set()  # ended before attaching (its exit may not be reaped yet: poll() can still say running)
 
     threading.Thread(target=copy, daemon=True).start()
-    if not ready.wait(900) or p.poll() is not None:
+    if not ready.wait(900) or not attached.is_set() or p.poll() is not None:
         raise SystemExit(f"luotrace did not start: see {log}")
     return p
 
