@@ -101,6 +101,10 @@ def render(report: dict) -> str:
         out.append("anomalies: none")
     if report.get("anomalies_not_checked"):
         out.append("  not checked in light mode: " + ", ".join(report["anomalies_not_checked"]))
+    for f in report.get("files", []):
+        if f.get("anomalies_not_checked"):  # folio arrays: a failed memfd preserve's count is unknown
+            out.append(f"  not checked on {f['handler']} inode {f['inode']}: {', '.join(f['anomalies_not_checked'])}"
+                       " (its failed preserve handed no folio array over; --folio-latency checks it)")
     t = report.get("totals", {})
     out.append("")
     by_result = ", ".join(f"{k} {v}" for k, v in t.get("files_by_result", {}).items()) or "-"
