@@ -103,8 +103,11 @@ def render(report: dict) -> str:
         out.append("  not checked in light mode: " + ", ".join(report["anomalies_not_checked"]))
     for f in report.get("files", []):
         if f.get("anomalies_not_checked"):  # folio arrays: a failed memfd preserve's count is unknown
-            out.append(f"  not checked on {f['handler']} inode {f['inode']}: {', '.join(f['anomalies_not_checked'])}"
-                       " (its failed preserve handed no folio array over; --folio-latency checks it)")
+            why = {"unwind_incomplete": "its failed preserve handed no folio array over",
+                   "pfn_zero": "a page of its folio array could not be read"}
+            out.append(f"  not checked on {f['handler']} inode {f['inode']}: "
+                       + "; ".join(f"{c} ({why.get(c, 'unknown')})" for c in f["anomalies_not_checked"])
+                       + "; --folio-latency checks it")
     t = report.get("totals", {})
     out.append("")
     by_result = ", ".join(f"{k} {v}" for k, v in t.get("files_by_result", {}).items()) or "-"

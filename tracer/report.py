@@ -98,8 +98,13 @@ def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optio
     if st.streamed:
         d["streamed_events"] = dict(sorted(st.streamed.items()))
     d["anomalies"] = anomalies.check(anomalies.Facts(st, folio if folio_mode else None, pop, not partial_pop), base)
+    not_checked = []
     if from_array and preserved is None:
-        d["anomalies_not_checked"] = ["unwind_incomplete"]  # how many its failed walk preserved is unknown
+        not_checked.append("unwind_incomplete")  # how many its failed walk preserved is unknown
+    if from_array and folio and folio.get("array_unread"):
+        not_checked.append("pfn_zero")  # a page of its folio array could not be read
+    if not_checked:
+        d["anomalies_not_checked"] = not_checked
     return d
 
 
