@@ -247,17 +247,18 @@ static __always_inline void fser_close(u64 rc)
 		w->kv = 0;
 }
 
-/* struct page * -> the page's address (the model names a page by its address) */
+/* struct page * -> the page's direct-map address, from its pfn as a folio
+ * pointer gives it (the model names a page by its address) */
 static __always_inline u64 page_address(u64 page)
 {
 #ifdef LUO_USER
 	return page;
-#elif defined(VMEMMAP_BASE_PTR) && defined(PAGE_OFFSET_BASE_PTR)
-	u64 vmemmap = 0, direct = 0;
-	if (bpf_probe_read_kernel(&vmemmap, 8, (const void *)VMEMMAP_BASE_PTR) ||
-	    bpf_probe_read_kernel(&direct, 8, (const void *)PAGE_OFFSET_BASE_PTR) || !vmemmap || page < vmemmap)
+#elif defined(PAGE_OFFSET_BASE_PTR)
+	u64 direct = 0;
+	s64 pfn = folio_pfn(page);
+	if (pfn < 0 || bpf_probe_read_kernel(&direct, 8, (const void *)PAGE_OFFSET_BASE_PTR))
 		return 0;
-	return direct + ((page - vmemmap) / PAGE_STRUCT_SIZE) * 4096;
+	return direct + (u64)pfn * 4096;
 #else
 	return 0;
 #endif
@@ -278,11 +279,7 @@ static __always_inline int kho_vmalloc_page_entry_body(u64 *a)
 		w->unread += 1;
 		return 0;
 	}
-#ifdef LUO_USER
-	if (bpf_probe_read_user(p->w, sizeof(p->w), (const void *)addr)) {
-#else
-	if (bpf_probe_read_kernel(p->w, sizeof(p->w), (const void *)addr)) {
-#endif
+	if (LUO_READ(p->w, addr)) {
 		w->unread += 1;
 		return 0;
 	}
