@@ -230,14 +230,22 @@ void *vcalloc(size_t n, size_t size)
 	return p;
 }
 
+/* find_vm_area(): PTR's slot in vm_areas, or -1 */
+static int find_vm_area(const void *ptr)
+{
+	for (int i = 0; ptr && i < MAX_VM_AREAS; i++)
+		if (vm_areas[i].addr == ptr)
+			return i;
+	return -1;
+}
+
 void vfree(void *ptr)
 {
-	for (int i = 0; ptr && i < MAX_VM_AREAS; i++) {
-		if (vm_areas[i].addr == ptr) {
-			munmap(ptr, vm_areas[i].pages * PAGE_SZ);
-			vm_areas[i].addr = NULL;
-			return;
-		}
+	int i = find_vm_area(ptr);
+
+	if (i >= 0) {
+		munmap(ptr, vm_areas[i].pages * PAGE_SZ);
+		vm_areas[i].addr = NULL;
 	}
 }
 
@@ -260,17 +268,15 @@ static int new_vmalloc_chunk(void)
 
 NOINLINE int kho_preserve_vmalloc(void *ptr, struct kho_vmalloc *kv)
 {
-	size_t pages = 0, i, idx = 0;
-	int a;
+	int area = find_vm_area(ptr);
+	size_t pages, i, idx = 0;
 
 	model_pause();
 	if (cur->fault == F_VMALLOC || cur->fault == F_LEAK_UNWIND)
 		return -ENOMEM;
-	for (a = 0; a < MAX_VM_AREAS; a++)
-		if (vm_areas[a].addr == ptr)
-			pages = vm_areas[a].pages;
-	if (!pages)
-		return -EINVAL;         /* not a vcalloc area: find_vm_area() fails */
+	if (area < 0)
+		return -EINVAL;         /* not a vcalloc area */
+	pages = vm_areas[area].pages;
 	if (new_vmalloc_chunk())
 		return -ENOMEM;
 	for (i = 0; i < pages; i++) {
