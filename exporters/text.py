@@ -42,6 +42,11 @@ def _table(rows: List[List[str]], header: List[str]) -> List[str]:
     return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
 
 
+# why a rule could not run on one file (its report row's anomalies_not_checked)
+NOT_CHECKED_WHY = {"unwind_incomplete": "its failed preserve handed no folio array over",
+                   "pfn_zero": "a page of its folio array could not be read"}
+
+
 def render(report: dict) -> str:
     out: List[str] = []
     rec = report.get("recording", {})
@@ -103,10 +108,8 @@ def render(report: dict) -> str:
         out.append("  not checked in light mode: " + ", ".join(report["anomalies_not_checked"]))
     for f in report.get("files", []):
         if f.get("anomalies_not_checked"):  # folio arrays: a failed memfd preserve's count is unknown
-            why = {"unwind_incomplete": "its failed preserve handed no folio array over",
-                   "pfn_zero": "a page of its folio array could not be read"}
             out.append(f"  not checked on {f['handler']} inode {f['inode']}: "
-                       + "; ".join(f"{c} ({why.get(c, 'unknown')})" for c in f["anomalies_not_checked"])
+                       + "; ".join(f"{c} ({NOT_CHECKED_WHY.get(c, 'unknown')})" for c in f["anomalies_not_checked"])
                        + "; --folio-latency checks it")
     t = report.get("totals", {})
     out.append("")
