@@ -1,5 +1,5 @@
 # luotrace: every target sets up what it needs on a fresh Debian 12 host (as root).
-#   make demo   trace the reference model on real guest_memfds and print the report
+#   make demo   trace the reference model on real guest_memfds (stand-ins where KVM makes none), print the report
 #   make check  lint (ruff), types (mypy) and the unit tier: no root needed, under a minute
 #   make test   check, then the whole suite with the kernel tier (what .ci/run runs)
 #   make bench  overhead benchmarks, printed as ratios against an untraced baseline
@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL := workloads/model/luo_model
 KREL := $(shell uname -r)
-APT_PACKAGES := python3-bpfcc bpfcc-tools bpftrace bpftool linux-headers-amd64 build-essential \
+APT_PACKAGES := python3-bpfcc bpfcc-tools bpftrace bpftool linux-headers-amd64 build-essential dwarves \
                 python3-venv prometheus prometheus-pushgateway prometheus-node-exporter util-linux
 
 .PHONY: setup apt headers mounts venv model demo check test bench soak install-service docs clean vm-deps vm-kernel vmtest
@@ -67,8 +67,10 @@ check: venv
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q -m "not kernel" -p no:cacheprovider tests
 
+# -rs: every skip, and why, at the end (a skip is a host's reason, e.g. its
+# KVM makes no guest_memfd; never a set-up step).
 test: setup check
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q -rs tests
 
 bench: setup
 	$(PY) -m tests.bench

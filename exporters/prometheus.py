@@ -52,6 +52,7 @@ METRICS: Dict[str, str] = {
     "luotrace_files_current": "gauge",
     "luotrace_update_info": "gauge",
     "luotrace_last_update_timestamp_seconds": "gauge",
+    "luotrace_tracing": "gauge",
 }
 
 
@@ -96,10 +97,11 @@ class LuotraceCollector(Collector):
     ``earlier()``: families of earlier boots' updates (earlier_boot_families)."""
 
     def __init__(self, snapshot: Callable[[], dict], registry=None, per_program: bool = False,
-                 earlier: Callable[[], List[Metric]] = lambda: []):
+                 earlier: Callable[[], List[Metric]] = lambda: [], tracing: Callable[[], bool] = lambda: False):
         self._snapshot = snapshot
         self._per_program = per_program
         self._earlier = earlier
+        self._tracing = tracing
         if registry is not None:
             registry.register(self)
 
@@ -108,6 +110,9 @@ class LuotraceCollector(Collector):
 
     def collect(self) -> Iterator:
         rep = self._snapshot()
+        yield GaugeMetricFamily("luotrace_tracing", "1 while every selected probe is attached and luotrace is "
+                                "watching; 0 while it starts, detaches, or serves a final state or a recording",
+                                value=1 if self._tracing() else 0)
         yield from merged(families(rep, self._per_program), self._earlier())
 
 
@@ -216,10 +221,12 @@ def families(rep: dict, per_program: bool = False) -> List:
     mode = (rep.get("recording") or {}).get("mode") or "unknown"
     out: List = []
 
-    info = GaugeMetricFamily("luotrace_build_info", "luotrace version, traced kernel, boot and mode (value 1)",
-                             labels=["version", "kernel", "boot_id", "mode"])
+    info = GaugeMetricFamily("luotrace_build_info", "luotrace version, traced kernel, boot, mode and what the "
+                             "guest_memfd files are (gmem: guest_memfd, or standin where the host's KVM makes "
+                             "none; value 1)", labels=["version", "kernel", "boot_id", "mode", "gmem"])
     info.add_metric([__version__, str((rep.get("recording") or {}).get("kernel")),
-                     str((rep.get("update") or {}).get("boot_id") or ""), mode], 1)
+                     str((rep.get("update") or {}).get("boot_id") or ""), mode,
+                     str((rep.get("gmem") or {}).get("backing") or "")], 1)
     out.append(info)
     out += _identity(rep)
 

@@ -54,6 +54,11 @@ def render(report: dict) -> str:
                f"  target {rec.get('target')}")
     if rec.get("labels"):
         out.append("labels: " + ", ".join(f"{k}={v}" for k, v in sorted(rec["labels"].items())))
+    gmem = report.get("gmem")
+    if gmem and gmem["backing"] == "standin":
+        dev = gmem.get("dev")
+        where = f", dev {dev >> 20}:{dev & 0xFFFFF}" if dev is not None else ""
+        out.append(f"guest_memfd files: STAND-INS (ramfs page-cache files{where}), not guest_memfds: {gmem.get('why')}")
     if report.get("truncated"):
         out.append(f"WARNING: recording truncated ({report.get('truncated_reason')}); "
                    "showing every complete record")
@@ -106,10 +111,15 @@ def render(report: dict) -> str:
         out.append("anomalies: none")
     if report.get("anomalies_not_checked"):
         out.append("  not checked in light mode: " + ", ".join(report["anomalies_not_checked"]))
+    standin = (report.get("gmem") or {}).get("not_checked") or {}
+    if standin and any(f["handler"] == "guest_memfd" for f in report.get("files", [])):
+        out.append("  not checked on the stand-in guest_memfd files: "
+                   + "; ".join(f"{c} ({why})" for c, why in standin.items()))
     for f in report.get("files", []):
-        if f.get("anomalies_not_checked"):  # folio arrays: a failed memfd preserve's count is unknown
+        codes = [c for c in f.get("anomalies_not_checked", []) if c not in standin]
+        if codes:  # folio arrays: a failed memfd preserve's count is unknown
             out.append(f"  not checked on {f['handler']} inode {f['inode']}: "
-                       + "; ".join(f"{c} ({NOT_CHECKED_WHY.get(c, 'unknown')})" for c in f["anomalies_not_checked"])
+                       + "; ".join(f"{c} ({NOT_CHECKED_WHY.get(c, 'unknown')})" for c in codes)
                        + "; --folio-latency checks it")
     t = report.get("totals", {})
     out.append("")

@@ -1,8 +1,13 @@
 """Shared fixtures.  These tests load real BPF into the running kernel, drive
-real guest_memfds and run the reference model under uprobes: they need root,
-/dev/kvm and the set-up `make test` performs.  They never skip on these
-machines; outside them they fail with the reason (LUOTRACE_ALLOW_SKIP=1 turns
-those failures into skips for a developer's laptop)."""
+guest_memfd files and run the reference model under uprobes: they need root
+and the set-up `make test` performs.  They never skip on these machines for
+want of set-up; outside them they fail with the reason (LUOTRACE_ALLOW_SKIP=1
+turns those failures into skips for a developer's laptop).
+
+guest_memfd files are real where the host's KVM makes them and stand-ins
+(tracer/kvm.py) where it does not: a test that needs no real guest_memfd
+inode runs on either (fixture ``gmem``); the few that do (``real_gmem``) are
+skipped with the capability probe's reason, the one skip a host may cause."""
 from __future__ import annotations
 
 import json
@@ -17,7 +22,7 @@ MODEL = os.path.join(REPO, "workloads", "model", "luo_model")
 LUOTRACE = [sys.executable, "-m", "tracer.cli"]
 
 
-KERNEL_FIXTURES = {"root", "model", "kvm"}
+KERNEL_FIXTURES = {"root", "model", "gmem", "real_gmem"}
 
 
 def pytest_collection_modifyitems(items) -> None:
@@ -51,8 +56,21 @@ def model(root) -> str:
 
 
 @pytest.fixture(scope="session")
-def kvm(root) -> None:
-    need(os.path.exists("/dev/kvm"), "/dev/kvm missing")
+def gmem(root):
+    """What this host's guest_memfd files are (real, or stand-ins and why)."""
+    from tracer.kvm import choose
+    return choose()
+
+
+@pytest.fixture(scope="session")
+def real_gmem(root):
+    """A test of a real guest_memfd inode: skipped, with the capability
+    probe's reason, on a host whose KVM makes none."""
+    from tracer.kvm import probe
+    sup = probe()
+    if not sup.ok:
+        pytest.skip(f"needs a real guest_memfd: {sup.why}")
+    return sup
 
 
 def run_cli(*args: str, check: bool = False, timeout: float = 300, **kw) -> subprocess.CompletedProcess:

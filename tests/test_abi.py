@@ -8,7 +8,7 @@ import re
 
 from tests.conftest import REPO
 from tracer import kvm_abi
-from tracer.kvm import VM
+from tracer.kvm import VM, Backing
 
 
 def c_defines():
@@ -23,17 +23,41 @@ def c_defines():
 
 def test_c_and_python_agree():
     c = c_defines()
-    for name in ("KVM_CREATE_VM", "KVM_CHECK_EXTENSION", "KVM_CREATE_GUEST_MEMFD", "KVM_CAP_GUEST_MEMFD_FLAGS",
-                 "GUEST_MEMFD_FLAG_MMAP", "GUEST_MEMFD_FLAG_INIT_SHARED"):
+    for name in ("KVM_CREATE_VM", "KVM_CHECK_EXTENSION", "KVM_CREATE_GUEST_MEMFD", "KVM_CAP_GUEST_MEMFD",
+                 "KVM_CAP_GUEST_MEMFD_FLAGS", "GUEST_MEMFD_FLAG_MMAP", "GUEST_MEMFD_FLAG_INIT_SHARED", "RAMFS_MAGIC"):
         assert c[name] == getattr(kvm_abi, name), name
     assert kvm_abi.KVM_CREATE_GUEST_MEMFD_STRUCT.size == 64
+    text = open(os.path.join(REPO, "workloads", "model", "kvm_abi.h")).read()
+    for name in ("STANDIN_DIR", "STANDIN_LOCK"):
+        assert f'#define {name} "{getattr(kvm_abi, name)}"' in re.sub(r"[ \t]+", " ", text), name
 
 
-def test_kernel_supports_the_flags_we_use(kvm):
-    with VM() as vm:
+def test_kernel_supports_the_flags_we_use(real_gmem):
+    with VM(backing=Backing("guest_memfd")) as vm:
         assert vm.supported_flags() & 3 == 3
         f = vm.create_gmem(1 << 20)
         assert f.ino > 0
+
+
+def test_the_model_and_luotrace_probe_the_host_alike(model, gmem, tmp_path):
+    """Both ask the host the same question and choose the same backing, so
+    that luotrace's population filter watches the model's files; a forced
+    stand-in is said with who forced it."""
+    import json
+    import subprocess
+    from tracer.kvm import probe
+    env = {k: v for k, v in os.environ.items() if k != "LUOTRACE_GMEM"}
+    for force, want in ((None, "guest_memfd" if probe().ok else "standin"), ("standin", "standin")):
+        out = tmp_path / "t.json"
+        subprocess.run([model, "--json", str(out)] + (["--gmem", force] if force else []) + ["keep:gmem:64K"],
+                       check=True, capture_output=True, env=env)
+        g = json.loads(out.read_text())["gmem"]
+        assert g["backing"] == want
+        if want == "standin":
+            assert g["why"] == ("forced by --gmem" + ("; this host makes guest_memfds too" if probe().ok else
+                                                      f"; besides, {probe().why}") if force else probe().why)
+        else:
+            assert g["why"] is None
 
 
 def test_event_dtype_matches_the_compiled_struct(tmp_path):

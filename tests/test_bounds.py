@@ -10,7 +10,7 @@ from tracer.live import run
 from .conftest import MODEL, load_json
 
 
-def test_full_per_file_map_is_counted_and_shown(model, kvm, tmp_path):
+def test_full_per_file_map_is_counted_and_shown(model, gmem, tmp_path):
     truth_path = str(tmp_path / "t.json")
     res = run(Options(mode="folio", model=model, max_files=2), str(tmp_path / "b.luo"),
               command=[model, "--json", truth_path, "keep:gmem:256K,gmem:256K,gmem:256K,gmem:256K"],
@@ -23,7 +23,7 @@ def test_full_per_file_map_is_counted_and_shown(model, kvm, tmp_path):
     assert "map full" in render(res.report)
 
 
-def test_a_frozen_guest_memfd_filled_late_is_counted_whole_and_kept_bounded(model, kvm, tmp_path):
+def test_a_frozen_guest_memfd_filled_late_is_counted_whole_and_kept_bounded(model, gmem, tmp_path):
     """2048 folios added to a frozen guest_memfd (the real tracepoint, the real
     inode): the anomaly counts all of them, the evidence kept is bounded."""
     from tracer.aggregator import EVIDENCE_MAX

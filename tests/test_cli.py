@@ -149,12 +149,43 @@ def test_truncated_recording_reports_with_a_warning(model, tmp_path):
     assert_one_line_error(run_cli("report", str(head)), "header cut short")
 
 
-def test_demo_shows_report_and_metrics_and_agrees_with_the_model(model, kvm, tmp_path):
+def test_demo_shows_report_and_metrics_and_agrees_with_the_model(model, gmem, tmp_path):
+    """On this host's own guest_memfd files: real ones, or stand-ins said as such."""
     r = run_cli("demo", "-o", str(tmp_path / "demo.luo"))
     assert r.returncode == 0, r.stderr
     assert "all 4 files agree" in r.stderr
     assert "luotrace report" in r.stdout and "error EHWPOISON" in r.stdout and "cancelled" in r.stdout
     assert 'luotrace_preserve_errors_total{errno="EHWPOISON",handler="guest_memfd"} 1.0' in r.stdout
+    last = r.stderr.strip().splitlines()[-1]
+    if gmem.standin:
+        assert f"on guest_memfd STAND-INS (ramfs page-cache files: {gmem.why})" in last
+        assert "guest_memfd files: STAND-INS (ramfs page-cache files, dev " in r.stdout
+        assert 'gmem="standin"' in r.stdout
+    else:
+        assert "on real guest_memfds" in last and "STAND-IN" not in r.stdout
+        assert 'gmem="guest_memfd"' in r.stdout
+
+
+def test_demo_on_forced_stand_ins_agrees_and_says_so(model, gmem, tmp_path):
+    """The stand-in path, on every host (even where real guest_memfds work):
+    the same files agree with the model, and every output says stand-ins."""
+    out = str(tmp_path / "demo.luo")
+    r = run_cli("demo", "-o", out, "--gmem", "standin", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["gmem"]["backing"] == "standin" and rep["gmem"]["why"].startswith("forced by --gmem")
+    assert rep["gmem"]["not_checked"] == {"large_folios": rep["gmem"]["not_checked"]["large_folios"]}
+    assert rep["population"] and rep["gmem"]["dev"] == os.stat("/run/luotrace/gmem-standin").st_dev
+    gm = [f for f in rep["files"] if f["handler"] == "guest_memfd"]
+    assert len(gm) == 3 and all(f["dev"] == rep["gmem"]["dev"] for f in gm)
+    assert all("large_folios" in f["anomalies_not_checked"] for f in gm)
+    assert [f["folios_populated"] for f in gm] == [4096, 2048, 2048]  # the filemap tracepoints on the stand-ins
+    assert "all 4 files agree, on guest_memfd STAND-INS (ramfs page-cache files: forced by --gmem" in r.stderr
+    r = run_cli("report", out)
+    assert "guest_memfd files: STAND-INS" in r.stdout and "not checked on the stand-in guest_memfd files" in r.stdout
+    prom = tmp_path / "demo.prom"
+    run_cli("export", out, "--textfile", str(prom), check=True)
+    assert 'gmem="standin"' in prom.read_text()
 
 
 def test_print_bpf_shows_final_text_with_resolved_offsets(model):
@@ -207,7 +238,7 @@ def test_report_fail_on_gates_ci(tmp_path):
     assert r.returncode == 2 and "unknown errors" in r.stderr
 
 
-def test_record_json_stdout_is_json_alone_and_fail_on(model, kvm, tmp_path):
+def test_record_json_stdout_is_json_alone_and_fail_on(model, gmem, tmp_path):
     r = run_cli("record", "-o", str(tmp_path / "r.luo"), "--model", model, "--json", "--fail-on", "anomaly", "--",
                 model, "keep:gmem:1M:holes=3")
     rep = json.loads(r.stdout)  # the model's own output went to stderr

@@ -30,7 +30,7 @@ COMMANDS = (["report", "{a}"], ["report", "--json", "{a}"], ["report", "--events
 
 
 @pytest.fixture(scope="module")
-def parts(model, kvm, tmp_path_factory):
+def parts(model, gmem, tmp_path_factory):
     """A real recording taken apart: header and (type, payload) chunks."""
     d = tmp_path_factory.mktemp("fuzz")
     good = str(d / "good.luo")

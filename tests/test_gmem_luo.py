@@ -22,7 +22,7 @@ def driver(*args):
                           cwd=REPO, timeout=60)
 
 
-def test_pattern_written_through_faults_reads_back(kvm):
+def test_pattern_written_through_faults_reads_back(gmem):
     with VM() as vm:
         f = vm.create_gmem(64 * PAGE)  # no fallocate: every page comes from a host fault
         gmem_luo.write_pattern(f, 7, 64)
@@ -30,7 +30,7 @@ def test_pattern_written_through_faults_reads_back(kvm):
         assert gmem_luo.check_pattern(f.fd, f.size, 8, 64) == 64  # another seed's pattern is not there
 
 
-def test_racer_punches_and_adds_its_page_until_stopped(kvm):
+def test_racer_punches_and_adds_its_page_until_stopped(gmem):
     with VM() as vm:
         f = vm.create_gmem(gmem_luo.RACE_PAGES * PAGE)
         f.populate(0, gmem_luo.RACE_POPULATED * PAGE)

@@ -29,7 +29,7 @@ SCENARIO = ["kexec:memfd:4M,memfd:1M", "kexec:gmem:2M,gmem:1M:holes", "cancel:me
 
 
 @pytest.fixture(scope="module")
-def update_run(model, kvm, tmp_path_factory):
+def update_run(model, gmem, tmp_path_factory):
     d = tmp_path_factory.mktemp("join")
     out, truth = str(d / "run.luo"), str(d / "truth.json")
     run_cli("record", "-o", out, "--model", MODEL, "--quiet", "--", MODEL, "--json", truth, *SCENARIO, check=True)

@@ -41,7 +41,7 @@ EXPECTED_ERRNO = {"private_vm": "ENOENT", "hwpoison": "EHWPOISON", "enomem": "EN
 # folio: counted from each file's serialized folio array (the default);
 # folio-latency: a program per kho_preserve_folio call (--folio-latency)
 @pytest.fixture(scope="module", params=["light", "folio", "folio-latency", "trace"])
-def traced(request, model, kvm, tmp_path_factory):
+def traced(request, model, gmem, tmp_path_factory):
     mode = request.param
     out = str(tmp_path_factory.mktemp(mode) / "model.luo")
     res, truth = run_model(mode.split("-")[0], SESSIONS, out, model=model, progress=lambda s: None,

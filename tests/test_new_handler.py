@@ -55,7 +55,7 @@ def _edited(tree: str) -> set:
     return out
 
 
-def test_a_third_file_handler_is_its_catalog_entry_bpf_and_model_part(root, kvm, tmp_path):
+def test_a_third_file_handler_is_its_catalog_entry_bpf_and_model_part(root, gmem, tmp_path):
     tree = str(tmp_path / "tree")
     _copy_tree(tree)
     _add_handler(tree)

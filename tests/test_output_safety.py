@@ -26,7 +26,7 @@ def small_fs(tmp_path, root):
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_full_disk_ends_the_recording_not_the_command(small_fs, tmp_path, model, kvm):
+def test_full_disk_ends_the_recording_not_the_command(small_fs, tmp_path, model, gmem):
     """trace mode streams a 64-byte record per folio: 16,384 folios do not fit in 192 KiB."""
     truth = tmp_path / "truth.json"
     out = small_fs / "r.luo"

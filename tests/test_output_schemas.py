@@ -10,7 +10,7 @@ from tracer import schemas
 from tracer.demo import run_model
 
 
-def test_report_compare_and_events_validate(model, kvm, tmp_path):
+def test_report_compare_and_events_validate(model, gmem, tmp_path):
     rec = str(tmp_path / "r.luo")
     res, _truth = run_model("folio", ["kexec:gmem:1M,memfd:256K", "keep:gmem:1M:holes=3",
                                       "cancel:gmem:1M:hwpoison=10"], rec, model=model, progress=lambda s: None)

@@ -25,7 +25,7 @@ def populate_cmd(truth: str, *sizes: str, punch: bool = False):
 
 
 @pytest.mark.parametrize("mode", ["folio", "trace"])
-def test_64mib_file_counted_exactly_and_files_kept_apart(mode, kvm, tmp_path):
+def test_64mib_file_counted_exactly_and_files_kept_apart(mode, gmem, tmp_path):
     truth_path = str(tmp_path / "truth.json")
     res = run(Options(mode=mode, handlers=["population"]), str(tmp_path / "pop.luo"),
               command=populate_cmd(truth_path, "64M", "16M"), progress=lambda s: None)
@@ -42,7 +42,7 @@ def test_64mib_file_counted_exactly_and_files_kept_apart(mode, kvm, tmp_path):
     assert replay(str(tmp_path / "pop.luo")) == res.report
 
 
-def test_light_mode_attaches_no_population_probe(kvm, tmp_path):
+def test_light_mode_attaches_no_population_probe(gmem, tmp_path):
     with pytest.raises(Exception) as e:
         run(Options(mode="light", handlers=["population"]), str(tmp_path / "x.luo"),
             command=populate_cmd(str(tmp_path / "t.json"), "4M"), progress=lambda s: None)
@@ -64,7 +64,7 @@ def _start_bpftrace(dev: int):
     return p
 
 
-def test_bpftrace_side_by_side_counts_the_same(kvm, tmp_path):
+def test_bpftrace_side_by_side_counts_the_same(gmem, tmp_path):
     dev = gmem_superblock_dev()
     bt = _start_bpftrace(dev)
     try:
@@ -81,7 +81,7 @@ def test_bpftrace_side_by_side_counts_the_same(kvm, tmp_path):
         assert ours == bpftrace_counts[t["inode"]] == t["size_bytes"] // 4096
 
 
-def test_repopulated_page_counts_again(kvm, tmp_path):
+def test_repopulated_page_counts_again(gmem, tmp_path):
     """Punch + re-allocate: the page cache really gains a folio twice."""
     truth_path = str(tmp_path / "truth.json")
     res = run(Options(mode="folio", handlers=["population"]), str(tmp_path / "pop.luo"),
@@ -91,7 +91,7 @@ def test_repopulated_page_counts_again(kvm, tmp_path):
     assert f["folios_populated"] == 257
 
 
-def test_repeated_population_of_the_same_inode(kvm, tmp_path):
+def test_repeated_population_of_the_same_inode(gmem, tmp_path):
     """Populate, punch everything, populate again, three times: per-CPU cached
     counts and the folded map counts add up exactly."""
     truth_path = str(tmp_path / "truth.json")
@@ -102,7 +102,7 @@ def test_repeated_population_of_the_same_inode(kvm, tmp_path):
     assert f["folios_populated"] == t["folios"] == 3 * 2048
 
 
-def test_update_policy_runs_no_population_program_outside_an_update(kvm, tmp_path):
+def test_update_policy_runs_no_population_program_outside_an_update(gmem, tmp_path):
     """serve's default: guest_memfd faults and fallocate outside an update
     pay nothing; the population programs never ran (no row, no window)."""
     truth_path = str(tmp_path / "truth.json")
@@ -114,7 +114,7 @@ def test_update_policy_runs_no_population_program_outside_an_update(kvm, tmp_pat
     assert replay(str(tmp_path / "p.luo"))["population"] == res.report["population"]
 
 
-def test_update_policy_attaches_population_for_the_update_and_still_sees_the_race(model, kvm, tmp_path):
+def test_update_policy_attaches_population_for_the_update_and_still_sees_the_race(model, gmem, tmp_path):
     """A file enters an update (its preserve starts): the population
     tracepoints are attached then, so a folio added to the frozen file later
     is still caught; what was populated before is not counted (unknown)."""

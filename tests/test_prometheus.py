@@ -68,7 +68,7 @@ class Prom:
 
 
 @pytest.fixture(scope="module")
-def stack(model, kvm, tmp_path_factory):
+def stack(model, gmem, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prom")
     lport, pport = free_port(), free_port()
     rec = str(tmp / "run.luo")

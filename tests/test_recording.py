@@ -26,7 +26,7 @@ def v1(blob: bytes) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def real(model, kvm, tmp_path_factory):
+def real(model, gmem, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("rec") / "r.luo")
     res, _truth = run_model("folio", ["kexec:gmem:1M,memfd:256K", "cancel:gmem:512K"], out, model=model,
                             progress=lambda s: None)

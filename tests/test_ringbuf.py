@@ -21,7 +21,7 @@ PAGE = 4096
 
 
 @pytest.fixture
-def tiny_ring(kvm):
+def tiny_ring(gmem):
     b, ring = load_harness(1)
     yield b, ring
     ring.close()
@@ -33,13 +33,13 @@ def test_records_wrap_around_a_tiny_ring_in_order_and_intact(tiny_ring):
     assert ring.stride == 72 and PAGE // ring.stride == 56
     got = []
     with VM() as vm:
-        f = vm.create_gmem(64 * PAGE)
+        f = vm.create_gmem(40 * PAGE)
         for _ in range(100):  # 100 x 40 folios through a 56-record ring: it wraps ~70 times
-            f.populate(0, 40 * PAGE)
+            f.populate()
             raw = ring.consume()
             assert raw is not None and len(raw) % EVENT_SIZE == 0
             got.append(decode(raw))
-            f.punch(0, 40 * PAGE)
+            f.punch(0, f.size)
         ino = f.ino
     assert ring.consume() is None
     ev = np.concatenate(got)

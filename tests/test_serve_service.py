@@ -50,7 +50,7 @@ def map_entries(pid: int, name: str) -> int:
 
 
 @pytest.fixture
-def service(model, kvm):
+def service(model, gmem):
     port = free_port()
     p = subprocess.Popen(LUOTRACE + ["serve", "--listen", f"127.0.0.1:{port}", "--model", model,
                                      "--keep-files", str(KEEP)], cwd=REPO,

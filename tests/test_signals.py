@@ -26,7 +26,7 @@ def perf_links():
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_detaches_and_keeps_the_recording(sig, model, kvm, tmp_path):
+def test_signal_detaches_and_keeps_the_recording(sig, model, gmem, tmp_path):
     before = bpf_prog_ids()
     out = str(tmp_path / "sig.luo")
     cmd = LUOTRACE + ["record", "-o", out, "--model", model, "--", model, "--json", str(tmp_path / "t.json"),
@@ -56,7 +56,7 @@ def test_signal_detaches_and_keeps_the_recording(sig, model, kvm, tmp_path):
     assert sum(1 for f in rep["files"] if f["result"] == "retrieved") < 8  # stopped midway
 
 
-def test_lost_events_counted_and_shown(model, kvm, tmp_path):
+def test_lost_events_counted_and_shown(model, gmem, tmp_path):
     """The consumer stalls (SIGSTOP) while the model preserves 4096 folios in
     trace mode with a one-page per-folio ring buffer: the overflow is counted
     in BPF and shown; lifecycle events, in their own buffer, are all kept and
@@ -87,7 +87,7 @@ def test_lost_events_counted_and_shown(model, kvm, tmp_path):
     assert replay(out) == report
 
 
-def test_sigkill_leaves_a_readable_recording(model, kvm, tmp_path):
+def test_sigkill_leaves_a_readable_recording(model, gmem, tmp_path):
     """SIGKILL cannot be caught: the recording has no trailer, but every
     record flushed before the kill is recovered and the report says so."""
     out = str(tmp_path / "killed.luo")
@@ -124,7 +124,7 @@ def _preserve_runs(rep: dict) -> int:
     return rep["bpf"]["programs"]["gmem_preserve_entry"]["run_cnt"]
 
 
-def test_bpf_stats_are_per_process_sigkill_leaves_nothing(model, kvm, tmp_path):
+def test_bpf_stats_are_per_process_sigkill_leaves_nothing(model, gmem, tmp_path):
     """Run-time statistics come from a BPF_ENABLE_STATS fd, never the sysctl:
     a SIGKILLed recorder leaves kernel.bpf_stats_enabled as it was."""
     need(_sysctl() == "0", "kernel.bpf_stats_enabled is already 1 here: nothing to observe")
@@ -140,7 +140,7 @@ def test_bpf_stats_are_per_process_sigkill_leaves_nothing(model, kvm, tmp_path):
     assert rep["truncated"]
 
 
-def test_one_recorder_ending_does_not_stop_anothers_statistics(model, kvm, tmp_path):
+def test_one_recorder_ending_does_not_stop_anothers_statistics(model, gmem, tmp_path):
     """A records for a while; B records one model run and ends; a second
     model run after B ended is still counted in A's BPF statistics, with the
     sysctl at 0 all along."""

@@ -20,7 +20,7 @@ def load(path):
         return json.load(f)
 
 
-def test_demo_timeline_one_track_per_file_phases_in_order(model, kvm, tmp_path):
+def test_demo_timeline_one_track_per_file_phases_in_order(model, gmem, tmp_path):
     out = str(tmp_path / "demo.luo")
     res, truth = run_model("folio", DEFAULT_SESSIONS + ["keep:gmem:1M:pass_mismatch"], out, model=model,
                            progress=lambda s: None)
@@ -56,7 +56,7 @@ def test_large_trace_is_downsampled(tmp_path):
     assert list(last["args"].values())[0] == 32768  # the cumulative count reaches every folio
 
 
-def test_single_recording_draws_its_kexec_and_puts_instants_at_their_evidence(model, kvm, tmp_path):
+def test_single_recording_draws_its_kexec_and_puts_instants_at_their_evidence(model, gmem, tmp_path):
     """One recording of an update: the kexec is on the live-update track; an
     anomaly's instant sits at its first evidence (holes: the end of the count
     pass), an error's at the end of the phase that failed; --events decodes

@@ -50,7 +50,7 @@ def servers(tmp_path):
             p.wait(30)
 
 
-def test_the_old_kernels_numbers_leave_at_the_kexec(servers, model, kvm, tmp_path):
+def test_the_old_kernels_numbers_leave_at_the_kexec(servers, model, gmem, tmp_path):
     textdir, node_url, gateway = servers
     truth = tmp_path / "truth.json"
     p = subprocess.Popen(LUOTRACE + ["record", "-o", str(tmp_path / "r.luo"), "--model", model, "--json",
@@ -110,7 +110,7 @@ def _as_after_a_boot(cmd: list, tmp_path) -> list:
             f'mount --bind {fake} /proc/sys/kernel/random/boot_id && exec "$@"', "sh"] + cmd
 
 
-def test_an_update_reaches_prometheus_at_15s_through_each_path(servers, model, kvm, tmp_path):
+def test_an_update_reaches_prometheus_at_15s_through_each_path(servers, model, gmem, tmp_path):
     """A model update of under 2 s, traced by serve with a state directory,
     the textfile collector and the Pushgateway; serve killed right after the
     kexec (as the jump would), started again as after a boot.  Prometheus

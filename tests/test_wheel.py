@@ -13,7 +13,7 @@ from tests.conftest import REPO, need
 from tests.test_prometheus import free_port, http_get, wait_for
 
 
-def test_a_wheel_installed_in_a_fresh_venv_records_reports_and_serves(root, kvm, tmp_path):
+def test_a_wheel_installed_in_a_fresh_venv_records_reports_and_serves(root, gmem, tmp_path):
     need(shutil.which("rsync") is not None, "rsync not installed")
     src, venv, work = tmp_path / "src", tmp_path / "venv", tmp_path / "work"
     work.mkdir()

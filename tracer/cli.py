@@ -93,6 +93,12 @@ folio_latency_option = click.option(
          "KHO's own metadata pages; costs about 3 us per folio under emulation (about 4x a 256 MiB preserve), "
          "where the default reads each file's serialized folio array once, a page (256 folios) per program run")
 
+gmem_option = click.option(
+    "--gmem", type=click.Choice(["auto", "real", "standin"]), default=None,
+    help="what guest_memfd files are here: real (KVM_CREATE_GUEST_MEMFD), standin (ramfs page-cache files, for a "
+         "host whose KVM makes none; said in every output), or auto: real where the host makes them "
+         "[default: $LUOTRACE_GMEM, else auto]. Commands run under the trace are told the choice")
+
 force_option = click.option("--force", is_flag=True, help="overwrite OUTPUT if it exists (a regular file only)")
 json_option = click.option("--json", "as_json", is_flag=True, help="print the report as JSON (schema luotrace.report/1)")
 
@@ -180,6 +186,7 @@ def doctor(model: Optional[str], as_json: bool) -> None:
                    "'kprobe' forces the fallback")
 @population_option("always")
 @folio_latency_option
+@gmem_option
 @update_export_options
 @fail_on_option
 @force_option
@@ -187,7 +194,7 @@ def doctor(model: Optional[str], as_json: bool) -> None:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def record(output: str, mode: str, model: Optional[str], handlers: Tuple[str, ...], duration: Optional[float],
            labels: Tuple[str, ...], sample: int, folio_ringbuf_pages: int, lifecycle_ringbuf_pages: int, quiet: bool,
-           print_bpf: bool, strategy: str, population: str, folio_latency: bool,
+           print_bpf: bool, strategy: str, population: str, folio_latency: bool, gmem: Optional[str],
            textfile_dir: Optional[str], pushgateway: Optional[str], fail_on: Tuple[str, ...], force: bool,
            as_json: bool, command: Tuple[str, ...]) -> None:
     """Attach, record events to OUTPUT until COMMAND exits, --duration passes or
@@ -210,7 +217,7 @@ def record(output: str, mode: str, model: Optional[str], handlers: Tuple[str, ..
     from .live import run
     opts = Options(mode=mode, model=model, handlers=list(handlers) or None, sample_every=sample,
                    folio_ringbuf_pages=folio_ringbuf_pages, lifecycle_ringbuf_pages=lifecycle_ringbuf_pages,
-                   strategy=strategy, population=population, folio_latency=folio_latency)
+                   strategy=strategy, population=population, folio_latency=folio_latency, gmem=gmem)
     if print_bpf:
         from .loader import final_source
         click.echo(final_source(opts), nl=False)
@@ -285,17 +292,19 @@ def report(recordings: Tuple[str, ...], as_json: bool, events: bool, fail_on: Tu
 @mode_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="keep the recording here (default: a file in /tmp)")
+@gmem_option
 @json_option
-def demo(mode: str, output: Optional[str], as_json: bool) -> None:
+def demo(mode: str, output: Optional[str], gmem: Optional[str], as_json: bool) -> None:
     """Run the reference model on real guest_memfds and memfds (a clean session
     retrieved after a simulated kexec, a cancelled one, one failing on an
     injected hwpoisoned folio), trace it live and print the report and the
-    headline metrics.
+    headline metrics.  Where the host's KVM makes no guest_memfd, the
+    guest_memfd files are stand-ins, and the output says so.
 
     Example: luotrace demo --mode trace
     """
     from .demo import demo as run_demo
-    res, truth, diffs = run_demo(mode, output)
+    res, truth, diffs = run_demo(mode, output, gmem)
     _emit(res.report, as_json)
     if not as_json:
         from exporters.prometheus import summary
@@ -304,8 +313,11 @@ def demo(mode: str, output: Optional[str], as_json: bool) -> None:
     if diffs:
         raise LuotraceError("luotrace disagrees with the model's ground truth: " + "; ".join(diffs),
                             "please report this as a bug")
-    click.echo(f"luotrace: checked against the model's ground truth: all {len(truth['files'])} files agree; "
-               f"recording in {res.recording}", err=True)
+    used = res.report.get("gmem") or {}
+    kind = ("real guest_memfds" if used.get("backing") != "standin" else
+            f"guest_memfd STAND-INS (ramfs page-cache files: {used.get('why')})")
+    click.echo(f"luotrace: checked against the model's ground truth: all {len(truth['files'])} files agree, "
+               f"on {kind}; recording in {res.recording}", err=True)
 
 
 @cli.command()
@@ -335,16 +347,20 @@ def demo(mode: str, output: Optional[str], as_json: bool) -> None:
               help="recordings kept in --state-dir (this boot's included)")
 @population_option("update")
 @folio_latency_option
+@gmem_option
 @click.option("--state-max-bytes", default="512M", show_default=True, metavar="SIZE",
               help="bytes of recordings kept in --state-dir (oldest removed first, never this boot's)")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def serve(listen: str, replay_path: Optional[str], output: Optional[str], mode: str, model: Optional[str],
           handlers: Tuple[str, ...], duration: Optional[float], labels: Tuple[str, ...], keep_files: int,
           bpf_stats: bool, textfile_dir: Optional[str], pushgateway: Optional[str], state_dir: Optional[str],
-          state_keep: int, population: str, folio_latency: bool, state_max_bytes: str, command: Tuple[str, ...]) -> None:
+          state_keep: int, population: str, folio_latency: bool, gmem: Optional[str], state_max_bytes: str,
+          command: Tuple[str, ...]) -> None:
     """Export metrics for Prometheus at http://LISTEN/metrics, read from the
     BPF maps at scrape time.  With COMMAND or --duration, keeps serving the
-    final state after it ends, until Ctrl-C / SIGTERM.
+    final state after it ends, until Ctrl-C / SIGTERM.  /-/ready answers 200
+    once every probe is attached (503 and why before), luotrace_tracing says
+    the same, and under systemd (Type=notify) READY=1 is sent then.
 
     \b
     Example:
@@ -363,7 +379,7 @@ def serve(listen: str, replay_path: Optional[str], output: Optional[str], mode: 
     from .state import StateDir
     state = StateDir(state_dir, state_keep, parse_size(state_max_bytes)) if state_dir else None
     opts = Options(mode=mode, model=model, handlers=list(handlers) or None, population=population,
-                   folio_latency=folio_latency)
+                   folio_latency=folio_latency, gmem=gmem)
     serve_live(opts, listen, output, list(command) or None, duration, _labels(labels), keep_files=keep_files,
                per_program=bpf_stats, update_export=UpdateExport(textfile_dir, pushgateway, bpf_stats), state=state)
 

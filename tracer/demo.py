@@ -1,5 +1,5 @@
-"""The built-in default run: real guest_memfds and memfds preserved by the
-reference model (one clean session with retrieve after a simulated kexec,
+"""The built-in default run: real guest_memfds (stand-ins where the host's KVM
+makes none) and memfds preserved by the reference model (one clean session with retrieve after a simulated kexec,
 one cancelled with unpreserve, one failing on an injected hwpoisoned folio),
 traced live, then the report, checked against the model's own ground truth.
 """
@@ -60,8 +60,9 @@ COMPARED = ("folios_preserved", "folios_unpreserved", "folios_restored", "folios
 
 def run_model(mode: str, sessions: List[str], output: str, model: Optional[str] = None,
               pause_ms: float = 0.0, population: str = "always", folio_latency: bool = False,
-              **kw) -> Tuple[RunResult, dict]:
-    """Trace one model run; returns the run and the model's ground truth."""
+              gmem: Optional[str] = None, **kw) -> Tuple[RunResult, dict]:
+    """Trace one model run; returns the run and the model's ground truth.
+    GMEM: the backing of its guest_memfd files (tracer/kvm.py choose())."""
     model = model or default_model()
     if not os.path.exists(model):
         raise LuotraceError(f"reference model {model} not built", "run `make model` (or `make setup`)")
@@ -70,8 +71,8 @@ def run_model(mode: str, sessions: List[str], output: str, model: Optional[str] 
         cmd = [model, "--json", truth_path]
         if pause_ms:
             cmd += ["--pause-ms", str(pause_ms)]
-        res = run(Options(mode=mode, model=model, population=population, folio_latency=folio_latency), output,
-                  command=cmd + sessions, **kw)
+        res = run(Options(mode=mode, model=model, population=population, folio_latency=folio_latency, gmem=gmem),
+                  output, command=cmd + sessions, **kw)
         if res.command_rc != 0:
             raise LuotraceError(f"the reference model failed (exit {res.command_rc})", "see its message above")
         with open(truth_path) as f:
@@ -83,6 +84,9 @@ def compare(report: dict, truth: dict) -> List[str]:
     """Differences between what luotrace saw and what the model did."""
     seen = {f["inode"]: f for f in report["files"]}
     diffs = []
+    theirs, ours = (truth.get("gmem") or {}).get("backing"), (report.get("gmem") or {}).get("backing")
+    if theirs != ours:  # the population probes watched another superblock than the model's files
+        diffs.append(f"guest_memfd files: the model's were {theirs}, luotrace watched {ours}")
     for t in truth["files"]:
         f = seen.get(t["inode"])
         if f is None:
@@ -102,7 +106,9 @@ def compare(report: dict, truth: dict) -> List[str]:
     return diffs
 
 
-def demo(mode: str = "folio", output: Optional[str] = None) -> Tuple[RunResult, dict, List[str]]:
+def demo(mode: str = "folio", output: Optional[str] = None,
+         gmem: Optional[str] = None) -> Tuple[RunResult, dict, List[str]]:
     out = output or os.path.join(tempfile.gettempdir(), "luotrace-demo.luo")
-    res, truth = run_model(mode, DEFAULT_SESSIONS, out, force=output is None)  # the default is the demo's own scratch file
+    res, truth = run_model(mode, DEFAULT_SESSIONS, out, gmem=gmem,
+                           force=output is None)  # the default is the demo's own scratch file
     return res, truth, compare(res.report, truth)

@@ -24,6 +24,7 @@ from .aggregator import Aggregator
 from .catalog import PROBE_IDS
 from .errors import LuotraceError
 from .events import EVENT_SIZE, decode
+from .kvm import BACKING_ENV
 from .layout import resolve_layout
 from .loader import Options, Tracer
 from .report import build, file_rows, retire
@@ -76,6 +77,9 @@ def make_header(opts: Options, tracer: Tracer, labels: Dict[str, str], base_ns: 
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(real_ns / 1e9)),
         "clock": {"base_monotonic_ns": base_ns, "base_realtime_ns": real_ns, "source": "CLOCK_MONOTONIC"},
         "probes": [s.to_json() for s in tracer.statuses],
+        # what the guest_memfd files are (real, or stand-ins and why) and the
+        # superblock the population probes watch
+        "gmem": {**tracer.backing.to_json(), "dev": tracer.gmem_dev},
         "layout": tracer.layout.to_json(),
         "sample_every": opts.sample_every,
         "ringbuf_pages": opts.lifecycle_ringbuf_pages,  # the lifecycle ring (recordings keep this key)
@@ -113,6 +117,18 @@ class LiveRun:
         self._maps_mark = 0  # lifecycle records received when the maps were last written
         self._busy_at = 0.0  # when a file was last seen in an update ("update" population policy)
         self.progress: Callable[[str], None] = lambda s: None
+        # starting (compiling, attaching) -> tracing (every probe attached and
+        # the first poll done: an update from now on is seen) -> detaching ->
+        # stopped.  Hooks hear each change (serve: readiness, sd_notify).
+        self.state = "starting"
+        self.on_state: List[Callable[[str], None]] = []
+
+    def set_state(self, state: str) -> None:
+        if state == self.state:
+            return
+        self.state = state
+        for hook in self.on_state:
+            hook(state)
 
     def _on_bytes(self, raw: bytes) -> None:
         self._pending.append(raw)
@@ -203,6 +219,8 @@ class LiveRun:
         self.bpf.poll(1 if self.kexec_seen else timeout_ms)
         self.pump()
         self._population()
+        if self.state == "starting":
+            self.set_state("tracing")
         if self.writer is not None:
             with self.lock:
                 self._write(lambda w: w.maybe_flush())
@@ -286,6 +304,7 @@ class LiveRun:
 
     def abort(self) -> None:
         """Error path: detach and keep what was recorded."""
+        self.set_state("stopped")
         if self.tracer is not None:
             self.tracer.close()
         self._stats_off()
@@ -335,11 +354,15 @@ def run(opts: Options, output: Optional[str], command: Optional[List[str]] = Non
             else:
                 progress(f"luotrace: tracing {live.attached()} probes in {opts.mode} mode"
                          f"{' on ' + opts.model if opts.model else ''}; Ctrl-C to stop")
+                if live.bpf.backing.standin:
+                    progress(f"luotrace: {live.bpf.backing.line()}")
             if on_started:
                 on_started(live)
             if command:
                 try:
-                    child = subprocess.Popen(command, stdout=command_stdout)
+                    # the traced command makes the guest_memfd files the trace watches
+                    env = dict(os.environ, **{BACKING_ENV: live.bpf.backing.choice})
+                    child = subprocess.Popen(command, stdout=command_stdout, env=env)
                 except OSError as e:
                     raise LuotraceError(f"cannot run {command[0]}: {e.strerror}", "check the command after --")
             deadline = time.monotonic() + duration if duration else None
@@ -359,6 +382,7 @@ def run(opts: Options, output: Optional[str], command: Optional[List[str]] = Non
                     last_note = time.monotonic()
                     progress(f"luotrace: {live.agg.received} events so far, "
                              f"{live.bpf.counters()['lost']} lost")
+            live.set_state("detaching")
             stop.quiet()
             if child is not None and child.poll() is None:
                 child.send_signal(signal.SIGINT if stopped_by == "SIGINT" else signal.SIGTERM)
@@ -371,6 +395,7 @@ def run(opts: Options, output: Optional[str], command: Optional[List[str]] = Non
             progress(f"luotrace: draining and detaching {n} probes...")
             t0 = time.monotonic()
             report = live.stop(stopped_by)
+            live.set_state("stopped")
             progress(f"luotrace: {n} probes detached in {time.monotonic() - t0:.1f} s")
         except BaseException as e:
             live.abort()

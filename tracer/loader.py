@@ -51,7 +51,11 @@ class Options:
     sample_every: int = 1
     max_files: int = 4096
     max_inflight: int = 16384
-    gmem_dev: Optional[int] = None  # population filter; None = find it through /dev/kvm
+    gmem_dev: Optional[int] = None  # population filter; None = the superblock of the backing's files
+    # The backing of guest_memfd files (tracer/kvm.py choose()): auto | real |
+    # standin; None = $LUOTRACE_GMEM, else auto.  Commands run under the
+    # trace are told the answer through $LUOTRACE_GMEM.
+    gmem: Optional[str] = None
     # When the population tracepoints run: "always" (the whole run), or
     # "update" (only while a file is being preserved or waits, preserved, for
     # the kexec; serve's default: a service must cost guests nothing between
@@ -368,6 +372,8 @@ class Tracer:
             why = kernel.ensure_tracefs()
             if why:
                 raise LuotraceError(f"tracefs is not usable: {why}", "mount debugfs and tracefs (run `make setup`)")
+        from .kvm import choose
+        self.backing = choose(opts.gmem)
         self.gmem_dev = self._gmem_dev(statuses) if self.population else None
         self._on_bytes = on_bytes
         self._standby: List[Probe] = []  # population probes attached only during an update
@@ -414,13 +420,14 @@ class Tracer:
             t[ct.c_int(catalog.HANDLERS[h])] = ct.c_int64(nr - folios)
 
     def _gmem_dev(self, statuses: List[ProbeStatus]) -> Optional[int]:
-        """The guest_memfd superblock's dev_t, compiled into the population
-        filter; found by creating a guest_memfd."""
+        """The dev_t of the superblock the guest_memfd files live on (the
+        stand-in ramfs where they are stand-ins), compiled into the
+        population filter; found by creating a file there."""
         if self.opts.gmem_dev is not None:
             return self.opts.gmem_dev
         from .kvm import GmemError, gmem_superblock_dev
         try:
-            return gmem_superblock_dev()
+            return gmem_superblock_dev(self.backing)
         except (GmemError, OSError) as e:
             for s in statuses:
                 if s.handler == "population" and s.status == "planned":

@@ -218,9 +218,15 @@ def build(agg: Aggregator, header: dict, end: Optional[dict], truncated: bool = 
         totals["bytes_preserved"] += sum(old.counters["bytes_preserved"].values())
         for (_h, code), n in old.anomalies.items():
             totals["anomalies"][code] = totals["anomalies"].get(code, 0) + n
+    gmem = _gmem(header)
+    if gmem and gmem["not_checked"] and agg.mode != "light":  # light mode lists them for every file already
+        for f in files:
+            if f["handler"] == "guest_memfd":
+                f["anomalies_not_checked"] = sorted({*f.get("anomalies_not_checked", []), *gmem["not_checked"]})
     return {
         "schema": SCHEMA,
         "recording": {k: header.get(k) for k in ("kernel", "hostname", "mode", "target", "labels", "started")},
+        "gmem": gmem,
         "truncated": truncated,
         "truncated_reason": truncated_reason or None,
         "damaged": list(damaged),
@@ -256,6 +262,22 @@ def build(agg: Aggregator, header: dict, end: Optional[dict], truncated: bool = 
                              for k, v in sorted((bpf.get("programs") or {}).items())}},
         "duration_ns": end.get("duration_ns"),
     }
+
+
+# Checks a stand-in guest_memfd file cannot answer, and why (report "gmem").
+STANDIN_NOT_CHECKED = {"large_folios": "a stand-in (ramfs) makes only order-0 folios, where a guest_memfd "
+                                       "with huge pages makes large ones"}
+
+
+def _gmem(header: dict) -> Optional[dict]:
+    """What the guest_memfd files were (real, or stand-ins and why); None
+    for a recording made before luotrace said."""
+    g = header.get("gmem")
+    if not g:
+        return None
+    standin = g["backing"] == "standin"
+    return {"backing": g["backing"], "why": g.get("why"), "dev": g.get("dev"),
+            "not_checked": dict(STANDIN_NOT_CHECKED) if standin else {}}
 
 
 def _update(header: dict, agg: Aggregator) -> dict:

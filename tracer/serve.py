@@ -17,6 +17,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 
 from exporters.prometheus import LuotraceCollector, earlier_boot_families, push, write_textfile, write_textfile_at
 
+from . import sdnotify
 from .errors import LuotraceError
 from .loader import Options
 from .recording import check_output
@@ -59,16 +60,32 @@ class _Handler(WSGIRequestHandler):
         pass
 
 
-def metrics_app(registry: CollectorRegistry, ttl: float = SNAPSHOT_TTL_S) -> Callable:
-    """A WSGI app for /metrics whose exposition is built at most once per TTL.
+Readiness = Callable[[], Tuple[bool, str]]  # (watching, what it is doing)
+
+# what /-/ready says in each state of a live run (LiveRun.state)
+STATE_WHY = {"starting": "starting: compiling and attaching the probes",
+             "tracing": "tracing: every selected probe attached",
+             "detaching": "detaching the probes",
+             "stopped": "probes detached: serving the final state, nothing is traced"}
+
+
+def metrics_app(registry: CollectorRegistry, ttl: float = SNAPSHOT_TTL_S,
+                ready: Readiness = lambda: (True, "serving")) -> Callable:
+    """A WSGI app for /metrics, /-/ready and /-/healthy (as Prometheus's own
+    server has them).  /-/ready answers 200 only while READY says luotrace
+    is watching, else 503 with why: a script, systemd or Kubernetes waits on
+    it before starting an update.  The exposition is built at most once per TTL.
     When it is stale, one scraper rebuilds it while the others are answered
     at once with the previous one (at most 2 x TTL old): twenty concurrent
     scrapers cost one build, and only one of them waits for it."""
     cond = threading.Condition()
-    cache: Dict[str, object] = {"at": -1e9, "body": None, "building": False}
+    cache: Dict[str, object] = {"at": -1e9, "body": None, "building": False, "ready": None}
 
     def body() -> bytes:
         with cond:
+            # a change of readiness is news at once (luotrace_tracing agrees with /-/ready)
+            if cache["ready"] != ready()[0]:
+                cache["at"], cache["ready"] = -1e9, ready()[0]
             fresh = time.monotonic() - cache["at"] < ttl  # type: ignore[operator]
             if fresh or (cache["building"] and cache["body"] is not None):
                 return cache["body"]  # type: ignore[return-value]
@@ -88,10 +105,20 @@ def metrics_app(registry: CollectorRegistry, ttl: float = SNAPSHOT_TTL_S) -> Cal
                 cond.notify_all()
         return new
 
+    def text(start_response: Callable, status: str, msg: str) -> List[bytes]:
+        data = (msg + "\n").encode()
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data)))])
+        return [data]
+
     def app(environ: dict, start_response: Callable) -> List[bytes]:
-        if environ.get("PATH_INFO", "/") not in ("/", "/metrics"):
-            start_response("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"luotrace serves /metrics only\n"]
+        path = environ.get("PATH_INFO", "/")
+        if path == "/-/healthy":
+            return text(start_response, "200 OK", "luotrace is healthy")
+        if path == "/-/ready":
+            ok, why = ready()
+            return text(start_response, "200 OK" if ok else "503 Service Unavailable", f"luotrace: {why}")
+        if path not in ("/", "/metrics"):
+            return text(start_response, "404 Not Found", "luotrace serves /metrics, /-/ready and /-/healthy")
         data = body()
         start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(data)))])
         return [data]
@@ -102,15 +129,17 @@ class MetricsServer:
     """An HTTP server for /metrics around a LuotraceCollector."""
 
     def __init__(self, listen: str, snapshot: Callable[[], dict], per_program: bool = False,
-                 earlier: Callable[[], list] = lambda: []):
+                 earlier: Callable[[], list] = lambda: [],
+                 ready: Readiness = lambda: (True, "serving"), tracing: Callable[[], bool] = lambda: False):
         self.host, self.port = parse_listen(listen)
         self.registry = CollectorRegistry(auto_describe=False)
-        LuotraceCollector(snapshot, registry=self.registry, per_program=per_program, earlier=earlier)
+        LuotraceCollector(snapshot, registry=self.registry, per_program=per_program, earlier=earlier,
+                          tracing=tracing)
         try:
             family = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
             server_class = type("_Server", (_Server,), {"address_family": family})
-            self.server: Any = make_server(self.host, self.port, metrics_app(self.registry), server_class,
-                                      handler_class=_Handler)
+            self.server: Any = make_server(self.host, self.port, metrics_app(self.registry, ready=ready),
+                                           server_class, handler_class=_Handler)
         except socket.gaierror as e:
             raise LuotraceError(f"cannot listen on {self.host}:{self.port}: {e.strerror}", "check --listen") from None
         except OSError as e:
@@ -182,13 +211,29 @@ def serve_live(opts: Options, listen: str, output: Optional[str], command: Optio
         tracing = live.get("tracing")
         return tracing.snapshot(keep_files) if tracing else {"recording": {"mode": opts.mode}, "files": []}
 
+    def ready() -> Tuple[bool, str]:
+        tracing = live.get("tracing")
+        state = tracing.state if tracing else "starting"
+        return state == "tracing", STATE_WHY[state]
+
+    def notify(state: str) -> None:
+        """systemd: READY=1 once watching, STOPPING=1 when the detach begins."""
+        tracing = live["tracing"]
+        if state == "tracing":
+            sdnotify.notify("READY=1", f"STATUS=tracing {tracing.attached()} probes in {opts.mode} mode")
+        elif state == "detaching":
+            sdnotify.notify("STOPPING=1", "STATUS=detaching the probes")
+        elif state == "stopped":
+            sdnotify.notify("STATUS=probes detached: serving the final state")
+
     if state is not None:
         if output:
             raise LuotraceError("-o and --state-dir both say where the recording goes",
                                 "give one: with --state-dir, serve records into that directory")
         output = state.new_recording()
     # bind first: a taken port fails before anything is attached
-    srv = MetricsServer(listen, snapshot, per_program, earlier=lambda: earlier)
+    srv = MetricsServer(listen, snapshot, per_program, earlier=lambda: earlier, ready=ready,
+                        tracing=lambda: ready()[0])
     if state is not None:
         # Read in the background: retrieve runs right after a boot, and the
         # probes must be attached by then, not after a replay.
@@ -197,6 +242,7 @@ def serve_live(opts: Options, listen: str, output: Optional[str], command: Optio
 
     def started(tracing: LiveRun) -> None:
         live["tracing"] = tracing
+        tracing.on_state.append(notify)
         if update_export:
             update_export.attach(tracing)
         progress(f"luotrace: metrics on http://{listen}/metrics")
@@ -230,7 +276,7 @@ def serve_replay(path: str, listen: str, progress: Callable[[str], None] = lambd
                  until: Optional[Callable[[], bool]] = None) -> None:
     """Serve the metrics a recording would have produced, until SIGINT/SIGTERM."""
     report = replay(path)
-    srv = MetricsServer(listen, lambda: report, per_program)
+    srv = MetricsServer(listen, lambda: report, per_program, ready=lambda: (True, f"serving the recording {path}"))
     progress(f"luotrace: serving {path} on http://{listen}/metrics; Ctrl-C to stop")
     try:
         with StopSignals() as stop:

@@ -44,7 +44,7 @@ from typing import Dict, List, Optional
 from tracer.events import errno_name  # names Linux errnos Python's errno module lacks (EHWPOISON)
 
 from tracer import kvm_abi as kabi
-from .gmem import VM, GmemError, GmemFile, fallocate
+from .gmem import VM, GmemError, GmemFile
 from .liveupdate import (_pattern, create_session, finish_session, hold, open_dev, preserve_fd, retrieve_fd,
                          retrieve_from, retrieve_session)
 from .truth import parse_size, write_truth
@@ -118,10 +118,9 @@ def start_racer(f: GmemFile, first: int, pages: int):
         poll = select.poll()
         poll.register(stop_r, select.POLLIN)
         while not poll.poll(0):
-            for mode, what in ((kabi.FALLOC_FL_KEEP_SIZE | kabi.FALLOC_FL_PUNCH_HOLE, "punched"),
-                               (kabi.FALLOC_FL_KEEP_SIZE, "added")):
+            for call, what in ((f.punch, "punched"), (f.populate, "added")):
                 try:
-                    fallocate(f.fd, mode, first * PAGE, pages * PAGE)
+                    call(first * PAGE, pages * PAGE)
                     counts[what] += 1
                     if what == "added":
                         adds_ns = (adds_ns + [time.monotonic_ns()])[-8:]

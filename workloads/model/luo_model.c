@@ -8,12 +8,14 @@
  * BPF programs attach to them with uprobes exactly as they would attach to the
  * patched kernel with kprobes.  They work on real files (guest_memfds made
  * through /dev/kvm, memfds) pre-allocated with fallocate, their pfns read from
- * /proc/self/pagemap.
+ * /proc/self/pagemap.  Where the host's KVM makes no guest_memfd, the
+ * guest_memfd files are stand-ins (a ramfs page-cache file each, filled
+ * through faults) and the ground truth says so.
  *
  * Faults can be injected per file; the model prints its own ground truth as
  * JSON so the tests can compare what luotrace saw with what really happened.
  *
- * Usage: luo_model [--json FILE] [--layout] [--pause-ms N] SESSION...
+ * Usage: luo_model [--json FILE] [--layout] [--pause-ms N] [--gmem auto|real|standin] SESSION...
  *   SESSION = OUTCOME:FILE[,FILE...]
  *   OUTCOME = kexec | cancel | discard | keep
  *   FILE    = HANDLER:SIZE[:FAULT[=ARG]]   HANDLER = gmem | memfd | any handler registered
@@ -30,7 +32,10 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/file.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/sysmacros.h>
 #include <time.h>
 #include <unistd.h>
@@ -143,7 +148,9 @@ static void open_file(struct model_file *mf)
 	mf->fd = mf->handler->create(mf, &alloc);
 	if (mf->fault == F_HOLES)
 		alloc = mf->size - (uint64_t)mf->fault_arg * PAGE_SZ;
-	if (alloc && fallocate(mf->fd, FALLOC_FL_KEEP_SIZE, 0, (off_t)alloc))
+	if (alloc && mf->handler->alloc)
+		mf->handler->alloc(mf->fd, 0, alloc);
+	else if (alloc && fallocate(mf->fd, FALLOC_FL_KEEP_SIZE, 0, (off_t)alloc))
 		die("fallocate(KEEP_SIZE, %llu): %s", (unsigned long long)alloc, strerror(errno));
 	mf->map = mmap(NULL, mf->size, PROT_READ | PROT_WRITE, MAP_SHARED, mf->fd, 0);
 	if (mf->map == MAP_FAILED)
@@ -165,6 +172,155 @@ static void open_file(struct model_file *mf)
 		mf->mapping.folios[0].pfn = 0;
 	if (mf->fault == F_HWPOISON && (uint64_t)mf->fault_arg < mf->mapping.nr)
 		mf->mapping.folios[mf->fault_arg].hwpoison = 1;
+}
+
+/* ---- guest_memfd backing: real, or a stand-in (model.h) ---- */
+
+bool gmem_standin;
+static char gmem_why[320];
+
+/* Can this host make a default-type guest_memfd with MMAP|INIT_SHARED?  As
+ * tracer/kvm.py's probe(): "" if so, else why not.  Leaves the VM open in
+ * the_kvm.vm_fd where KVM_CREATE_VM works (its fd makes the VM token). */
+static const char *gmem_probe(void)
+{
+	static char why[160];
+	struct kvm_create_guest_memfd g = { .size = PAGE_SZ,
+		.flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED };
+	int kvm, flags, fd;
+
+	kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+	if (kvm < 0) {
+		snprintf(why, sizeof(why), errno == ENOENT ? "no /dev/kvm (no KVM on this host)"
+			 : "cannot open /dev/kvm: %s", strerror(errno));
+		return why;
+	}
+	the_kvm.vm_fd = ioctl(kvm, KVM_CREATE_VM, 0);
+	if (the_kvm.vm_fd < 0) {
+		snprintf(why, sizeof(why), "KVM_CREATE_VM failed: %s", strerror(errno));
+		return why;
+	}
+	if (ioctl(the_kvm.vm_fd, KVM_CHECK_EXTENSION, KVM_CAP_GUEST_MEMFD) <= 0)
+		return "KVM_CAP_GUEST_MEMFD is 0: this host's KVM makes no guest_memfd";
+	flags = ioctl(the_kvm.vm_fd, KVM_CHECK_EXTENSION, KVM_CAP_GUEST_MEMFD_FLAGS);
+	if (flags < 0 || (flags & g.flags) != g.flags) {
+		snprintf(why, sizeof(why), "this host's guest_memfd lacks MMAP|INIT_SHARED "
+			 "(KVM_CAP_GUEST_MEMFD_FLAGS %#x)", flags < 0 ? 0 : flags);
+		return why;
+	}
+	fd = ioctl(the_kvm.vm_fd, KVM_CREATE_GUEST_MEMFD, &g);
+	if (fd < 0) {
+		snprintf(why, sizeof(why), "KVM_CREATE_GUEST_MEMFD(MMAP|INIT_SHARED) failed: %s", strerror(errno));
+		return why;
+	}
+	close(fd);
+	return "";
+}
+
+/* --gmem CHOICE, else $LUOTRACE_GMEM, else auto: as tracer/kvm.py's choose(). */
+static void gmem_choose(const char *choice)
+{
+	const char *why;
+	char source[64] = "--gmem";
+
+	if ((!choice || !strcmp(choice, "auto")) && getenv("LUOTRACE_GMEM") &&
+	    strcmp(getenv("LUOTRACE_GMEM"), "auto")) {
+		choice = getenv("LUOTRACE_GMEM");
+		snprintf(source, sizeof(source), "LUOTRACE_GMEM=%s", choice);
+	}
+	if (!choice)
+		choice = "auto";
+	if (strcmp(choice, "auto") && strcmp(choice, "real") && strcmp(choice, "standin"))
+		die("bad guest_memfd backing '%s' (%s): auto, real or standin", choice, source);
+	why = gmem_probe();
+	if (!strcmp(choice, "standin")) {
+		gmem_standin = true;
+		snprintf(gmem_why, sizeof(gmem_why), "forced by %s%s%s", source,
+			 *why ? "; besides, " : "; this host makes guest_memfds too", why);
+	} else if (*why) {
+		if (!strcmp(choice, "real"))
+			die("real guest_memfds were asked for (%s) but %s", source, why);
+		gmem_standin = true;
+		snprintf(gmem_why, sizeof(gmem_why), "%s", why);
+	}
+}
+
+static int standin_dir(void)
+{
+	struct statfs sf;
+	int lock, dir;
+
+	mkdir("/run/luotrace", 0755);
+	lock = open(STANDIN_LOCK, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+	if (lock < 0 || flock(lock, LOCK_EX))
+		die("lock %s: %s", STANDIN_LOCK, strerror(errno));
+	mkdir(STANDIN_DIR, 0700);
+	if ((statfs(STANDIN_DIR, &sf) || (unsigned long)sf.f_type != RAMFS_MAGIC) &&
+	    mount("luotrace-gmem-standin", STANDIN_DIR, "ramfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0700"))
+		die("mounting the guest_memfd stand-in ramfs on %s: %s", STANDIN_DIR, strerror(errno));
+	close(lock);
+	dir = open(STANDIN_DIR, O_DIRECTORY | O_CLOEXEC);
+	if (dir < 0)
+		die("open %s: %s", STANDIN_DIR, strerror(errno));
+	return dir;
+}
+
+int gmem_file(uint64_t size)
+{
+	struct kvm_create_guest_memfd g = { .size = size,
+		.flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED };
+	static int dir = -1;
+	int fd;
+
+	if (!gmem_standin) {
+		fd = ioctl(the_kvm.vm_fd, KVM_CREATE_GUEST_MEMFD, &g);
+		if (fd < 0)
+			die("KVM_CREATE_GUEST_MEMFD(size=%llu, flags=MMAP|INIT_SHARED): %s",
+			    (unsigned long long)size, strerror(errno));
+		return fd;
+	}
+	if (dir < 0)
+		dir = standin_dir();
+	fd = openat(dir, ".", O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+	if (fd < 0 || ftruncate(fd, (off_t)size))
+		die("a guest_memfd stand-in in %s: %s", STANDIN_DIR, strerror(errno));
+	return fd;
+}
+
+/* A stand-in has no fallocate (ramfs): each page is faulted in through a
+ * shared mapping, one order-0 folio each, as fallocate gives a guest_memfd. */
+void gmem_alloc(int fd, uint64_t off, uint64_t len)
+{
+	volatile char *p;
+
+	if (!len)
+		return;
+	if (!gmem_standin) {
+		if (fallocate(fd, FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len))
+			die("fallocate(KEEP_SIZE, %llu, %llu): %s", (unsigned long long)off,
+			    (unsigned long long)len, strerror(errno));
+		return;
+	}
+	p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)off);
+	if (p == MAP_FAILED)
+		die("mmap of a guest_memfd stand-in: %s", strerror(errno));
+	for (uint64_t i = 0; i < len; i += PAGE_SZ)
+		p[i] = 0;
+	munmap((void *)p, len);
+}
+
+/* ramfs has no PUNCH_HOLE either: a stand-in's tail goes with a truncate. */
+void gmem_punch(int fd, uint64_t off, uint64_t len, uint64_t size)
+{
+	if (!gmem_standin) {
+		if (fallocate(fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, (off_t)off, (off_t)len))
+			die("fallocate(PUNCH_HOLE): %s", strerror(errno));
+		return;
+	}
+	if (off + len != size)
+		die("a guest_memfd stand-in can only punch its tail");
+	if (ftruncate(fd, (off_t)off) || ftruncate(fd, (off_t)size))
+		die("truncating a guest_memfd stand-in: %s", strerror(errno));
 }
 
 /* ---- KHO core (kernel/liveupdate/kexec_handover.c) ---- */
@@ -318,7 +474,7 @@ NOINLINE int liveupdate_get_token_outgoing(struct liveupdate_session *s, struct 
 {
 	if (!file)
 		return -ENOENT;
-	*token = (s->id << 16) | (uint64_t)the_kvm.vm_fd;
+	*token = (s->id << 16) | (uint64_t)(the_kvm.vm_fd & 0xffff);
 	return 0;
 }
 
@@ -566,7 +722,7 @@ int main(int argc, char **argv)
 {
 	static struct session_spec sessions[MAX_SESSIONS];
 	static struct luo_file_set sets[MAX_SESSIONS];
-	const char *json_path = NULL;
+	const char *json_path = NULL, *gmem = NULL;
 	int nsessions = 0, i;
 
 	register_handlers();
@@ -577,11 +733,16 @@ int main(int argc, char **argv)
 			return 0;
 		} else if (!strcmp(argv[i], "--json") && i + 1 < argc) {
 			json_path = argv[++i];
+		} else if (!strcmp(argv[i], "--gmem") && i + 1 < argc) {
+			gmem = argv[++i];
 		} else if (!strcmp(argv[i], "--pause-ms") && i + 1 < argc) {
 			pause_ns = (long)(atof(argv[++i]) * 1e6);
 		} else if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
-			printf("usage: luo_model [--json FILE] [--pause-ms N] [--layout] OUTCOME:HANDLER:SIZE[:FAULT[=ARG]][,...] ...\n"
-			       "  OUTCOME kexec|cancel|discard|keep; HANDLER %s\n", handler_specs());
+			printf("usage: luo_model [--json FILE] [--pause-ms N] [--gmem auto|real|standin] [--layout]\n"
+			       "                 OUTCOME:HANDLER:SIZE[:FAULT[=ARG]][,...] ...\n"
+			       "  OUTCOME kexec|cancel|discard|keep; HANDLER %s\n"
+			       "  --gmem  guest_memfd files: real (/dev/kvm), standin (ramfs files, where KVM makes\n"
+			       "          no guest_memfd), auto (default; also $LUOTRACE_GMEM)\n", handler_specs());
 			puts(			     "  FAULT none|hwpoison=N|enomem|vmalloc_fail|token_enoent|pass_mismatch|\n"
 			     "        unbalanced_freeze|leak_unwind|late_fallocate[=N]|pfn0|holes=N|private_vm");
 			return 0;
@@ -607,12 +768,10 @@ int main(int argc, char **argv)
 	if (!nsessions)
 		die("no session given (try: luo_model kexec:gmem:8M cancel:gmem:4M)");
 
-	int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
-	if (kvm < 0)
-		die("open /dev/kvm: %s", strerror(errno));
-	the_kvm.vm_fd = ioctl(kvm, KVM_CREATE_VM, 0);
-	if (the_kvm.vm_fd < 0)
-		die("KVM_CREATE_VM: %s", strerror(errno));
+	the_kvm.vm_fd = -1;
+	gmem_choose(gmem);
+	if (gmem_standin)
+		fprintf(stderr, "luo_model: guest_memfd files are stand-ins (ramfs page-cache files): %s\n", gmem_why);
 	the_kvm.vm_file = &vm_file;
 
 	for (i = 0; i < nfiles; i++)
@@ -651,8 +810,11 @@ int main(int argc, char **argv)
 	FILE *o = stdout;
 	if (json_path && !(o = fopen(json_path, "w")))
 		die("open %s: %s", json_path, strerror(errno));
-	fprintf(o, "{\"model\": \"luo_model\", \"sessions_ns\": %lld, \"files\": [\n",
-		(long long)(t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec));
+	fprintf(o, "{\"model\": \"luo_model\", \"sessions_ns\": %lld, \"gmem\": {\"backing\": \"%s\", "
+		"\"why\": %s%s%s}, \"files\": [\n",
+		(long long)(t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec),
+		gmem_standin ? "standin" : "guest_memfd", gmem_standin ? "\"" : "",
+		gmem_standin ? gmem_why : "null", gmem_standin ? "\"" : "");
 	for (int s = 0; s < nsessions; s++)
 		for (i = sessions[s].first; i < sessions[s].first + sessions[s].n; i++)
 			json_file(o, &files[i], s + 1, sessions[s].outcome,

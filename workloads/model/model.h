@@ -81,6 +81,16 @@ struct model_file {
 };
 
 /*
+ * The backing of the model's guest_memfd files (luo_model.c): real ones made
+ * through /dev/kvm, or, where the host's KVM makes none (or --gmem standin),
+ * stand-ins: O_TMPFILEs of the ramfs at STANDIN_DIR, filled through faults.
+ */
+extern bool gmem_standin;
+int gmem_file(uint64_t size);                           /* a new file SIZE long */
+void gmem_alloc(int fd, uint64_t off, uint64_t len);    /* fallocate(KEEP_SIZE) */
+void gmem_punch(int fd, uint64_t off, uint64_t len, uint64_t size); /* PUNCH_HOLE */
+
+/*
  * A LUO file handler of the model: its operations carry the kernel's names so
  * that luotrace attaches to them as it would to the kernel's.  LUO offers a
  * file to every handler in registration order (lowest @order first).
@@ -99,6 +109,8 @@ struct model_handler {
 	/* Makes the real file: returns its fd, sets *alloc to the bytes to fallocate
 	 * and may set inode.flags and file.private_data. */
 	int (*create)(struct model_file *mf, uint64_t *alloc);
+	/* Allocates [off, off + len) of a file it made; NULL: fallocate(KEEP_SIZE). */
+	void (*alloc)(int fd, uint64_t off, uint64_t len);
 	bool (*can_preserve)(void *handler, struct file *file);
 	int (*preserve)(struct liveupdate_file_op_args *args);
 	int (*freeze)(struct liveupdate_file_op_args *args);

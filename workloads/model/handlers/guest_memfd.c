@@ -2,7 +2,8 @@
 /*
  * luo_model: the guest_memfd LUO file handler (patch "guest_memfd preservation
  * via LUO", virt/kvm/guest_memfd_luo.c, v1, and virt/kvm/guest_memfd.c), on
- * real guest_memfds made through /dev/kvm.
+ * real guest_memfds made through /dev/kvm, or on their stand-ins where the
+ * host's KVM makes none (gmem_file() in luo_model.c).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -25,17 +26,6 @@ struct guest_memfd_luo_ser {
 
 static struct kvm private_kvm = { .has_private_mem = true };  /* a KVM_X86_SW_PROTECTED_VM's */
 
-static int create_gmem(uint64_t size)
-{
-	struct kvm_create_guest_memfd g = { .size = size,
-		.flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED };
-	int fd = ioctl(the_kvm.vm_fd, KVM_CREATE_GUEST_MEMFD, &g);
-	if (fd < 0)
-		die("KVM_CREATE_GUEST_MEMFD(size=%llu, flags=MMAP|INIT_SHARED): %s",
-		    (unsigned long long)size, strerror(errno));
-	return fd;
-}
-
 static int gmem_create(struct model_file *mf, uint64_t *alloc)
 {
 	struct gmem_file *gfile = calloc(1, sizeof(*gfile));
@@ -47,7 +37,7 @@ static int gmem_create(struct model_file *mf, uint64_t *alloc)
 	/* a private VM's guest_memfd cannot be INIT_SHARED */
 	mf->inode.flags = mf->fault == F_PRIVATE ? 0 : GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
 	*alloc = mf->size;
-	return create_gmem(mf->size);
+	return gmem_file(mf->size);
 }
 
 NOINLINE void kvm_gmem_freeze(struct inode *inode, bool freeze)
@@ -105,8 +95,9 @@ NOINLINE bool kvm_gmem_luo_can_preserve(void *handler, struct file *file)
 }
 
 /* The reviewer's race: fallocate on the frozen inode.  Punch the last page and
- * allocate it again, through the real guest_memfd; the kernel's
- * filemap:mm_filemap_{delete_from,add_to}_page_cache tracepoints fire on it. */
+ * allocate it again, through the real guest_memfd (or its stand-in); the
+ * kernel's filemap:mm_filemap_{delete_from,add_to}_page_cache tracepoints
+ * fire on it. */
 static void late_fallocate(struct model_file *mf)
 {
 	uint64_t n = mf->fault_arg > 0 ? (uint64_t)mf->fault_arg : 1;  /* late_fallocate=N: the last N pages */
@@ -114,9 +105,8 @@ static void late_fallocate(struct model_file *mf)
 	if (n * PAGE_SZ > mf->size)
 		n = mf->size / PAGE_SZ;
 	first = (off_t)(mf->size - n * PAGE_SZ);
-	if (fallocate(mf->fd, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, first, (off_t)(n * PAGE_SZ)) ||
-	    fallocate(mf->fd, FALLOC_FL_KEEP_SIZE, first, (off_t)(n * PAGE_SZ)))
-		die("late fallocate: %s", strerror(errno));
+	gmem_punch(mf->fd, (uint64_t)first, n * PAGE_SZ, mf->size);
+	gmem_alloc(mf->fd, (uint64_t)first, n * PAGE_SZ);
 	mf->populated += n;
 }
 
@@ -253,9 +243,8 @@ NOINLINE int kvm_gmem_luo_retrieve(struct liveupdate_file_op_args *args)
 	struct stat st;
 	int fd;
 
-	fd = create_gmem(ser->size);
-	if (fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, (off_t)ser->size))
-		die("retrieve fallocate: %s", strerror(errno));
+	fd = gmem_file(ser->size);
+	gmem_alloc(fd, 0, ser->size);
 	for (uint64_t i = 0; i < ser->nr_folios; i++) {
 		if (kho_restore_folio(folios_ser[i].pfn * PAGE_SZ))
 			mf->folios_restored++;
@@ -306,6 +295,7 @@ static const struct model_handler guest_memfd = {
 	.ser_size = sizeof(struct guest_memfd_luo_ser),
 	.folio_ser_size = sizeof(struct guest_memfd_luo_folio_ser),
 	.create = gmem_create,
+	.alloc = gmem_alloc,
 	.can_preserve = kvm_gmem_luo_can_preserve,
 	.preserve = kvm_gmem_luo_preserve,
 	.freeze = kvm_gmem_luo_freeze,

@@ -1,0 +1,138 @@
+"""`luotrace serve` says when it is watching: /-/ready is 503 (with why)
+until every selected probe is attached and the first poll ran, then 200;
+luotrace_tracing goes 0 -> 1 with it; systemd hears READY=1 then STOPPING=1
+on a real notify socket.  An update started the moment /-/ready says 200 is
+counted exactly.  A Ctrl-C during the detach is never lost, and a second
+one quits at once."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+from tests.conftest import LUOTRACE, REPO, load_json
+from tests.test_prometheus import free_port
+from tests.test_serve_service import samples
+from tests.test_signals import bpf_prog_ids
+
+
+def get(url: str):
+    """(status, body), or None while nothing listens yet."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except (urllib.error.URLError, ConnectionError):
+        return None
+
+
+def tracing_value(base: str) -> float:
+    got = get(base + "/metrics")
+    assert got and got[0] == 200
+    return samples(got[1])["luotrace_tracing"]
+
+
+def test_ready_means_watching_and_an_update_at_once_is_counted(model, gmem, tmp_path):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    sock_path = str(tmp_path / "notify.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(sock_path)
+    notify.settimeout(60)
+    p = subprocess.Popen(LUOTRACE + ["serve", "--listen", f"127.0.0.1:{port}", "--model", model], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, NOTIFY_SOCKET=sock_path))
+    try:
+        seen_503 = []
+        end = time.monotonic() + 120
+        while True:
+            assert time.monotonic() < end and p.poll() is None, "serve never became ready"
+            got = get(base + "/-/ready")
+            if got and got[0] == 200:
+                break
+            if got:
+                assert got[0] == 503 and "starting" in got[1], got
+                seen_503.append(tracing_value(base))
+            time.sleep(0.05)
+        # the update starts the moment serve says it is ready
+        truth = tmp_path / "t.json"
+        subprocess.run([model, "--json", str(truth), "kexec:gmem:1M,memfd:512K", "cancel:gmem:256K"],
+                       check=True, capture_output=True)
+        assert seen_503 and set(seen_503) == {0.0}, "503 (and luotrace_tracing 0) before the probes were attached"
+        assert "tracing" in got[1]
+        assert tracing_value(base) == 1.0
+        assert get(base + "/-/healthy")[0] == 200
+        assert notify.recv(4096).decode().splitlines()[0] == "READY=1"
+        want = {"guest_memfd": 0, "memfd": 0}
+        for f in load_json(str(truth))["files"]:
+            want[f["handler"]] += f["folios_preserved"]
+        end = time.monotonic() + 10
+        while True:  # the next exposition (at most 2 x 0.5 s old) has the update
+            m = samples(get(base + "/metrics")[1])
+            have = {h: m.get(f'luotrace_folios_preserved_total{{handler="{h}"}}') for h in want}
+            if have == want or time.monotonic() > end:
+                break
+            time.sleep(0.2)
+        assert have == want == {"guest_memfd": 256 + 64, "memfd": 128}
+    finally:
+        p.send_signal(signal.SIGTERM)
+        _out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and "Traceback" not in err, err
+    assert notify.recv(4096).decode().splitlines()[0] == "STOPPING=1"
+    notify.close()
+
+
+def _serve_a_command(model: str, tmp_path) -> subprocess.Popen:
+    """serve tracing one model run; after it, serve would linger on the final state."""
+    port = free_port()
+    return subprocess.Popen(LUOTRACE + ["serve", "--listen", f"127.0.0.1:{port}", "--model", model, "--",
+                                        model, "kexec:gmem:256K"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _until_detaching(p: subprocess.Popen) -> str:
+    err = ""
+    while "draining and detaching" not in (line := p.stderr.readline()):
+        assert line, "serve ended before detaching: " + p.stderr.read()
+        err += line
+    return err
+
+
+def test_a_ctrl_c_during_the_detach_is_not_lost(model, gmem, tmp_path):
+    """The command ends, serve detaches (seconds for 30 uprobes): a Ctrl-C
+    then means stop after the detach, not linger until another one."""
+    p = _serve_a_command(model, tmp_path)
+    _until_detaching(p)
+    p.send_signal(signal.SIGINT)
+    _out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert "SIGINT while detaching" in err and "probes detached" in err
+    assert "serving the final state until Ctrl-C" not in err
+
+
+def test_a_second_ctrl_c_during_the_detach_quits_at_once(model, gmem, tmp_path):
+    """At once: the process ends (a child it leaves behind takes the kernel's
+    seconds of uprobe removal), and its programs are gone soon after."""
+    before = bpf_prog_ids()
+    p = _serve_a_command(model, tmp_path)
+    _until_detaching(p)
+    ours = bpf_prog_ids() - before
+    assert ours
+    p.send_signal(signal.SIGINT)
+    while "while detaching" not in (line := p.stderr.readline()):
+        assert line, "serve ended first"
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    _out, err = p.communicate(timeout=60)
+    assert time.monotonic() - t0 < 1  # a graceful detach of these 30 uprobes takes about 5 s here
+    assert p.returncode == 128 + signal.SIGINT
+    assert "SIGINT again: quitting" in err and "Traceback" not in err
+    end = time.monotonic() + 60
+    while bpf_prog_ids() & ours:
+        assert time.monotonic() < end, "the programs of a serve that quit mid-detach stayed loaded"
+        time.sleep(0.2)
