@@ -86,9 +86,14 @@ def test_bad_ringbuf_size(model, tmp_path):
         assert ("--lifecycle" in r.stderr) == (flag == "--lifecycle-ringbuf-pages"), r.stderr
 
 
-def test_doctor_as_root_passes_and_explains(root):
+def test_doctor_as_root_passes_and_explains(gmem):
+    from tracer.kvm import probe
     r = run_cli("doctor", "--model", MODEL)
     assert r.returncode == 0, r.stderr
+    # the capability probe's answer, in one line, whatever this host's KVM can do
+    line = next(ln for ln in r.stdout.splitlines() if " guest_memfd: " in ln)
+    assert line.startswith("ok   " if probe().ok else "no   ") and probe().why in line
+    assert ("stand-ins" in line) == gmem.standin
     assert "kvm_gmem_luo_preserve [required]: missing" in r.stdout
     assert "model: kho_preserve_folio [required]: ok" not in r.stdout
     assert "ok   model: kho_preserve_folio [required]: uprobe" in r.stdout

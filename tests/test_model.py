@@ -39,14 +39,18 @@ EXPECTED_ERRNO = {"private_vm": "ENOENT", "hwpoison": "EHWPOISON", "enomem": "EN
 
 
 # folio: counted from each file's serialized folio array (the default);
-# folio-latency: a program per kho_preserve_folio call (--folio-latency)
-@pytest.fixture(scope="module", params=["light", "folio", "folio-latency", "trace"])
+# folio-latency: a program per kho_preserve_folio call (--folio-latency);
+# folio-standin: guest_memfd stand-ins, on every host (this host's own
+# backing is what the others use: real guest_memfds where KVM makes them)
+@pytest.fixture(scope="module", params=["light", "folio", "folio-latency", "trace", "folio-standin"])
 def traced(request, model, gmem, tmp_path_factory):
     mode = request.param
     out = str(tmp_path_factory.mktemp(mode) / "model.luo")
     res, truth = run_model(mode.split("-")[0], SESSIONS, out, model=model, progress=lambda s: None,
-                           folio_latency=mode == "folio-latency")
-    return mode, res, truth, out
+                           folio_latency=mode == "folio-latency", gmem="standin" if mode.endswith("standin") else None)
+    want = "standin" if mode.endswith("standin") or gmem.standin else "guest_memfd"
+    assert truth["gmem"]["backing"] == res.report["gmem"]["backing"] == want
+    return mode.removesuffix("-standin"), res, truth, out
 
 
 def unknown_from_array(mode: str, t: dict) -> bool:

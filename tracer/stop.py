@@ -2,10 +2,10 @@
 both stop on them, once, and detach cleanly."""
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
-import time
 from typing import Dict
 
 
@@ -58,18 +58,36 @@ def quit_now(status: int) -> None:
     (seconds for thirty): a child left holding the fds waits for that, so
     that this process, and the shell waiting on it, end now.  The recording
     is left as cut (the reader says so)."""
-    parent = os.getpid()
-    try:
-        if os.fork() == 0:
-            try:
-                os.setsid()
-                null = os.open(os.devnull, os.O_RDWR)
-                for fd in (0, 1, 2):
-                    os.dup2(null, fd)  # the caller's pipes and terminal are released now
-                while os.getppid() == parent:  # the parent's exit must not be the last release
-                    time.sleep(0.01)
-            finally:
-                os._exit(0)
-    except OSError:
-        pass  # no fork: exit holding them
+    # libc's own calls, holding the GIL throughout: os.fork() would run
+    # Python's at-fork handlers, which wait on locks the detaching threads may
+    # hold, and any call that releases the GIL may find it locked for good in
+    # the child by a thread that no longer exists there.
+    _keep_only_probe_fds()
+    libc = ctypes.PyDLL(None)
+    parent = libc.getpid()
+    pid = libc.fork()
+    if pid == 0:
+        libc.setsid()
+        null = libc.open(b"/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            libc.dup2(null, fd)  # the caller's pipes and terminal are released now
+        while libc.getppid() == parent:  # the parent's exit must not be the last release
+            libc.usleep(10000)
+        libc._exit(0)
     os._exit(status)
+
+
+def _keep_only_probe_fds() -> None:
+    """Close every fd above stdio but the BPF and perf ones (anon inodes):
+    the listening socket and the recording must not outlive this process
+    in the child (a restarted serve would find its port taken)."""
+    try:
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    for fd in fds:
+        try:
+            if fd > 2 and not os.readlink(f"/proc/self/fd/{fd}").startswith("anon_inode:"):
+                os.close(fd)
+        except OSError:
+            pass

@@ -2,7 +2,9 @@
 
 Creates one VM and one guest_memfd (MMAP | INIT_SHARED) per size, pre-allocates
 each with fallocate(KEEP_SIZE), and prints what it made as JSON (inode, kernel
-dev, size, folios) so that tests and benchmarks know the ground truth.
+dev, size, folios) so that tests and benchmarks know the ground truth.  Where
+the host's KVM makes no guest_memfd (or $LUOTRACE_GMEM says so) the files are
+stand-ins (tracer/kvm.py), and "gmem" in the JSON says which.
 Options: ``--json FILE`` writes it to a file; ``--hold S`` keeps the files open
 for S seconds after populating; ``--punch`` punches a hole in the last page of
 each file and allocates it again (page-cache churn on a live inode).
@@ -14,6 +16,7 @@ import sys
 import time
 
 from .gmem import VM, GmemError
+from tracer.errors import LuotraceError
 from tracer.kvm_abi import PAGE_SIZE
 from .truth import parse_size as truth_size, write_truth
 
@@ -51,14 +54,14 @@ def main(argv=None) -> int:
                 if args.punch:
                     f.punch(f.size - PAGE_SIZE, PAGE_SIZE)
                     f.populate(f.size - PAGE_SIZE, PAGE_SIZE)
-            truth = {"populate_ns": elapsed, "populate_runs_ns": times,
+            truth = {"populate_ns": elapsed, "populate_runs_ns": times, "gmem": vm.backing.kind,
                      "files": [{"inode": f.ino, "dev": f.dev, "size_bytes": f.size,
                                 "folios": f.size // PAGE_SIZE * max(1, args.repeat) + (1 if args.punch else 0)}
                                for f in files]}
             write_truth(truth, args.json_path)
             if args.hold:
                 time.sleep(args.hold)
-    except GmemError as e:
+    except (GmemError, LuotraceError) as e:
         print(f"populate: {e}", file=sys.stderr)
         return 2
     return 0
