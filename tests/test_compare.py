@@ -119,3 +119,33 @@ def test_eight_against_eight_finds_a_4x_change_and_only_it(tmp_path, seed):
     res = cmp.compare(*cmp.load_sides(a + b, "patch"), seed=seed)
     assert res["changed"] == ["guest_memfd/count_pass"], [(r["phase"], r["delta"], r["p_holm"])
                                                           for r in res["phases"]]
+
+
+def test_runs_needed_is_never_below_what_the_family_test_needs(tmp_path):
+    """n = 2/2 and a +279 % count pass: the effect is huge, but with the
+    phases in one Holm family the test cannot reject below 6 a side; the
+    estimate says no fewer."""
+    a = make_side(tmp_path, "v2", range(2), files=1)
+    b = make_side(tmp_path, "v3", range(50, 52), files=1, phase_scale={"count_pass": 3.79})
+    res = cmp.compare(*cmp.load_sides(a + b, "patch"))
+    row = next(r for r in res["phases"] if r["phase"] == "count_pass")
+    m = sum(1 for r in res["phases"] if not r["total"])
+    need = int(row["note"].split("needs about ")[1].split()[0])
+    assert need >= cmp.smallest_n(0.05 / m)
+    assert cmp.min_p(need, need) * m < 0.05 <= cmp.min_p(need - 1, need - 1) * m or need > cmp.smallest_n(0.05 / m)
+    assert cmp.smallest_n(0.05 / 7) == 6 and cmp.smallest_n(0.05) == 4
+
+
+def test_a_phase_only_one_side_ran_is_listed_not_compared(tmp_path):
+    """B's revision dropped the freeze op: its luo_freeze is one-sided, and
+    the total row is marked as the total in the JSON."""
+    a = make_side(tmp_path, "rfc2", range(4))  # sorted first: side A
+    b = make_side(tmp_path, "v4", range(50, 54), freeze_op=False)
+    res = cmp.compare(*cmp.load_sides(a + b, "patch"))
+    assert res["one_sided"] == [{"handler": "guest_memfd", "phase": "luo_freeze", "side": "A", "n": 32,
+                                 "median": res["one_sided"][0]["median"]}]
+    assert not any(r["phase"] == "luo_freeze" for r in res["phases"])
+    totals = [r for r in res["phases"] if r["total"]]
+    assert [(r["handler"], r["phase"]) for r in totals] == [("guest_memfd", "preserve")]
+    assert totals[0]["verdict"].startswith("(total) ")
+    assert "luo_freeze       A only (n=32" in cmp.render(res)

@@ -120,10 +120,21 @@ def min_p(n_a: int, n_b: int) -> float:
     return min(1.0, 2.0 / math.comb(n_a + n_b, n_a)) if n_a and n_b else 1.0
 
 
+def smallest_n(alpha: float) -> int:
+    """The fewest samples a side (equal sides) with which Mann-Whitney can
+    give a p below ALPHA at all: no estimate may ask for fewer."""
+    n = 1
+    while min_p(n, n) >= alpha:
+        n += 1
+    return n
+
+
 def runs_needed(x: np.ndarray, y: np.ndarray, alpha: float, power: float = 0.8) -> Optional[int]:
     """Samples a side would need for the effect seen to be found at ALPHA with
     POWER: the normal approximation for a shift of log durations (Cohen's d),
-    divided by Mann-Whitney's efficiency 3/pi against the t test."""
+    divided by Mann-Whitney's efficiency 3/pi against the t test, and never
+    fewer than the test needs to reject at ALPHA whatever the effect (a huge
+    effect on n = 2 a side would otherwise say "about 1")."""
     from scipy.stats import norm
     lx, ly = np.log(np.maximum(x, 1.0)), np.log(np.maximum(y, 1.0))
     sd = math.sqrt((lx.var(ddof=1) * (len(lx) - 1) + ly.var(ddof=1) * (len(ly) - 1)) / (len(lx) + len(ly) - 2)) \
@@ -132,7 +143,7 @@ def runs_needed(x: np.ndarray, y: np.ndarray, alpha: float, power: float = 0.8) 
     if d == 0.0:
         return None
     n = 2 * (norm.ppf(1 - alpha / 2) + norm.ppf(power)) ** 2 / d ** 2 / (3 / math.pi)
-    return int(math.ceil(n))
+    return max(int(math.ceil(n)), smallest_n(alpha))
 
 
 def _warnings(a: Side, b: Side) -> List[str]:
@@ -164,6 +175,10 @@ def compare(a: Side, b: Side, seed: int = 0, min_change: float = MIN_CHANGE) -> 
     sa, sb = a.samples(), b.samples()
     order = ("preserve",) + LEAF_PHASES
     keys = sorted(set(sa) & set(sb), key=lambda k: (k[0], order.index(k[1])))
+    # a phase one side never ran (an op a revision dropped): listed, not compared against nothing
+    one_sided = [{"handler": k[0], "phase": k[1], "side": "A" if k in sa else "B", "n": len((sa if k in sa else sb)[k]),
+                  "median": float(np.median((sa if k in sa else sb)[k]))}
+                 for k in sorted(set(sa) ^ set(sb), key=lambda k: (k[0], order.index(k[1])))]
     leaf = [k for k in keys if k[1] != "preserve"]
     pvals = {k: mann_whitney_p(sa[k], sb[k]) for k in keys}
     adjusted = dict(zip(leaf, holm([pvals[k] for k in leaf])))
@@ -197,7 +212,9 @@ def compare(a: Side, b: Side, seed: int = 0, min_change: float = MIN_CHANGE) -> 
             need = runs_needed(x, y, ALPHA / (m if key in adjusted else 1))
             if need is not None and big_enough and delta is not None:
                 row["note"] = f"{row['note']}; the {100 * delta:+.0f} % seen needs about {need} samples a side"
-        row["verdict"] = "(total) " + verdict if key[1] == "preserve" else verdict
+        # preserve encloses the leaf phases: the handler's total, outside the Holm family
+        row["total"] = key not in adjusted
+        row["verdict"] = "(total) " + verdict if row["total"] else verdict
         rows.append(row)
     folio = []
     ha, hb = a.folio_hist(), b.folio_hist()
@@ -206,7 +223,8 @@ def compare(a: Side, b: Side, seed: int = 0, min_change: float = MIN_CHANGE) -> 
                       "p50_a_ns_le": _hist_quantile(ha[h], 0.5), "p50_b_ns_le": _hist_quantile(hb[h], 0.5),
                       "p99_a_ns_le": _hist_quantile(ha[h], 0.99), "p99_b_ns_le": _hist_quantile(hb[h], 0.99)})
     return {"schema": SCHEMA, "a": a.name, "b": b.name, "alpha": ALPHA, "min_change": min_change,
-            "bootstrap": BOOT, "unit": "ns", "phases": rows, "folio_latency": folio, "warnings": _warnings(a, b),
+            "bootstrap": BOOT, "unit": "ns", "phases": rows, "one_sided": one_sided, "folio_latency": folio,
+            "warnings": _warnings(a, b),
             "changed": [f"{r['handler']}/{r['phase']}" for r in rows if r["verdict"] in ("slower", "faster")]}
 
 
@@ -232,6 +250,9 @@ def render(res: dict) -> str:
                      f"{ci:>22} {r['p_holm']:9.3g}  {r['verdict']}")
         if r.get("note"):
             lines.append(f"{'':<30}{r['note']}")
+    for r in res.get("one_sided", []):
+        lines.append(f"{r['handler']:<12} {r['phase']:<16} {r['side']} only (n={r['n']}, median "
+                     f"{fmt_ns(int(r['median']))}): the other side never ran it, not compared")
     for f in res["folio_latency"]:
         lines.append(f"folio latency {f['handler']}: p50 <= {fmt_ns(int(f['p50_a_ns_le'] or 0))} -> "
                      f"{fmt_ns(int(f['p50_b_ns_le'] or 0))}, p99 <= {fmt_ns(int(f['p99_a_ns_le'] or 0))} -> "

@@ -58,6 +58,7 @@ class SimSpec:
     sample_every: int = 1
     seed: int = 0
     labels: Dict[str, str] = field(default_factory=dict)
+    freeze_op: bool = True  # False: the handler has no LUO freeze op (the series' latest revision)
 
 
 def parse_size(s: str) -> int:
@@ -178,7 +179,7 @@ def simulate(spec: SimSpec, output: str, progress=lambda s: None, force: bool = 
     ok = [ino for i, ino in enumerate(inos) if bad.get(i) not in ("error", "pass_count_mismatch")]
     ev.add("luo_file_freeze", EV_ENTRY, t, 0, 0, a2=session)
     ft = t + 1000
-    for ino in ok:
+    for ino in ok if spec.freeze_op else ():
         ft = ev.call("gmem_luo_freeze", ft + 200, int(20_000 * scale("luo_freeze")), ino, handler)
     ev.add("luo_file_freeze", EV_RETURN, ft + 500, 0, 0, 0, 0, 0, ft + 500 - t)
     t = ft + 1_000_000
