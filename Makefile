@@ -50,12 +50,16 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	@$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
 	@touch $@
 
-model: $(MODEL)
+model: $(MODEL) $(MODEL)-latest
 
 # The core and every file handler under handlers/ (each registers itself).
 MODEL_SRCS := workloads/model/luo_model.c $(sort $(wildcard workloads/model/handlers/*.c))
 $(MODEL): $(MODEL_SRCS) workloads/model/model.h workloads/model/kvm_abi.h
 	gcc -O2 -g -Wall -Wextra -fno-ipa-icf -o $@ $(MODEL_SRCS)
+
+# The guest_memfd handler as the series' later revisions have it (no freeze op).
+$(MODEL)-latest: $(MODEL_SRCS) workloads/model/model.h workloads/model/kvm_abi.h
+	gcc -O2 -g -Wall -Wextra -fno-ipa-icf -DLUO_REVISION_LATEST -o $@ $(MODEL_SRCS)
 
 demo: setup
 	$(VENV)/bin/luotrace demo

@@ -112,8 +112,14 @@ static __always_inline int file_arg2_entry(u64 *a, u16 probe, u32 handler)
 	return 0;
 }
 
-/* freeze(inode, bool): records the freeze state the population tracepoint checks. */
-static __always_inline int inode_freeze_entry(u64 *a, u16 probe, u32 handler)
+/* freeze(inode, bool): records the freeze state the population tracepoint
+ * checks.  With AT_RETURN a freeze counts once the call returns: the posted
+ * kvm_gmem_freeze() waits there for allocations already in flight (an SRCU
+ * grace period), and their folios are no race; an unfreeze counts from its
+ * start.  The inode being frozen waits here per thread for the return. */
+BPF_HASH(freezing, u32, struct fkey, 1024);
+
+static __always_inline int inode_freeze_entry(u64 *a, u16 probe, u32 handler, int at_return)
 {
 	struct luo_event e;
 	struct fkey k = {};
@@ -125,9 +131,27 @@ static __always_inline int inode_freeze_entry(u64 *a, u16 probe, u32 handler)
 	e.a0 = on;
 	if (!(e.flags & EVF_KEY_UNKNOWN)) {
 		k.handler = HANDLER_GUEST_MEMFD;   /* population keys are guest_memfd's */
-		frozen_set(&k, on);
+		if (on && at_return) {
+			u32 tid = bpf_get_current_pid_tgid();
+			freezing.update(&tid, &k);
+		} else {
+			frozen_set(&k, on);
+		}
 	}
 	emit(&e);
+	return 0;
+}
+
+static __always_inline int inode_freeze_return(void)
+{
+	u32 tid = bpf_get_current_pid_tgid();
+	struct fkey *pk = freezing.lookup(&tid), k;
+
+	if (!pk)
+		return 0;
+	k = *pk;
+	freezing.delete(&tid);
+	frozen_set(&k, 1);
 	return 0;
 }
 

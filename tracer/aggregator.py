@@ -82,6 +82,10 @@ class FileState:
     retrieved: bool = False
     retrieved_inode: Optional[int] = None
     vm_token: Optional[int] = None
+    # where the VM token was asked for: luo_freeze (the seed revision's freeze
+    # op) or preserve (later revisions); and the errno when the lookup failed
+    vm_token_in: Optional[str] = None
+    vm_token_errno: Optional[str] = None
     can_preserve: Optional[bool] = None
     streamed: Dict[str, int] = field(default_factory=dict)
     open_calls: Dict[str, int] = field(default_factory=dict)
@@ -369,8 +373,12 @@ class Aggregator:
         elif role == "luo_freeze":
             self._op_phase(st, "luo_freeze", start, dur, ret)
         elif role == "token":
+            st.vm_token_in = next((catalog.BY_NAME[n].role for n in st.open_calls
+                                   if catalog.BY_NAME[n].role in ("preserve", "luo_freeze")), None)
             if ret == 0:
-                st.vm_token = int(ev["a0"])
+                st.vm_token, st.vm_token_errno = int(ev["a0"]), None
+            else:
+                st.vm_token_errno = errno_name(ret)
         elif role == "unpreserve":
             st.add_phase(Phase("unpreserve", start, dur))
             if st.result != "error":

@@ -200,9 +200,10 @@ PROBES: Tuple[Probe, ...] = (
           help="verdict per file: private-mem VMs and large-folio mappings are refused"),
     _op("gmem_preserve", "kvm_gmem_luo_preserve", "guest_memfd", "preserve", required=True,
         help="whole preserve: freeze, count pass, vcalloc, fill pass, vmalloc"),
-    Probe("gmem_freeze_inode", "kvm_gmem_freeze", "guest_memfd", "freeze_inode", kind="entry",
-          required=True, entry={"a0": "freeze"},
-          help="inode freeze (true) / unfreeze (false); blocks fallocate and faults"),
+    Probe("gmem_freeze_inode", "kvm_gmem_freeze", "guest_memfd", "freeze_inode", kind="function",
+          required=True, entry={"a0": "freeze"}, ret={},
+          help="inode freeze (true) / unfreeze (false); blocks fallocate and faults.  A freeze counts from its "
+               "return (it waits for allocations in flight), an unfreeze from its start"),
     Probe("gmem_walk", "kvm_gmem_luo_walk_folios", "guest_memfd", "walk",
           entry={"a0": "end_index", "a1": "fill"}, ret={"a0": "count", "a1": "fill"},
           help="pass 1 (count, folios_ser NULL) and pass 2 (fill); static, may be inlined"),
@@ -280,6 +281,44 @@ PROBES: Tuple[Probe, ...] = (
           help="each page of a handler's serialized folio array, inside kho_preserve_vmalloc: its 256 "
                "entries are counted and checked (pfn 0) in one program run, no event"),
 )
+
+@dataclass(frozen=True)
+class Revision:
+    """A revision of a handler's patch series, told apart by the ops the
+    traced code has: ``has`` are probes only it (of those listed) has,
+    ``lacks`` probes it dropped.  doctor names the revision a kernel looks
+    like, and a probe some revision dropped is never required of a kernel
+    that looks like that revision."""
+    handler: str
+    name: str
+    has: Tuple[str, ...] = ()
+    lacks: Tuple[str, ...] = ()
+    help: str = ""
+
+
+# The guest_memfd LUO series (../shared/kernel/NOTES.md §8; the lane builds
+# each as workloads/vm/series/<name>).
+REVISIONS: Tuple[Revision, ...] = (
+    Revision("guest_memfd", "seed", has=("gmem_luo_freeze",),
+             help="RFC v2 (5 June 2026) to v4: a freeze op, kvm_gmem_luo_freeze, takes the VM token just before kexec"),
+    Revision("guest_memfd", "latest", lacks=("gmem_luo_freeze",),
+             help="later tree states: no freeze op; preserve takes the VM token itself (-ENOENT while the VM file "
+                  "is not in the session)"),
+)
+DROPPED_BY: Dict[str, Tuple[str, ...]] = {}  # probe -> the revisions that dropped it
+for _r in REVISIONS:
+    for _p in _r.lacks:
+        DROPPED_BY[_p] = DROPPED_BY.get(_p, ()) + (_r.name,)
+
+
+def revision_of(handler: str, present: Iterable[str]) -> Optional[Revision]:
+    """The revision of HANDLER whose ops match the probes PRESENT (names), if one does."""
+    have = set(present)
+    for r in REVISIONS:
+        if r.handler == handler and set(r.has) <= have and not set(r.lacks) & have:
+            return r
+    return None
+
 
 PROBE_IDS: Dict[str, int] = {p.name: i for i, p in enumerate(PROBES)}
 BY_NAME: Dict[str, Probe] = {p.name: p for p in PROBES}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from . import kernel
-from .catalog import FILE_HANDLERS
+from .catalog import BY_NAME, DROPPED_BY, FILE_HANDLERS, HANDLER_BY_NAME, REVISIONS, revision_of
 from .errors import LuotraceError
 from .loader import Options, ProbeStatus, plan, select_handlers
 
@@ -96,10 +96,30 @@ def run(model: Optional[str] = None) -> List[Check]:
         for s in statuses:
             ok = s.status == "planned"
             detail = f"{s.strategy}" if ok else f"{s.status}: {s.reason}"
-            req = " [required]" if s.required else ""
+            dropped = DROPPED_BY.get(s.name)
+            req = (f" [required; dropped in {', '.join(dropped)}]" if dropped else " [required]") if s.required else ""
             checks.append(Check(f"{target}: {s.symbol}{req}", ok, detail, essential=False))
+        checks += _revisions(target, statuses)
         checks.append(_verdict(target, statuses, m, primary=(target == "model") == bool(model)))
     return checks
+
+
+def _revisions(target: str, statuses: List[ProbeStatus]) -> List[Check]:
+    """Which ops each file handler has here, and the revision of its series
+    that looks like (an op a revision dropped is no failure)."""
+    present = {s.name for s in statuses if s.status == "planned"}
+    out = []
+    for h in sorted({r.handler for r in REVISIONS}):
+        if HANDLER_BY_NAME[h].preserve not in present:
+            continue
+        ops = [s for s in statuses if s.handler == h and BY_NAME[s.name].role not in ("walk", "freeze_inode")]
+        have = ", ".join(BY_NAME[s.name].role for s in ops if s.name in present)
+        lack = ", ".join(BY_NAME[s.name].role for s in ops if s.name not in present)
+        rev = revision_of(h, present)
+        detail = f"ops here: {have}" + (f"; absent: {lack}" if lack else "")
+        detail += f"; looks like revision {rev.name} ({rev.help})" if rev else "; matches no known revision"
+        out.append(Check(f"{target}: {h} revision", rev is not None, detail, essential=False))
+    return out
 
 
 def _verdict(target: str, statuses: List[ProbeStatus], model: Optional[str], primary: bool) -> Check:

@@ -286,10 +286,19 @@ def _signatures(probes: List[Probe], strategy: Dict[str, str]) -> Dict[str, tupl
 
 
 def _required_missing(statuses: List[ProbeStatus], opts: Options) -> Optional[ProbeStatus]:
+    """The first required probe that cannot be attached; an op a revision of
+    its handler dropped is not required where the code looks like that
+    revision (it is marked absent, with the revision, instead)."""
+    present = {s.name for s in statuses if s.status in ("planned", "attached")}
     for s in statuses:
         unused = s.status == "skipped" and catalog.BY_NAME[s.name].source  # the other folio source's
-        if s.required and s.status not in ("planned", "attached") and not unused:
-            return s
+        if not s.required or s.status in ("planned", "attached") or unused:
+            continue
+        rev = catalog.revision_of(s.handler, present)
+        if rev is not None and s.name in rev.lacks:
+            s.status, s.reason = "absent", f"{s.symbol} is not in the {rev.name} revision of {s.handler}"
+            continue
+        return s
     return None
 
 

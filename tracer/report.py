@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from . import anomalies
 from .aggregator import FINAL_RESULTS, Aggregator, FileState, Key
 from .abi import SER_DEV
-from .catalog import HANDLER_BY_NAME, HANDLER_NAMES, HANDLERS, PHASE_ORDER, POPULATED
+from .catalog import HANDLER_BY_NAME, HANDLER_NAMES, HANDLERS, PHASE_ORDER, POPULATED, PROBES
 from .events import errno_name
 from .totals import Totals
 
@@ -34,6 +34,10 @@ def _merge_ser_rows(agg: Aggregator, rows: List[dict]) -> Dict[Tuple[int, int, i
     return out
 
 
+# handlers whose inode freeze is always traced (a required probe): a preserve
+# that never froze its inode never reached its walks
+FREEZE_TRACED = frozenset(p.handler for p in PROBES if p.role == "freeze_inode" and p.required)
+
 # a file folio mode saw no folio call for, when its counts come from the array
 EMPTY_FOLIO_ROW = {"preserved": 0, "preserve_errors": 0, "unpreserved": 0, "restored": 0, "discarded": 0,
                    "pfn_zero": 0, "array_walked": 0, "array_unread": 0}
@@ -55,6 +59,8 @@ def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optio
         preserved = folio["preserved"] if folio is not None else 0
     elif preserve is None:
         preserved = 0  # never got to its handler's preserve (refused by every handler)
+    elif st.handler in FREEZE_TRACED and not st.freeze_log:
+        preserved = 0  # failed before freezing the inode, which comes before any walk (e.g. its VM token)
     elif not HANDLER_BY_NAME[st.handler].walk_counts_on_error and st.failed_phase == "preserve":
         preserved = None  # light mode: its walk (memfd_luo_preserve_folios) reports no count on error
     elif st.fill_count is not None:
@@ -87,6 +93,8 @@ def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optio
         "errno": st.errno,
         "failed_phase": st.failed_phase,
         "vm_token": st.vm_token,
+        "vm_token_in": st.vm_token_in,
+        "vm_token_errno": st.vm_token_errno,
         "retrieved_inode": st.retrieved_inode,
         "preserve": {"start_ns": preserve.start_ns - base, "duration_ns": preserve.duration_ns} if preserve else None,
         "phases": [p.to_json(base) for p in phases],

@@ -4,7 +4,8 @@
 BODY_ENTRY(gmem_can_preserve) { return file_arg2_entry(a, PROBE_gmem_can_preserve, HANDLER_GUEST_MEMFD); }
 BODY_RETURN(gmem_can_preserve, KEEP_CUR, RET_PLAIN)
 ARGS_OP(gmem_preserve, HANDLER_GUEST_MEMFD, ROLE_PRESERVE, KEY_BY_FILE, RET_SER)
-BODY_ENTRY(gmem_freeze_inode) { return inode_freeze_entry(a, PROBE_gmem_freeze_inode, HANDLER_GUEST_MEMFD); }
+BODY_ENTRY(gmem_freeze_inode) { return inode_freeze_entry(a, PROBE_gmem_freeze_inode, HANDLER_GUEST_MEMFD, 1); }
+static __always_inline int gmem_freeze_inode_return_body(u64 rc) { return inode_freeze_return(); }
 /* walk(mapping, end_index, folios_ser, out_count): keep out_count for the return */
 BODY_ENTRY(gmem_walk) { return attributed_entry(PROBE_gmem_walk, a[3], a[1], a[2] ? 1 : 0, 0, EV_ENTRY); }
 BODY_RETURN(gmem_walk, KEEP_CUR, RET_OUT_COUNT)

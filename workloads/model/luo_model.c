@@ -533,6 +533,9 @@ NOINLINE int luo_file_freeze(struct luo_file_set *set, void *ser)
 	for (int i = 0; i < set->n; i++) {
 		struct model_file *mf = set->files[i];
 		int err;
+
+		if (!mf->handler->freeze)
+			continue;       /* a revision without the op (LUO skips it) */
 		cur = mf;
 		err = mf->handler->freeze(&mf->args);
 		if (err) {

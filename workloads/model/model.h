@@ -113,7 +113,7 @@ struct model_handler {
 	void (*alloc)(int fd, uint64_t off, uint64_t len);
 	bool (*can_preserve)(void *handler, struct file *file);
 	int (*preserve)(struct liveupdate_file_op_args *args);
-	int (*freeze)(struct liveupdate_file_op_args *args);
+	int (*freeze)(struct liveupdate_file_op_args *args);    /* NULL: none (a revision dropped it) */
 	void (*unpreserve)(struct liveupdate_file_op_args *args);
 	int (*retrieve)(struct liveupdate_file_op_args *args);
 	void (*finish)(struct liveupdate_file_op_args *args);

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds a Linux 7.2 kernel with LUO/KHO, KVM, BPF, BTF and kprobes for
-# luotrace's real-kernel lane (make vm-kernel), with the kernel patches in
-# workloads/vm/patches/ applied (the guest_memfd LUO handler under review and
-# what it needs; each patch's header says what it adds).
+# luotrace's real-kernel lane (make vm-kernel), with one patch series
+# applied: SERIES (default seed) names workloads/vm/series/$SERIES, a list of
+# patches from workloads/vm/patches/ (the guest_memfd LUO handler under review
+# as one revision has it, and what it needs; each patch's header says what it
+# adds and which revision's facts it follows).
 #
 # Source: Debian unstable's linux-source-7.2, fetched with apt using its own
 # sources list and state directory (the machine's apt configuration is left
@@ -14,8 +16,10 @@
 #                               rebuilds only what an edited patch touches
 #   build-<version>-<config>/   the O= build tree (one cold build, ~40 min on
 #                               2 cores; then incremental)
-#   kernel-<version>-<config>-<patches>/bzImage, config, selftests/
-#                               the result, keyed by config and patch hashes
+#   kernel-<version>-<config>-<series>-<patches>/bzImage, config, selftests/
+#                               the result, keyed by config and patch hashes:
+#                               each series' kernel is kept, and switching
+#                               series rebuilds only what its patches touch
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${LUOTRACE_VM_CACHE:-/var/cache/luotrace}
@@ -47,13 +51,19 @@ if [ ! -f "$src/Makefile" ]; then
   rm -rf "$cache/unpack"
 fi
 frag="$src/tools/testing/selftests/liveupdate/config"
-patches=("$here"/patches/*.patch)
-[ -e "${patches[0]}" ] || patches=()
+series=${SERIES:-seed}
+[ -f "$here/series/$series" ] || { note "no series '$series' (have: $(ls "$here/series" | tr '\n' ' '))"; exit 1; }
+patches=()
+while read -r p; do
+  case "$p" in ''|'#'*) continue ;; esac
+  [ -f "$here/patches/$p" ] || { note "series $series names $p, which is not in workloads/vm/patches"; exit 1; }
+  patches+=("$here/patches/$p")
+done < "$here/series/$series"
 cfghash=$(cat "$here/luo.config" "$frag" "$src/kernel/configs/kvm_guest.config" | sha256sum | cut -c1-12)
 phash=$( (echo "$version"; cat /dev/null "${patches[@]}") | sha256sum | cut -c1-12)
 build="$cache/build-$version-$cfghash"
 tree="$cache/tree-$version"
-out="$cache/kernel-$version-$cfghash-$phash"
+out="$cache/kernel-$version-$cfghash-$series-$phash"
 
 # The kernel's own LUO selftests, built against this tree's uapi headers.
 selftests() {
@@ -125,6 +135,7 @@ mkdir -p "$out"
 cp "$build/arch/x86/boot/bzImage" "$out/bzImage.tmp" && mv "$out/bzImage.tmp" "$out/bzImage"
 cp "$build/.config" "$out/config"
 printf '%s\n' "${patches[@]##*/}" > "$out/patches"
+echo "$series" > "$out/series"
 note "built in $(( $(date +%s) - start )) s: $out/bzImage"
 selftests
 echo "$out"

@@ -4,6 +4,11 @@
  * via LUO", virt/kvm/guest_memfd_luo.c, v1, and virt/kvm/guest_memfd.c), on
  * real guest_memfds made through /dev/kvm, or on their stand-ins where the
  * host's KVM makes none (gmem_file() in luo_model.c).
+ *
+ * Built with -DLUO_REVISION_LATEST (luo_model-latest), it is the series as
+ * its later revisions have it (workloads/vm/series/latest): no freeze op,
+ * preserve takes the VM token itself, can_preserve needs INIT_SHARED, the
+ * unwind skips pfn 0.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -89,6 +94,10 @@ NOINLINE bool kvm_gmem_luo_can_preserve(void *handler, struct file *file)
 	if (file->f_inode->i_sb->s_magic != GUEST_MEMFD_MAGIC)
 		return false;
 	gmem_file = file->private_data;
+#ifdef LUO_REVISION_LATEST
+	if (!gmem_file || !(file->f_inode->flags & GUEST_MEMFD_FLAG_INIT_SHARED))
+		return false;
+#endif
 	if (gmem_file->kvm->has_private_mem)
 		return false;
 	return true;
@@ -115,10 +124,19 @@ NOINLINE int kvm_gmem_luo_preserve(struct liveupdate_file_op_args *args)
 	struct guest_memfd_luo_folio_ser *folios_ser = NULL;
 	struct inode *inode = args->file->f_inode;
 	struct guest_memfd_luo_ser *ser;
-	uint64_t count = 0, abi_flags = 0, end_index;
+	uint64_t count = 0, abi_flags = 0, end_index, vm_token = 0;
 	int64_t size;
 	int err = 0;
 
+#ifdef LUO_REVISION_LATEST
+	struct gmem_file *gmem_file = args->file->private_data;
+
+	/* the VM file must be in the session: -ENOENT before it is */
+	err = liveupdate_get_token_outgoing(args->session,
+					    cur->fault == F_TOKEN ? NULL : gmem_file->kvm->vm_file, &vm_token);
+	if (err)
+		return err;
+#endif
 	kvm_gmem_freeze(inode, true);
 	size = inode->i_size;
 	if (!size || size % (int64_t)PAGE_SZ) {
@@ -146,7 +164,7 @@ NOINLINE int kvm_gmem_luo_preserve(struct liveupdate_file_op_args *args)
 	ser->size = (uint64_t)size;
 	ser->flags = abi_flags;
 	ser->nr_folios = count;
-	ser->vm_token = 0;
+	ser->vm_token = vm_token;
 
 	if (count > 0) {
 		folios_ser = cur->fault == F_ENOMEM || cur->fault == F_UNBALANCED_FREEZE
@@ -179,8 +197,13 @@ NOINLINE int kvm_gmem_luo_preserve(struct liveupdate_file_op_args *args)
 	return 0;
 
 err_unpreserve_unlocked:
-	for (long i = (long)count - 1; i >= (cur->fault == F_LEAK_UNWIND ? 1 : 0); i--)
+	for (long i = (long)count - 1; i >= (cur->fault == F_LEAK_UNWIND ? 1 : 0); i--) {
+#ifdef LUO_REVISION_LATEST
+		if (!folios_ser[i].pfn)
+			continue;
+#endif
 		kho_unpreserve_folio(&inode->i_mapping->folios[i]);
+	}
 	vfree(folios_ser);
 err_free_ser:
 	kho_unpreserve_free(ser);
@@ -189,6 +212,7 @@ err_unfreeze_inode:
 	return err;
 }
 
+#ifndef LUO_REVISION_LATEST
 NOINLINE int kvm_gmem_luo_freeze(struct liveupdate_file_op_args *args)
 {
 	struct guest_memfd_luo_ser *ser;
@@ -209,6 +233,7 @@ NOINLINE int kvm_gmem_luo_freeze(struct liveupdate_file_op_args *args)
 	ser->vm_token = vm_token;
 	return 0;
 }
+#endif
 
 NOINLINE void kvm_gmem_luo_unpreserve(struct liveupdate_file_op_args *args)
 {
@@ -298,7 +323,9 @@ static const struct model_handler guest_memfd = {
 	.alloc = gmem_alloc,
 	.can_preserve = kvm_gmem_luo_can_preserve,
 	.preserve = kvm_gmem_luo_preserve,
+#ifndef LUO_REVISION_LATEST
 	.freeze = kvm_gmem_luo_freeze,
+#endif
 	.unpreserve = kvm_gmem_luo_unpreserve,
 	.retrieve = kvm_gmem_luo_retrieve,
 	.finish = kvm_gmem_luo_finish,
