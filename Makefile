@@ -12,7 +12,7 @@ KREL := $(shell uname -r)
 APT_PACKAGES := python3-bpfcc bpfcc-tools bpftrace bpftool linux-headers-amd64 build-essential dwarves \
                 python3-venv prometheus prometheus-pushgateway prometheus-node-exporter util-linux
 
-.PHONY: setup apt headers mounts venv model demo check test bench soak install-service docs clean vm-deps vm-kernel vmtest
+.PHONY: setup apt headers mounts venv model demo check test bench soak install-service docs clean vm-deps vm-kernel vmtest vmtest-ab
 
 setup: apt headers mounts venv model
 
@@ -101,11 +101,20 @@ vm-deps: setup
 	if [ -n "$$missing" ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; fi
 	@$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[vm]'
 
+# SERIES names workloads/vm/series/<name> (seed, latest, racy); each series'
+# kernel is cached, and switching rebuilds only what its patches touch.
+SERIES ?= seed
 vm-kernel: vm-deps
-	bash workloads/vm/build-kernel.sh
+	SERIES=$(SERIES) bash workloads/vm/build-kernel.sh
 
 vmtest: vm-kernel
-	bash workloads/vm/vmtest.sh
+	SERIES=$(SERIES) bash workloads/vm/vmtest.sh
+
+# The same workload on two series' kernels, compared: make vmtest-ab A=seed B=latest
+A ?= seed
+B ?= latest
+vmtest-ab: vm-deps
+	A=$(A) B=$(B) bash workloads/vm/vmtest-ab.sh
 
 docs: venv
 	$(PY) -m tracer.docs

@@ -1,0 +1,81 @@
+"""Host-side checks of `make vmtest-ab` (not part of `make test`): two
+series' kernels ran the same workload (workloads/vm/ab.py); each side's
+doctor names its revision and fails nothing, every scenario's errno is what
+userspace got, the race check ran on each side, and compare left its JSON
+and plot per size."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+OUT = os.environ.get("LUOTRACE_VM_AB_OUT", "/tmp/luotrace-ab")
+SIDES = [os.environ.get("A", "seed"), os.environ.get("B", "latest")]
+# the revision each series looks like to the catalog (racy is the seed with another freeze)
+REVISION = {"seed": "seed", "racy": "seed", "latest": "latest"}
+# series whose kvm_gmem_freeze waits for allocations in flight: no folio may enter a frozen inode
+GRACE_PERIOD = {"seed", "latest"}
+
+
+def load(*parts: str):
+    with open(os.path.join(OUT, *parts)) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_each_side_ran_whole(side):
+    done = load(side, "done.json")
+    assert done["series"] == side and all(rc == 0 for rc in done["exit"].values()), done
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_doctor_names_the_revision_and_fails_nothing(side):
+    text = open(os.path.join(OUT, side, "doctor.txt")).read()
+    assert "FAIL" not in text, text
+    line = next(ln for ln in text.splitlines() if "kernel: guest_memfd revision" in ln)
+    assert f"looks like revision {REVISION.get(side, '')}" in line, line
+    print(f"{side}: {line}")
+
+
+def races(side: str):
+    """Per racer run: (preserve errno, folios the racer added to the frozen inode as luotrace saw them)."""
+    rep, truth = load(side, "scenarios-report.json"), load(side, "scenarios.json")
+    files = {f["inode"]: f for f in rep["files"]}
+    out = []
+    for t in truth["files"]:
+        if t["scenario"] != "race":
+            continue
+        f = files[t["inode"]]
+        late = [a for a in f["anomalies"] if a["code"] == "folio_added_while_frozen"]
+        out.append((t["errno"], sum(a.get("count") or 1 for a in late), t["racer"]))
+    return out
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_scenarios_give_what_userspace_got_and_the_race_check_ran(side):
+    rep, truth = load(side, "scenarios-report.json"), load(side, "scenarios.json")
+    files = {f["inode"]: f for f in rep["files"]}
+    for t in truth["files"]:
+        f = files[t["inode"]]
+        assert f["errno"] == t["errno"], (t, f)
+        if REVISION.get(side) == "latest" and f["result"] not in ("rejected",) and f["preserve"]:
+            assert f["vm_token_in"] == "preserve" and f["vm_token"], f  # no freeze op: preserve took it
+        assert not any(p["name"] == "luo_freeze" for p in f["phases"])  # no kexec in this workload
+    runs = races(side)
+    held = sum(1 for _e, late, _r in runs if not late)
+    print(f"{side}: race: the freeze held in {held} of {len(runs)} runs; folios added while frozen per run: "
+          f"{[late for _e, late, _r in runs]}; racer refused (EPERM) per run: {[r['refused'] for _e, _l, r in runs]}")
+    assert len(runs) == load(side, "done.json")["races"]
+    if side in GRACE_PERIOD:
+        assert held == len(runs), runs  # the grace period: nothing in flight adds after the freeze returns
+
+
+@pytest.mark.parametrize("size", ["64M", "256M"])
+def test_compare_left_its_json_and_plot(size):
+    res = load(f"compare-{size}.json")
+    rows = {(r["handler"], r["phase"]): r for r in res["phases"]}
+    assert ("guest_memfd", "preserve") in rows and rows[("guest_memfd", "preserve")]["total"]
+    assert all(r["n_a"] >= 8 and r["n_b"] >= 8 for r in res["phases"]), res["phases"]
+    assert open(os.path.join(OUT, f"compare-{size}.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    print(open(os.path.join(OUT, f"compare-{size}.txt")).read())

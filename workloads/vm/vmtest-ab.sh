@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# make vmtest-ab A=seed B=latest: the same workload on two series' kernels
+# (workloads/vm/ab.py inside each), then luotrace compare of the two sides per
+# size (--json and a plot) and the race check per side, asserted on the host
+# by tests/vm_ab.py.  Results in $LUOTRACE_VM_AB_OUT (default /tmp/luotrace-ab).
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/../.." && pwd)
+A=${A:-seed} B=${B:-latest}
+[ "$A" != "$B" ] || { echo "vmtest-ab: A and B are both $A: name two series" >&2; exit 1; }
+out=${LUOTRACE_VM_AB_OUT:-/tmp/luotrace-ab}
+rm -rf "$out" && mkdir -p "$out"
+src=${LUOTRACE_VM_SRC:-/tmp/luotrace-vmtest-src}
+rsync -a --delete --exclude /.venv --exclude /.git "$repo/" "$src/"
+export PATH="$repo/.venv/bin:$PATH"
+start=$(date +%s)
+for side in "$A" "$B"; do
+  kdir=$(SERIES=$side bash "$repo/workloads/vm/build-kernel.sh")
+  echo "vmtest-ab: $side: booting $kdir" >&2
+  t0=$(date +%s)
+  for attempt in 1 2; do  # a TCG boot now and then dies before userspace: retried once
+    vng --verbose --run "$kdir/bzImage" --disable-kvm --cpus 2 --memory 4G --user root --append "liveupdate=1" \
+      --rwdir "$out" --qemu-opts="-cpu max" \
+      --exec "cd $src && $repo/.venv/bin/python -m workloads.vm.ab $out $side" \
+      > "$out/console-$side.log" 2>&1 || true
+    [ -s "$out/$side/done.json" ] && break
+    echo "vmtest-ab: $side: the guest died before finishing (attempt $attempt); console: $out/console-$side.log" >&2
+  done
+  echo "vmtest-ab: $side: guest run took $(( $(date +%s) - t0 )) s" >&2
+done
+for size in 64M 256M; do
+  "$repo/.venv/bin/luotrace" compare "$out/$A/bench-$size.luo" "$out/$B/bench-$size.luo" \
+    --json --plot "$out/compare-$size.png" > "$out/compare-$size.json" || true
+  "$repo/.venv/bin/luotrace" compare "$out/$A/bench-$size.luo" "$out/$B/bench-$size.luo" > "$out/compare-$size.txt" || true
+done
+for side in "$A" "$B"; do
+  "$repo/.venv/bin/luotrace" report --json "$out/$side/scenarios.luo" > "$out/$side/scenarios-report.json" || true
+done
+echo "vmtest-ab: both sides in $(( $(date +%s) - start )) s" >&2
+LUOTRACE_VM_AB_OUT="$out" A="$A" B="$B" "$repo/.venv/bin/pytest" -q -s "$repo/tests/vm_ab.py"
