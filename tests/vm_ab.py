@@ -61,7 +61,12 @@ def test_scenarios_give_what_userspace_got_and_the_race_check_ran(side):
         assert f["errno"] == t["errno"], (t, f)
         if REVISION.get(side) == "latest" and f["result"] not in ("rejected",) and f["preserve"]:
             assert f["vm_token_in"] == "preserve" and f["vm_token"], f  # no freeze op: preserve took it
-        assert not any(p["name"] == "luo_freeze" for p in f["phases"])  # no kexec in this workload
+        assert not any(p["name"] == "luo_freeze" for p in f["phases"])  # no kexec in this boot
+        if t["scenario"] == "novm":  # the VM file was never put in the session
+            if REVISION.get(side) == "latest":
+                assert (f["result"], f["errno"], f["vm_token_errno"]) == ("error", "ENOENT", "ENOENT"), f
+            else:
+                assert f["result"] == "cancelled" and f["vm_token_in"] is None, f  # no kexec: no freeze op ran
     runs = races(side)
     held = sum(1 for _e, late, _r in runs if not late)
     print(f"{side}: race: the freeze held in {held} of {len(runs)} runs; folios added while frozen per run: "
@@ -69,6 +74,40 @@ def test_scenarios_give_what_userspace_got_and_the_race_check_ran(side):
     assert len(runs) == load(side, "done.json")["races"]
     if side in GRACE_PERIOD:
         assert held == len(runs), runs  # the grace period: nothing in flight adds after the freeze returns
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_across_the_kexec_the_token_is_taken_where_the_revision_takes_it(side):
+    rep, held = load(side, "update-report.json"), load(side, "held.json")
+    files = {f["inode"]: f for f in rep["files"]}
+    assert len(rep["boots"]) == 2 and rep["kexec_ns"], rep["boots"]
+    results = sorted(files[t["inode"]]["result"] for t in held["files"])
+    assert results == ["discarded", "retrieved", "retrieved"], results
+    for t in held["files"]:
+        f = files[t["inode"]]
+        freeze = [p for p in f["phases"] if p["name"] == "luo_freeze"]
+        want = "preserve" if REVISION.get(side) == "latest" else "luo_freeze"
+        assert f["vm_token_in"] == want and f["vm_token"] == t["vm_token"], f
+        assert bool(freeze) == (want == "luo_freeze"), f["phases"]  # no empty freeze phase where the op is gone
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_the_model_of_each_revision_agrees_with_its_kernel(side):
+    """Where they differ the kernel is right: every difference is a known one."""
+    res = load(side, "model-vs-kernel.json")
+    assert res, "nothing compared"
+    print(f"{side}: " + open(os.path.join(OUT, side, "model-vs-kernel.txt")).read())
+    for name, r in res.items():
+        assert all(d["explained"] for d in r["differences"]), (name, r["differences"])
+
+
+def test_a_phase_one_revision_dropped_is_listed_one_sided():
+    res = load("compare-update.json")
+    one = {(r["handler"], r["phase"]): r["side"] for r in res["one_sided"]}
+    a, b = (REVISION.get(s) for s in SIDES)
+    if a != b:
+        assert one.get(("guest_memfd", "luo_freeze")) == ("A" if b == "latest" else "B"), res["one_sided"]
+    print(open(os.path.join(OUT, "compare-update.txt")).read())
 
 
 @pytest.mark.parametrize("size", ["64M", "256M"])

@@ -25,6 +25,10 @@ Scenarios (SIZE overrides the size of the first guest_memfd, e.g. bench:256M):
             race (folios added to a frozen inode by a call already under way)
   bench     one guest_memfd (256 MiB unless SIZE), allocated, no pattern:
             the preserve's time, for vmbench
+  novm      a 1 MiB guest_memfd whose VM file is not in the session: where
+            preserve takes the VM token itself (the series' later
+            revisions) it fails with ENOENT; the seed's freeze op would fail
+            at the kexec instead, and without one the session is cancelled
 
 Writes its ground truth as JSON: per guest_memfd the scenario, session,
 token, VM token, inode, size, pages populated and the preserve's errno.
@@ -50,7 +54,7 @@ from .liveupdate import (_pattern, create_session, finish_session, hold, open_de
 from .truth import parse_size, write_truth
 
 PAGE = kabi.PAGE_SIZE
-SCENARIOS = ("keep", "discard", "cancel", "rejected", "hwpoison", "race", "bench")
+SCENARIOS = ("keep", "discard", "cancel", "rejected", "hwpoison", "race", "bench", "novm")
 HELD = ("keep", "discard")  # what --hold carries across the kexec
 RACE_PAGES, RACE_POPULATED = 4096, 4000
 # The racer touches pages RACE_POPULATED..RACE_PAGES-1 only, so pass 1 always
@@ -165,7 +169,8 @@ class Run:
         self.vms.append(vm)
         sfd = create_session(self.dev, name)
         vm_token = 0x200 + 16 * n
-        preserve_fd(sfd, vm.fd, vm_token)
+        if scenario != "novm":
+            preserve_fd(sfd, vm.fd, vm_token)
         self.truth["sessions"].append({"index": n, "name": name, "scenario": scenario, "vm_token": vm_token,
                                        "vm_type": vm_type})
         return sfd, vm, vm_token
@@ -197,7 +202,7 @@ class Run:
             files = [(size or (1 << 20), "fallocate")]
         elif scenario == "cancel":
             files = [(size or (2 << 20), "fallocate")]
-        elif scenario == "hwpoison":
+        elif scenario in ("hwpoison", "novm"):
             files = [(size or (1 << 20), "fallocate")]
         elif scenario == "bench":
             files = [(size or (256 << 20), "fallocate")]

@@ -3,6 +3,8 @@ and on the patched kernel (the VM lane's results in OUT), their luotrace
 reports side by side: phases, counts, results, errnos, anomalies.
 
     python -m workloads.vm.model_vs_kernel OUT      # after `make vmtest`
+    python -m workloads.vm.model_vs_kernel --ab OUT/latest --model workloads/model/luo_model-latest
+                                                     # one side of `make vmtest-ab`
 
 Writes OUT/model-vs-kernel.json ({scenario: {"kernel": view, "model": view,
 "differences": [...]}}) and prints a table.  Where the two disagree the
@@ -24,8 +26,13 @@ from tracer.demo import run_model
 # so "keep" is a cancel there.  Across the kexec (report-update.json): keep is
 # preserved, frozen, retrieved and finished; discard is finished unretrieved.
 SINGLE = {"keep": "cancel:gmem:4M,gmem:2M", "cancel": "cancel:gmem:2M", "rejected": "cancel:gmem:1M:private_vm",
-          "hwpoison": "keep:gmem:1M:hwpoison=128"}
+          "hwpoison": "keep:gmem:1M:hwpoison=128", "novm": "cancel:gmem:1M:token_enoent"}
 ACROSS = {"keep": "kexec:gmem:4M,gmem:2M", "discard": "discard:gmem:1M"}
+# The files of `make vmtest` and of one side of `make vmtest-ab`: (tag, report, truth, sessions).
+VMTEST = (("single kernel", "report-gmem-folio.json", "truth-gmem-folio.json", SINGLE),
+          ("across the kexec", "report-update.json", "held-gmem.json", ACROSS))
+AB = (("single kernel", "scenarios-report.json", "scenarios.json", SINGLE),
+      ("across the kexec", "update-report.json", "held.json", ACROSS))
 
 # Differences that are the kernel's and stay, each with the test that
 # recognises it: (kernel view, model view) -> True when it is that difference.
@@ -59,9 +66,9 @@ def kernel_views(report: dict, truth: dict, scenarios) -> Dict[str, List[dict]]:
     return out
 
 
-def model_views(sessions: Dict[str, str], out: str) -> Dict[str, List[dict]]:
+def model_views(sessions: Dict[str, str], out: str, model: Optional[str] = None) -> Dict[str, List[dict]]:
     names = list(sessions)
-    res, truth = run_model("folio", [sessions[n] for n in names], out)
+    res, truth = run_model("folio", [sessions[n] for n in names], out, model=model)
     files = {f["inode"]: f for f in res.report["files"]}
     views: Dict[str, List[dict]] = {}
     for t in truth["files"]:
@@ -85,30 +92,34 @@ def differences(kernel: List[dict], model: List[dict]) -> List[dict]:
     return diffs
 
 
-def compare(out: str) -> dict:
+def compare(out: str, files=VMTEST, model: Optional[str] = None) -> dict:
+    """MODEL: the model binary built as the kernel's revision (luo_model-latest for the latest series)."""
     result = {}
     with tempfile.TemporaryDirectory(prefix="luotrace-mvk-") as tmp:
-        for tag, report_name, truth_name, sessions in (
-                ("single kernel", "report-gmem-folio.json", "truth-gmem-folio.json", SINGLE),
-                ("across the kexec", "report-update.json", "held-gmem.json", ACROSS)):
+        for tag, report_name, truth_name, sessions in files:
             paths = [os.path.join(out, n) for n in (report_name, truth_name)]
             if not all(os.path.exists(p) for p in paths):
                 continue
             report, truth = (json.load(open(p)) for p in paths)
             kern = kernel_views(report, truth, sessions)
-            model = model_views({s: sessions[s] for s in kern}, os.path.join(tmp, f"{report_name}.luo"))
+            seen = model_views({s: sessions[s] for s in kern}, os.path.join(tmp, f"{report_name}.luo"), model)
             for s in kern:
-                result[f"{tag}: {s}"] = {"kernel": kern[s], "model": model.get(s, []),
-                                         "differences": differences(kern[s], model.get(s, []))}
+                result[f"{tag}: {s}"] = {"kernel": kern[s], "model": seen.get(s, []),
+                                         "differences": differences(kern[s], seen.get(s, []))}
     return result
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or not os.path.isdir(argv[0]):
-        print("usage: python -m workloads.vm.model_vs_kernel OUT   (the directory `make vmtest` wrote)", file=sys.stderr)
-        return 2
-    res = compare(argv[0])
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m workloads.vm.model_vs_kernel", description=__doc__.splitlines()[0])
+    ap.add_argument("out", help="the directory `make vmtest` wrote (or, with --ab, one side's of `make vmtest-ab`)")
+    ap.add_argument("--ab", action="store_true", help="OUT is one side of `make vmtest-ab`")
+    ap.add_argument("--model", default=None, help="the model binary of the kernel's revision (default: luo_model)")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    if not os.path.isdir(args.out):
+        ap.error(f"{args.out} is not a directory")
+    res = compare(args.out, AB if args.ab else VMTEST, args.model)
+    argv = [args.out]
     with open(os.path.join(argv[0], "model-vs-kernel.json"), "w") as f:
         json.dump(res, f, indent=1)
     for name, r in res.items():

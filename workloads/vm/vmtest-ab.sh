@@ -15,6 +15,7 @@ export PATH="$repo/.venv/bin:$PATH"
 start=$(date +%s)
 for side in "$A" "$B"; do
   kdir=$(SERIES=$side bash "$repo/workloads/vm/build-kernel.sh")
+  mkdir -p "$out/$side" && cp "$kdir/bzImage" "$out/$side/bzImage"  # what the guest kexecs into
   echo "vmtest-ab: $side: booting $kdir" >&2
   t0=$(date +%s)
   for attempt in 1 2; do  # a TCG boot now and then dies before userspace: retried once
@@ -32,8 +33,15 @@ for size in 64M 256M; do
     --json --plot "$out/compare-$size.png" > "$out/compare-$size.json" || true
   "$repo/.venv/bin/luotrace" compare "$out/$A/bench-$size.luo" "$out/$B/bench-$size.luo" > "$out/compare-$size.txt" || true
 done
+# the old kernel's half of the update: preserve and, where the series has the op, luo_freeze
+"$repo/.venv/bin/luotrace" compare "$out/$A/update-1.luo" "$out/$B/update-1.luo" --json > "$out/compare-update.json" || true
+"$repo/.venv/bin/luotrace" compare "$out/$A/update-1.luo" "$out/$B/update-1.luo" > "$out/compare-update.txt" || true
 for side in "$A" "$B"; do
   "$repo/.venv/bin/luotrace" report --json "$out/$side/scenarios.luo" > "$out/$side/scenarios-report.json" || true
+  # the same scenarios on the reference model built as that side's revision
+  model="$repo/workloads/model/luo_model"; [ "$side" = latest ] && model="$model-latest"
+  "$repo/.venv/bin/python" -m workloads.vm.model_vs_kernel --ab "$out/$side" --model "$model" \
+    > "$out/$side/model-vs-kernel.txt" 2>&1 || true
 done
 echo "vmtest-ab: both sides in $(( $(date +%s) - start )) s" >&2
 LUOTRACE_VM_AB_OUT="$out" A="$A" B="$B" "$repo/.venv/bin/pytest" -q -s "$repo/tests/vm_ab.py"
