@@ -115,6 +115,8 @@ def holes(f: Facts) -> Optional[Finding]:
         return None
     pages = st.size // PAGE_SIZE
     present = st.count_pass
+    if present is None and st.result == "error":
+        return None  # failed before its walk: nothing of it is preserved, and its teardown empties the count
     if present is None and f.pop is not None and f.pop_whole:
         present = f.pop["added"] - f.pop["deleted"]
     if present is None or present >= pages:

@@ -12,19 +12,21 @@ rm -rf "$out" && mkdir -p "$out"
 src=${LUOTRACE_VM_SRC:-/tmp/luotrace-vmtest-src}
 rsync -a --delete --exclude /.venv --exclude /.git "$repo/" "$src/"
 export PATH="$repo/.venv/bin:$PATH"
+. "$repo/workloads/vm/boot.sh"
 start=$(date +%s)
 for side in "$A" "$B"; do
   kdir=$(SERIES=$side bash "$repo/workloads/vm/build-kernel.sh")
-  mkdir -p "$out/$side" && cp "$kdir/bzImage" "$out/$side/bzImage"  # what the guest kexecs into
   echo "vmtest-ab: $side: booting $kdir" >&2
   t0=$(date +%s)
-  for attempt in 1 2; do  # a TCG boot now and then dies before userspace: retried once
-    vng --verbose --run "$kdir/bzImage" --disable-kvm --cpus 2 --memory 4G --user root --append "liveupdate=1" \
-      --rwdir "$out" --qemu-opts="-cpu max" \
-      --exec "cd $src && $repo/.venv/bin/python -m workloads.vm.ab $out $side" \
-      > "$out/console-$side.log" 2>&1 || true
+  # A guest under TCG now and then dies (before userspace, and once here in
+  # the middle of a side's run): the side is run again once, from the start,
+  # and the dead run's console kept.
+  for attempt in 1 2; do
+    rm -rf "$out/$side" && mkdir -p "$out/$side" && cp "$kdir/bzImage" "$out/$side/bzImage"  # what it kexecs into
+    boot_guest "$kdir" "$out" "$out/console-$side.log" "cd $src && $repo/.venv/bin/python -m workloads.vm.ab $out $side"
     [ -s "$out/$side/done.json" ] && break
-    echo "vmtest-ab: $side: the guest died before finishing (attempt $attempt); console: $out/console-$side.log" >&2
+    cp "$out/console-$side.log" "$out/console-$side-failed-$attempt.log"
+    echo "vmtest-ab: $side: the guest died before finishing (attempt $attempt); console: $out/console-$side-failed-$attempt.log" >&2
   done
   echo "vmtest-ab: $side: guest run took $(( $(date +%s) - t0 )) s" >&2
 done

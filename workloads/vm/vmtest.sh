@@ -16,18 +16,14 @@ cp -r "$kdir/selftests" "$out/selftests" && cp "$kdir/bzImage" "$out/bzImage"
 src=${LUOTRACE_VM_SRC:-/tmp/luotrace-vmtest-src}
 rsync -a --delete --exclude /.venv --exclude /.git "$repo/" "$src/"
 start=$(date +%s)
-# Nested KVM fails on these machines ("KVM internal error"): software emulation.
-# vng runs virtme-run from PATH; the guest console goes to $out/console.log.
 export PATH="$repo/.venv/bin:$PATH"
-# liveupdate=1: LUO is off unless asked for on the command line (kernel/liveupdate/luo_core.c).
+. "$repo/workloads/vm/boot.sh"
 # A boot under TCG now and then dies before userspace (an int3 oops while the
 # kernel patches its own text, a TCG race): such a run is retried once; a
 # failure after the script started is a result and is not retried.
 for attempt in 1 2; do
-  vng --verbose --run "$kdir/bzImage" --disable-kvm --cpus 2 --memory 4G --user root --append "liveupdate=1" \
-    --rwdir "$out" --qemu-opts="-cpu max" \
-    --exec "cd $src && LUOTRACE_VM_ONLY=${LUOTRACE_VM_ONLY:-all} $repo/.venv/bin/python -m workloads.vm.inside $out $out" \
-    > "$out/console.log" 2>&1 || true
+  boot_guest "$kdir" "$out" "$out/console.log" \
+    "cd $src && LUOTRACE_VM_ONLY=${LUOTRACE_VM_ONLY:-all} $repo/.venv/bin/python -m workloads.vm.inside $out $out"
   [ -s "$out/boots.txt" ] && break
   echo "vmtest: the guest died before running the tests (attempt $attempt); console: $out/console.log" >&2
   cp "$out/console.log" "$out/console-failed-boot-$attempt.log"
