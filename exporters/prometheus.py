@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from tracer import __version__
 from tracer.aggregator import FINAL_RESULTS
+from tracer.catalog import BY_NAME
 from tracer.totals import BUCKETS_S, HANDLERS, NBUCKETS, OUTCOMES, PHASES, Totals
 
 TOP_FILES = 16  # per-file series only for the largest files
@@ -163,16 +164,20 @@ def merged(live: List[Metric], extra: List[Metric]) -> List[Metric]:
     return out
 
 
-def _phase_family(t: Totals) -> SummaryMetricFamily:
+def _phase_family(t: Totals, rep: dict) -> SummaryMetricFamily:
     """Phase durations as a count and a sum per handler and phase (a summary
     without quantiles): what the time-per-phase panel needs, at 2 series a
-    phase instead of 16."""
+    phase instead of 16.  Every phase starts at zero, but for an op the traced
+    code does not have (absent: a revision dropped it), which has no series."""
     fam = SummaryMetricFamily("luotrace_phase_duration_seconds", "Duration of each preservation phase",
                               labels=["handler", "phase"])
+    absent = {(p["handler"], BY_NAME[p["name"]].role) for p in rep.get("probes", [])
+              if p.get("status") == "absent" and p.get("name") in BY_NAME}
     data = dict(t.hists["phase"])
     for h, phases in PHASES.items():
         for p in phases:
-            data.setdefault((h, p), ([0] * NBUCKETS, 0.0))
+            if (h, p) not in absent:
+                data.setdefault((h, p), ([0] * NBUCKETS, 0.0))
     for labels, (counts, s) in sorted(data.items()):
         fam.add_metric(list(labels), count_value=sum(counts), sum_value=s)
     return fam
@@ -245,7 +250,7 @@ def families(rep: dict, per_program: bool = False) -> List:
     out += [
         _hist_family("luotrace_preserve_duration_seconds", "Duration of each file's preserve call, by outcome",
                      ["handler", "result"], t.hists["preserve"], always=[(h, o) for h in HANDLERS for o in OUTCOMES]),
-        _phase_family(t),
+        _phase_family(t, rep),
         _hist_family("luotrace_folio_preserve_duration_seconds",
                      "Latency of kho_preserve_folio, from the in-kernel log2 histogram", ["handler"],
                      t.hists["folio"], always=[(h,) for h in HANDLERS]),  # stable series before any file

@@ -66,3 +66,12 @@ def test_doctor_names_the_revision_and_fails_nothing_for_a_dropped_op(model, gme
     assert "FAIL" not in r.stdout
     r = run_cli("doctor", "--model", model)
     assert "looks like revision seed" in r.stdout
+
+
+def test_no_metric_series_for_an_op_the_revision_dropped(latest):
+    from exporters.prometheus import families
+    res, _truth = latest
+    fam = next(f for f in families(res.report) if f.name == "luotrace_phase_duration_seconds")
+    phases = {(s.labels["handler"], s.labels["phase"]) for s in fam.samples}
+    assert ("guest_memfd", "luo_freeze") not in phases and ("memfd", "luo_freeze") in phases
+    assert ("guest_memfd", "retrieve") in phases
