@@ -52,7 +52,12 @@ struct guest_memfd_luo_ser { unsigned long long size, flags, nr_folios, vm_token
                              struct { unsigned long long first; unsigned int total_pages;
                                       unsigned short flags, order; } __attribute__((packed)) folios; }
                            __attribute__((packed));
+/* v3's base: serialized_data a KHOSER union (phys or a pointer), at the same place */
+struct liveupdate_file_op_args_v3 { void *handler; struct liveupdate_session *session; int retrieve_status;
+                                    struct file *file; union { unsigned long long phys; void *ptr; } serialized_data;
+                                    void *private_data; };
 int kvm_gmem_luo_preserve(struct liveupdate_file_op_args *args) { return args->retrieve_status; }
+int v3_preserve(struct liveupdate_file_op_args_v3 *args) { return args->retrieve_status; }
 void kvm_gmem_freeze(struct guest_memfd_luo_ser *ser, _Bool freeze) { ser->flags = freeze; }
 """
 
@@ -79,6 +84,8 @@ def test_built_btf_gives_the_patched_kernels_layout(built):
     assert built.func_signature("kvm_gmem_freeze") == (2, True)  # two arguments, returns void
     assert built.offsetof("liveupdate_file_op_args", "no_such_member") is None
     assert "kvm_gmem_luo_freeze" not in built.functions
+    # by field name, whatever its type: v3's union form resolves to the same offset
+    assert built.offsetof("liveupdate_file_op_args_v3", "serialized_data") == 32
 
 
 @pytest.mark.parametrize("blob", [b"", b"\x00" * 64, b"\x9f\xeb" + b"\x00" * 30])
