@@ -109,4 +109,10 @@ def main(argv: List[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    try:
+        sys.exit(main(sys.argv))
+    except Exception:  # the guest console drops a script's stderr: keep the traceback beside the results
+        import traceback
+        with open(os.path.join(sys.argv[1], sys.argv[2], "ab-error.txt"), "a") as f:
+            traceback.print_exc(file=f)
+        raise
