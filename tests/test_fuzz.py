@@ -201,3 +201,25 @@ def test_nan_and_deep_json_are_one_line_errors(parts, tmp_path):
         p.write_bytes(rec.preamble(bad) + b"".join(rec.frame(k, b) for k, b in chunks))
         code, _out, err = _run(["report", str(p)])
         assert code == 1 and err.count("\n") == 1 and "header is corrupt" in err, err
+
+
+def test_a_map_row_missing_a_field_counts_it_zero_alone_and_joined(parts, tmp_path):
+    """The case the fuzzer found: a folio_stats row without one of its fields
+    (an older luotrace's recording, or a damaged one).  Alone and joined with
+    another boot's recording, the report is built and the field counts 0."""
+    good, header, chunks, _d = parts
+    idx = max(i for i, (k, _b) in enumerate(chunks) if k == rec.CH_MAPS)
+    maps = json.loads(chunks[idx][1])
+    for row in maps["folio_stats"]:
+        row.pop("array_unread", None)
+    chunks = list(chunks)
+    chunks[idx] = (rec.CH_MAPS, json.dumps(maps).encode())
+    other = json.loads(json.dumps(header))
+    other["clock"]["boot_id"] = "00000000-0000-0000-0000-00000000f022"
+    p = tmp_path / "old.luo"
+    p.write_bytes(rec.preamble(json.dumps(other).encode()) + b"".join(rec.frame(k, b) for k, b in chunks))
+    for argv in (["report", "--json", str(p)], ["report", "--json", str(p), good]):
+        code, out, err = _run(argv)
+        assert code == 0 and "Traceback" not in err, (argv, err)
+        files = [f for f in json.loads(out)["files"] if f["handler"] == "guest_memfd"]
+        assert files and all(f["folios_preserved"] > 0 for f in files), files

@@ -19,7 +19,7 @@ import numpy as np
 from . import clock
 from . import recording as rec
 from .aggregator import Aggregator
-from .errors import LuotraceError
+from .errors import LuotraceError, corrupt_content
 from .folio_progress import FolioProgress
 from .report import build, probe_row
 
@@ -61,6 +61,11 @@ def join_with_progress(paths: List[str], progress: bool = True) -> Tuple[dict, F
     first recording's clock (for a timeline: a second pass over the records);
     and that clock's zero.  Records are read a batch at a time: memory does
     not grow with the recordings."""
+    with corrupt_content():
+        return _join(paths, progress)
+
+
+def _join(paths: List[str], progress: bool) -> Tuple[dict, FolioProgress, int]:
     recs = [(p, rec.read(p)) for p in paths]
     for p, r in recs:
         if "clock" not in r.header or "base_monotonic_ns" not in r.header["clock"]:

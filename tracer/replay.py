@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from . import recording as rec
 from .aggregator import Aggregator
-from .errors import LuotraceError
+from .errors import corrupt_content
 from .report import build
 
 
@@ -14,11 +14,8 @@ def replay(path: str) -> dict:
 
 
 def report_of(r: rec.Recording) -> dict:
-    try:
+    with corrupt_content():
         return _report_of(r)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-        raise LuotraceError(f"recording content is corrupt ({type(e).__name__}: {e})",
-                            "the file was damaged after it was written; record again") from None
 
 
 def _report_of(r: rec.Recording) -> dict:

@@ -30,7 +30,7 @@ def _merge_ser_rows(agg: Aggregator, rows: List[dict]) -> Dict[Tuple[int, int, i
         cur = out.setdefault(key, {k: 0 for k in r if k not in ("handler", "dev", "ino")})
         for k, v in r.items():
             if k not in ("handler", "dev", "ino"):
-                cur[k] += v
+                cur[k] = cur.get(k, 0) + v  # a field an older luotrace did not write counts 0
     return out
 
 
