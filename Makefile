@@ -69,7 +69,7 @@ LINT_PATHS := tracer exporters workloads dashboards tests
 check: venv
 	$(VENV)/bin/ruff check --select E,F,W --line-length 130 $(LINT_PATHS)
 	$(VENV)/bin/mypy
-	$(VENV)/bin/pytest -q -m "not kernel" -p no:cacheprovider tests
+	$(VENV)/bin/pytest -q -m "not kernel and not spark" -p no:cacheprovider tests
 
 # -rs: every skip, and why, at the end (a skip is a host's reason, e.g. its
 # KVM makes no guest_memfd; never a set-up step).

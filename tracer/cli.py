@@ -385,18 +385,137 @@ def serve(listen: str, replay_path: Optional[str], output: Optional[str], mode: 
 
 
 @cli.command()
-@click.argument("recording", type=click.Path(dir_okay=False))
-@click.option("--textfile", type=click.Path(dir_okay=False), required=True,
-              help="write metrics here in node_exporter textfile-collector format")
+@click.argument("recordings", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--textfile", type=click.Path(dir_okay=False), default=None,
+              help="write one recording's metrics here in node_exporter textfile-collector format")
+@click.option("--parquet", "parquet", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="append the recordings to the fleet dataset in DIR (created if missing), for `luotrace fleet`")
+@click.option("--jobs", type=click.IntRange(1, 64), default=lambda: min(4, os.cpu_count() or 1),
+              show_default="CPUs, at most 4", help="--parquet: recordings read in parallel")
 @bpf_stats_option
-def export(recording: str, textfile: str, bpf_stats: bool) -> None:
-    """Write the metrics of a RECORDING for node_exporter's textfile collector.
+def export(recordings: Tuple[str, ...], textfile: Optional[str], parquet: Optional[str], jobs: int,
+           bpf_stats: bool) -> None:
+    """Write what RECORDINGS hold for another tool: one recording's metrics for
+    node_exporter's textfile collector (--textfile), or many recordings' tables
+    into a Parquet dataset that DuckDB, Spark and Trino read (--parquet).
 
-    Example: luotrace export run.luo --textfile /var/lib/node_exporter/luotrace.prom
+    --parquet appends: a recording already in the dataset adds nothing, a
+    damaged or truncated one adds its sound parts with a warning, and parts
+    are written whole (an export cut short leaves nothing half-written).
+
+    \b
+    Examples:
+      luotrace export run.luo --textfile /var/lib/node_exporter/luotrace.prom
+      luotrace export --parquet /srv/luofleet /var/lib/luotrace/*.luo
     """
-    from .serve import export_textfile
-    export_textfile(recording, textfile, per_program=bpf_stats)
-    click.echo(f"luotrace: metrics written to {textfile}", err=True)
+    if (textfile is None) == (parquet is None):
+        raise click.UsageError("give exactly one of --textfile FILE and --parquet DIR")
+    if textfile is not None:
+        if len(recordings) != 1:
+            raise click.UsageError(f"--textfile takes one recording ({len(recordings)} given)")
+        from .serve import export_textfile
+        export_textfile(recordings[0], textfile, per_program=bpf_stats)
+        click.echo(f"luotrace: metrics written to {textfile}", err=True)
+        return
+    from . import dataset
+    assert parquet is not None
+    step = max(1, len(recordings) // 20)
+
+    def progress(done: int, total: int) -> None:
+        if total >= 200 and (done % step == 0 or done == total):
+            click.echo(f"luotrace: export: {done}/{total} recordings read", err=True)
+    res = dataset.export(parquet, list(recordings), jobs=jobs, progress=progress)
+    for w in res.warnings:
+        click.echo(f"luotrace: warning: {w}", err=True)
+    rows = ", ".join(f"{n} {t}" for t, n in res.rows.items() if n)
+    click.echo(f"luotrace: {parquet}: {res.added} recording(s) added ({rows or 'no rows'}; {res.parts} part(s)), "
+               f"{res.already} already there, {res.skipped} unreadable", err=True)
+    if res.skipped and not res.added and not res.already:
+        sys.exit(1)
+
+
+class _FleetGroup(click.Group):
+    """`luotrace fleet DIR` is the summary; `luotrace fleet compare|sql ...` the rest."""
+
+    def parse_args(self, ctx: click.Context, args: List[str]) -> List[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["summary"] + list(args)
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=_FleetGroup)
+def fleet() -> None:
+    """Many hosts' updates at once, from the Parquet dataset `luotrace export
+    --parquet DIR` builds, queried by DuckDB (embedded; the same dataset reads
+    in Spark or Trino).
+
+    \b
+    Examples:
+      luotrace fleet /srv/luofleet                     per kernel: updates, errors, anomalies, p50/p99 per phase
+      luotrace fleet /srv/luofleet --by patch          grouped by the label patch
+      luotrace fleet compare /srv/luofleet --by patch v3 v4
+      luotrace fleet sql /srv/luofleet "SELECT host, count(*) FROM anomalies GROUP BY 1"
+    """
+
+
+@fleet.command("summary")
+@click.argument("dataset", type=click.Path(file_okay=False))
+@click.option("--by", default="kernel", show_default=True, metavar="COLUMN|LABEL",
+              help="group by host, kernel, date, mode, ... or by a label's value (e.g. patch)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def fleet_summary(dataset: str, by: str, as_json: bool) -> None:
+    """Per group: updates, hosts, files, failures by errno, anomalies by code,
+    blackout and every phase's p50/p99 (exact percentiles)."""
+    from exporters.fleet_text import render_summary
+    from . import fleet as fl
+    res = fl.summary(dataset, by)
+    click.echo(json.dumps(res, indent=1) if as_json else render_summary(res))
+
+
+@fleet.command("compare")
+@click.argument("dataset", type=click.Path(file_okay=False))
+@click.argument("a")
+@click.argument("b")
+@click.option("--by", required=True, metavar="COLUMN|LABEL", help="what A and B are values of (e.g. patch)")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="bootstrap seed")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output (compare's schema)")
+@click.option("--fail-on-change", is_flag=True, help=f"exit {FAIL_EXIT} when a phase changed")
+def fleet_compare(dataset: str, a: str, b: str, by: str, seed: int, as_json: bool, fail_on_change: bool) -> None:
+    """Compare the updates whose BY is A with those whose BY is B, phase by
+    phase, with compare's statistics (Mann-Whitney, step-down Holm, bootstrap
+    intervals).  Each side uses at most 4,000 calls per phase, drawn the same
+    way every run.
+
+    Example: luotrace fleet compare /srv/luofleet --by patch v3 v4
+    """
+    from . import compare as cmp
+    from . import fleet as fl
+    sa, sb = fl.compare_sides(dataset, by, a, b)
+    res = cmp.compare(sa, sb, seed=seed)
+    click.echo(json.dumps(res, indent=1) if as_json else cmp.render(res), nl=False)
+    if not as_json:
+        for w in res["warnings"]:
+            click.echo(f"luotrace: warning: {w}", err=True)
+    if fail_on_change and res["changed"]:
+        click.echo(f"luotrace: failing (--fail-on-change): {', '.join(res['changed'])} changed", err=True)
+        sys.exit(FAIL_EXIT)
+
+
+@fleet.command("sql")
+@click.argument("dataset", type=click.Path(file_okay=False))
+@click.argument("query")
+@click.option("--json", "as_json", is_flag=True, help="columns and rows as JSON")
+@click.option("--limit", type=click.IntRange(min=1), default=200, show_default=True, help="rows shown as text")
+def fleet_sql(dataset: str, query: str, as_json: bool, limit: int) -> None:
+    """Run QUERY (DuckDB SQL) over the dataset.  Tables: updates, files,
+    phases, sessions, anomalies, folio_latency; each has the partition
+    columns date and kernel; updates.labels is a map (labels['patch']).
+    Join on recording_id.  `luotrace fleet sql DIR "DESCRIBE files"` lists
+    a table's columns."""
+    from exporters.fleet_text import render_rows
+    from . import fleet as fl
+    cols, rows = fl.sql(dataset, query)
+    click.echo(fl.rows_json(cols, rows) if as_json else render_rows(cols, rows, limit))
 
 
 @cli.command()
@@ -485,10 +604,13 @@ def compare(recordings: Tuple[str, ...], by: Optional[str], plot: Optional[str],
 @sample_option("write")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="label stored in the recording")
+@click.option("--hostname", default=None, metavar="NAME", help="host the recording says it was taken on (default: this one)")
+@click.option("--kernel", default="simulated", show_default=True, metavar="RELEASE",
+              help="kernel release the recording says it traced")
 @force_option
 def simulate(output: str, files: int, size: str, mode: str, folio_ns: float, slow: Tuple[str, ...], errors: int,
              anomalies: Tuple[str, ...], lost: int, sample: int, seed: int, labels: Tuple[str, ...],
-             force: bool) -> None:
+             hostname: Optional[str], kernel: str, force: bool) -> None:
     """Write a synthetic recording of a preservation run at any scale (same
     format as `record`), for load tests of everything downstream.  Memory
     stays bounded at any size; trace mode (a record per folio: 64 bytes per
@@ -512,7 +634,7 @@ def simulate(output: str, files: int, size: str, mode: str, folio_ns: float, slo
             raise LuotraceError(f"bad --slow '{item}'", "use PHASE=FACTOR with 0 < FACTOR < 1e6, e.g. --slow fill_pass=1.1")
     spec = SimSpec(files=files, size=parse_size(size), mode=mode, folio_ns=folio_ns, phase_scale=scales,
                    errors=errors, anomalies=list(anomalies), lost=lost, sample_every=sample, seed=seed,
-                   labels=_labels(labels))
+                   labels=_labels(labels), hostname=hostname, kernel=kernel)
     sim(spec, output, progress=lambda s: click.echo(s, err=True), force=force)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -31,26 +31,42 @@ SCHEMA = "luotrace.compare/2"
 
 @dataclass
 class Side:
+    """One side of a comparison: phase durations and folio-latency histograms
+    per handler, and what makes two sides like for like (kernel, mode, ...).
+    Built from reports (`of_reports`) or from the fleet dataset's queries."""
     name: str
-    reports: List[dict]
+    phase_samples: Dict[Tuple[str, str], np.ndarray]
+    hist: Dict[str, np.ndarray]
+    traits: Dict[str, List[str]]
+    # per (handler, phase): samples there were, where only some were used
+    sampled_from: Dict[Tuple[str, str], int] = field(default_factory=dict)
 
-    def samples(self) -> Dict[Tuple[str, str], np.ndarray]:
+    @classmethod
+    def of_reports(cls, name: str, reports: List[dict]) -> "Side":
         out: Dict[Tuple[str, str], List[int]] = {}
-        for rep in self.reports:
+        hist: Dict[str, np.ndarray] = {}
+        for rep in reports:
             for f in rep["files"]:
                 for p in f["phases"]:
                     if p["name"] in LEAF_PHASES or p["name"] == "preserve":
                         out.setdefault((f["handler"], p["name"]), []).append(p["duration_ns"])
-        return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+                for slot, c in (f.get("folio_latency_log2_ns") or {}).items():
+                    h = hist.setdefault(f["handler"], np.zeros(64, dtype=np.int64))
+                    h[int(slot)] += c
+        traits = {what: sorted({str(f(r)) for r in reports}) for what, f in TRAITS}
+        return cls(name, {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}, hist, traits)
+
+    def samples(self) -> Dict[Tuple[str, str], np.ndarray]:
+        return self.phase_samples
 
     def folio_hist(self) -> Dict[str, np.ndarray]:
-        out: Dict[str, np.ndarray] = {}
-        for rep in self.reports:
-            for f in rep["files"]:
-                for slot, c in (f.get("folio_latency_log2_ns") or {}).items():
-                    h = out.setdefault(f["handler"], np.zeros(64, dtype=np.int64))
-                    h[int(slot)] += c
-        return out
+        return self.hist
+
+
+# what makes two sides not like for like, per report
+TRAITS = (("kernel", lambda r: r["recording"].get("kernel")), ("mode", lambda r: r["recording"].get("mode")),
+          ("file sizes", lambda r: sorted(x.get("size_bytes") or 0 for x in r["files"] if x["result"] != "none")),
+          ("files per run", lambda r: sum(1 for x in r["files"] if x["result"] != "none")))
 
 
 def load_sides(paths: Sequence[str], by: Optional[str]) -> Tuple[Side, Side]:
@@ -59,7 +75,7 @@ def load_sides(paths: Sequence[str], by: Optional[str]) -> Tuple[Side, Side]:
         if len(paths) != 2:
             raise LuotraceError(f"{len(paths)} recordings given without --by",
                                 "give two recordings, or group many with --by LABEL (e.g. --by patch)")
-        return Side(paths[0], [reports[0][1]]), Side(paths[1], [reports[1][1]])
+        return Side.of_reports(paths[0], [reports[0][1]]), Side.of_reports(paths[1], [reports[1][1]])
     groups: Dict[str, List[dict]] = {}
     for p, r in reports:
         val = (r["recording"].get("labels") or {}).get(by)
@@ -70,7 +86,7 @@ def load_sides(paths: Sequence[str], by: Optional[str]) -> Tuple[Side, Side]:
         raise LuotraceError(f"--by {by} gives {len(groups)} groups ({', '.join(sorted(groups)) or 'none'})",
                             "compare exactly two label values")
     (a, ra), (b, rb) = sorted(groups.items())
-    return Side(f"{by}={a}", ra), Side(f"{by}={b}", rb)
+    return Side.of_reports(f"{by}={a}", ra), Side.of_reports(f"{by}={b}", rb)
 
 
 def bootstrap_median_delta(a: np.ndarray, b: np.ndarray, rng: np.random.Generator,
@@ -149,14 +165,8 @@ def runs_needed(x: np.ndarray, y: np.ndarray, alpha: float, power: float = 0.8) 
 def _warnings(a: Side, b: Side) -> List[str]:
     """What makes the two sides not like for like: kernel, mode, sizes, file counts."""
     out = []
-
-    def values(side: Side, f) -> List:
-        return sorted({str(f(r)) for r in side.reports})
-    for what, f in (("kernel", lambda r: r["recording"].get("kernel")), ("mode", lambda r: r["recording"].get("mode")),
-                    ("file sizes", lambda r: sorted(x.get("size_bytes") or 0 for x in r["files"]
-                                                    if x["result"] != "none")),
-                    ("files per run", lambda r: sum(1 for x in r["files"] if x["result"] != "none"))):
-        va, vb = values(a, f), values(b, f)
+    for what in sorted(set(a.traits) & set(b.traits), key=[t for t, _ in TRAITS].index):
+        va, vb = a.traits[what], b.traits[what]
         if va != vb:
             out.append(f"{what} differ: A {', '.join(va)[:80]}; B {', '.join(vb)[:80]}")
     return out
@@ -212,6 +222,8 @@ def compare(a: Side, b: Side, seed: int = 0, min_change: float = MIN_CHANGE) -> 
             need = runs_needed(x, y, ALPHA / (m if key in adjusted else 1))
             if need is not None and big_enough and delta is not None:
                 row["note"] = f"{row['note']}; the {100 * delta:+.0f} % seen needs about {need} samples a side"
+        if key in a.sampled_from or key in b.sampled_from:
+            row["sampled_from"] = [a.sampled_from.get(key, len(x)), b.sampled_from.get(key, len(y))]
         # preserve encloses the leaf phases: the handler's total, outside the Holm family
         row["total"] = key not in adjusted
         row["verdict"] = "(total) " + verdict if row["total"] else verdict
@@ -250,6 +262,9 @@ def render(res: dict) -> str:
                      f"{ci:>22} {r['p_holm']:9.3g}  {r['verdict']}")
         if r.get("note"):
             lines.append(f"{'':<30}{r['note']}")
+        if r.get("sampled_from"):
+            lines.append(f"{'':<30}a sample of {r['sampled_from'][0]}/{r['sampled_from'][1]} calls "
+                         "(drawn the same way every run)")
     for r in res.get("one_sided", []):
         lines.append(f"{r['handler']:<12} {r['phase']:<16} {r['side']} only (n={r['n']}, median "
                      f"{fmt_ns(int(r['median']))}): the other side never ran it, not compared")

@@ -21,7 +21,7 @@ import shutil
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -59,6 +59,10 @@ class SimSpec:
     seed: int = 0
     labels: Dict[str, str] = field(default_factory=dict)
     freeze_op: bool = True  # False: the handler has no LUO freeze op (the series' latest revision)
+    # who and when, for fleet load tests (many hosts' recordings from one machine)
+    hostname: Optional[str] = None  # None: this host's name
+    kernel: str = "simulated"
+    started_ns: Optional[int] = None  # wall clock of the recording's start; None: now
 
 
 def parse_size(s: str) -> int:
@@ -198,11 +202,12 @@ def simulate(spec: SimSpec, output: str, progress=lambda s: None, force: bool = 
     step = max(1, spec.sample_every)
     records = len(lifecycle) + sum(-(-n // step) for *_, n in fills)
     _check_room(output, records, spec)
+    real_ns = time.time_ns() if spec.started_ns is None else spec.started_ns
     header = {
-        "format": "luotrace.recording", "luotrace_version": __version__, "kernel": "simulated",
-        "hostname": socket.gethostname(), "mode": spec.mode, "target": "simulate", "labels": spec.labels,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "clock": {"base_monotonic_ns": base, "base_realtime_ns": time.time_ns(), "source": "simulated"},
+        "format": "luotrace.recording", "luotrace_version": __version__, "kernel": spec.kernel,
+        "hostname": spec.hostname or socket.gethostname(), "mode": spec.mode, "target": "simulate",
+        "labels": spec.labels, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(real_ns / 1e9)),
+        "clock": {"base_monotonic_ns": base, "base_realtime_ns": real_ns, "source": "simulated"},
         "probes": [{"name": p.name, "symbol": p.symbol, "handler": p.handler, "required": p.required,
                     "strategy": "simulated", "status": "attached", "reason": ""}
                    for p in catalog.probes_for(spec.mode, ["guest_memfd"])],
