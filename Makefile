@@ -3,6 +3,7 @@
 #   make check  lint (ruff), types (mypy) and the unit tier: no root needed, under a minute
 #   make test   check, then the whole suite with the kernel tier (what .ci/run runs)
 #   make bench  overhead benchmarks, printed as ratios against an untraced baseline
+#   make bench-fleet  the fleet dataset at 10,000 recordings: export rate, size, query time and memory
 #   make soak   serve as a service for 30 minutes (memory and scrape time flat)
 SHELL := /bin/bash
 VENV := .venv
@@ -12,7 +13,7 @@ KREL := $(shell uname -r)
 APT_PACKAGES := python3-bpfcc bpfcc-tools bpftrace bpftool linux-headers-amd64 build-essential dwarves \
                 python3-venv prometheus prometheus-pushgateway prometheus-node-exporter util-linux
 
-.PHONY: setup apt headers mounts venv model demo check test bench soak install-service docs clean vm-deps vm-kernel vmtest vmtest-ab
+.PHONY: setup apt headers mounts venv model demo check test bench bench-fleet soak install-service docs clean vm-deps vm-kernel vmtest vmtest-ab
 
 setup: apt headers mounts venv model
 
@@ -78,6 +79,10 @@ test: setup check
 
 bench: setup
 	$(PY) -m tests.bench
+
+# the fleet view at scale: 1,000 hosts x 10 updates exported and queried (no root)
+bench-fleet: venv
+	$(PY) -m tests.bench_fleet
 
 # luotrace serve as a systemd service (exporters/systemd/luotrace.service, this
 # checkout's venv); `systemctl enable --now luotrace` starts it.

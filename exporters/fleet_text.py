@@ -13,7 +13,7 @@ def _fmt_ns(ns) -> str:
 
 def render_summary(res: dict) -> str:
     """Text: one line per group, then its errors, anomalies and phases."""
-    lines = [f"fleet dataset {res['dataset']}, by {res['by']}", ""]
+    lines = [f"fleet dataset {res['dataset']}, by {res['by']}" + (f", where {res['where']}" if res.get("where") else ""), ""]
     hdr = f"{res['by']:<24} {'updates':>8} {'hosts':>6} {'files':>7} {'failed':>7} {'anomalies':>9} " \
           f"{'lost ev':>8} {'cut':>4} {'blackout p50':>13} {'p99':>10}"
     lines += [hdr, "-" * len(hdr)]
@@ -44,8 +44,8 @@ def render_rows(cols: List[str], rows: List[tuple], limit: Optional[int] = None)
     shown = rows if limit is None else rows[:limit]
     cells = [[("NULL" if v is None else str(v)) for v in r] for r in shown]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
-    out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
-    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
     more = len(rows) - len(shown)
     out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''}" + (f", {more} not shown)" if more else ")"))
     return "\n".join(out) + "\n"

@@ -7,7 +7,7 @@ import re
 
 from tests.conftest import REPO
 from tracer import catalog
-from tracer.docs import handler_table, probe_table
+from tracer.docs import GENERATED, generated
 
 BPF = {os.path.relpath(os.path.join(d, n), os.path.join(REPO, "bpf")): open(os.path.join(d, n)).read()
        for d, _dirs, names in os.walk(os.path.join(REPO, "bpf")) for n in names if n.endswith((".c", ".h"))}
@@ -70,12 +70,10 @@ def test_probe_selection_by_handler():
     assert memfd == {"memfd", "kho", "luo"}
 
 
-def test_readme_probe_table_is_generated_from_the_catalog():
+def test_readme_tables_are_generated_from_the_catalog_and_the_fleet_schema():
     readme = open(os.path.join(REPO, "README.md")).read()
-    table = readme.split("<!-- probe-table:begin -->\n")[1].split("\n<!-- probe-table:end -->")[0]
-    assert table == probe_table()
-    table = readme.split("<!-- handler-table:begin -->\n")[1].split("\n<!-- handler-table:end -->")[0]
-    assert table == handler_table(), "run: python -m tracer.docs"
+    for begin, end, make in GENERATED:
+        assert generated(readme, begin, end) == make(), f"{begin}: run python -m tracer.docs"
 
 
 def test_which_handlers_come_together_is_one_rule():

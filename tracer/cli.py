@@ -462,13 +462,15 @@ def fleet() -> None:
 @click.argument("dataset", type=click.Path(file_okay=False))
 @click.option("--by", default="kernel", show_default=True, metavar="COLUMN|LABEL",
               help="group by host, kernel, date, mode, ... or by a label's value (e.g. patch)")
+@click.option("--where", default=None, metavar="SQL",
+              help="only the updates (alias u) this condition keeps, e.g. \"u.labels['pool'] = 'j'\" or \"u.host LIKE 'db%'\"")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def fleet_summary(dataset: str, by: str, as_json: bool) -> None:
+def fleet_summary(dataset: str, by: str, where: Optional[str], as_json: bool) -> None:
     """Per group: updates, hosts, files, failures by errno, anomalies by code,
     blackout and every phase's p50/p99 (exact percentiles)."""
     from exporters.fleet_text import render_summary
     from . import fleet as fl
-    res = fl.summary(dataset, by)
+    res = fl.summary(dataset, by, where)
     click.echo(json.dumps(res, indent=1) if as_json else render_summary(res))
 
 
@@ -478,9 +480,12 @@ def fleet_summary(dataset: str, by: str, as_json: bool) -> None:
 @click.argument("b")
 @click.option("--by", required=True, metavar="COLUMN|LABEL", help="what A and B are values of (e.g. patch)")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="bootstrap seed")
+@click.option("--where", default=None, metavar="SQL",
+              help="only the updates (alias u) this condition keeps, e.g. \"u.labels['pool'] = 'j'\" or \"u.host LIKE 'db%'\"")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (compare's schema)")
 @click.option("--fail-on-change", is_flag=True, help=f"exit {FAIL_EXIT} when a phase changed")
-def fleet_compare(dataset: str, a: str, b: str, by: str, seed: int, as_json: bool, fail_on_change: bool) -> None:
+def fleet_compare(dataset: str, a: str, b: str, by: str, seed: int, where: Optional[str], as_json: bool,
+                  fail_on_change: bool) -> None:
     """Compare the updates whose BY is A with those whose BY is B, phase by
     phase, with compare's statistics (Mann-Whitney, step-down Holm, bootstrap
     intervals).  Each side uses at most 4,000 calls per phase, drawn the same
@@ -490,7 +495,7 @@ def fleet_compare(dataset: str, a: str, b: str, by: str, seed: int, as_json: boo
     """
     from . import compare as cmp
     from . import fleet as fl
-    sa, sb = fl.compare_sides(dataset, by, a, b)
+    sa, sb = fl.compare_sides(dataset, by, a, b, where=where)
     res = cmp.compare(sa, sb, seed=seed)
     click.echo(json.dumps(res, indent=1) if as_json else cmp.render(res), nl=False)
     if not as_json:

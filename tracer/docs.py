@@ -10,10 +10,12 @@ import os
 import re
 
 from . import catalog
+from . import fleet_schema as fs
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 BEGIN, END = "<!-- probe-table:begin -->", "<!-- probe-table:end -->"
 H_BEGIN, H_END = "<!-- handler-table:begin -->", "<!-- handler-table:end -->"
+F_BEGIN, F_END = "<!-- fleet-schema:begin -->", "<!-- fleet-schema:end -->"
 
 
 def handler_table() -> str:
@@ -36,13 +38,41 @@ def probe_table() -> str:
     return "\n".join(rows)
 
 
+def fleet_schema_table() -> str:
+    """The fleet dataset's columns (tracer/fleet_schema.py), the per-phase
+    duration columns of ``files`` as one row."""
+    phase_cols = {f"{p}_ns" for p in catalog.PHASE_ORDER}
+    rows = [f"Schema `{fs.VERSION}`; every table is hive-partitioned by "
+            + " and ".join(f"`{p}`" for p in fs.PARTITIONS) + " (strings).", "",
+            "| table | column | type | what it holds |", "|---|---|---|---|"]
+    for t, cols in fs.COLUMNS.items():
+        folded = False
+        for name, ty, why in cols:
+            if t == "files" and name in phase_cols:
+                if not folded:
+                    names = ", ".join(f"`{p}_ns`" for p in catalog.PHASE_ORDER)
+                    rows.append(f"| {t} | {names} | `{ty}` | total duration of that phase (null if it did not run) |")
+                    folded = True
+                continue
+            rows.append(f"| {t} | `{name}` | `{ty}` | {why} |")
+    return "\n".join(rows)
+
+
+GENERATED = ((BEGIN, END, probe_table), (H_BEGIN, H_END, handler_table), (F_BEGIN, F_END, fleet_schema_table))
+
+
+def generated(readme: str, begin: str, end: str) -> str:
+    """The text between a pair of markers in the README."""
+    return readme.split(begin + "\n")[1].split("\n" + end)[0]
+
+
 def update_readme(path: str = README) -> bool:
     with open(path) as f:
         text = f.read()
-    new = re.sub(re.escape(BEGIN) + ".*" + re.escape(END), lambda _m: f"{BEGIN}\n{probe_table()}\n{END}", text,
-                 flags=re.S)
-    new = re.sub(re.escape(H_BEGIN) + ".*" + re.escape(H_END), lambda _m: f"{H_BEGIN}\n{handler_table()}\n{H_END}",
-                 new, flags=re.S)
+    new = text
+    for begin, end, make in GENERATED:
+        new = re.sub(re.escape(begin) + ".*" + re.escape(end), lambda _m: f"{begin}\n{make()}\n{end}", new,
+                     flags=re.S)
     if new != text:
         with open(path, "w") as f:
             f.write(new)

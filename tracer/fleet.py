@@ -13,7 +13,7 @@ import math
 import os
 import re
 import tempfile
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -46,18 +46,24 @@ def _quantile(dialect: str) -> str:
     return {"duckdb": "quantile_cont", "spark": "percentile"}[dialect]
 
 
-def summary_sql(by: str, dialect: str = "duckdb") -> Dict[str, str]:
+def _where(where: Optional[str]) -> str:
+    """A user's filter on the updates (alias ``u``), as a SQL condition."""
+    return f"({where})" if where else "TRUE"
+
+
+def summary_sql(by: str, dialect: str = "duckdb", where: Optional[str] = None) -> Dict[str, str]:
     """The summary's queries, in SQL both DuckDB and Spark run as written
-    (only the exact-percentile function is named differently)."""
+    (only the exact-percentile function is named differently).  WHERE
+    filters the updates (e.g. ``u.labels['pool'] = 'j'``)."""
     g = f"coalesce({group_expr(by)}, '(none)')"
     q = _quantile(dialect)
-    join = "JOIN updates u ON x.recording_id = u.recording_id"
+    join = f"JOIN updates u ON x.recording_id = u.recording_id AND {_where(where)}"
     return {
         "groups": f"""SELECT {g} AS grp, COUNT(*) AS updates, COUNT(DISTINCT u.host) AS hosts,
             SUM(u.files) AS files, SUM(u.files_error) AS files_error, SUM(u.anomalies) AS anomalies,
             SUM(u.events_lost) AS events_lost, SUM(CASE WHEN u.truncated THEN 1 ELSE 0 END) AS truncated,
             {q}(u.blackout_ns, 0.5) AS blackout_p50_ns, {q}(u.blackout_ns, 0.99) AS blackout_p99_ns
-            FROM updates u GROUP BY 1 ORDER BY 1""",
+            FROM updates u WHERE {_where(where)} GROUP BY 1 ORDER BY 1""",
         "errors": f"""SELECT {g} AS grp, x.handler, x.errno, x.failed_phase, COUNT(*) AS files
             FROM files x {join} WHERE x.errno IS NOT NULL GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4""",
         "anomalies": f"""SELECT {g} AS grp, x.code, COUNT(*) AS anomalies, COUNT(DISTINCT x.recording_id) AS updates,
@@ -126,12 +132,12 @@ def _plain(v):
     return str(v)
 
 
-def summary(root: str, by: str = "kernel") -> dict:
+def summary(root: str, by: str = "kernel", where: Optional[str] = None) -> dict:
     """Per group: updates, hosts, files, errors by errno, anomalies by code,
     p50/p99 of every phase."""
     con = connect(root)
-    out: dict = {"schema": "luotrace.fleet-summary/1", "dataset": root, "by": by}
-    for name, sql in summary_sql(by).items():
+    out: dict = {"schema": "luotrace.fleet-summary/1", "dataset": root, "by": by, "where": where}
+    for name, sql in summary_sql(by, where=where).items():
         out[name] = _records(*_run(con, sql))
     order = {p: i for i, p in enumerate(PHASE_ORDER)}
     out["phases"].sort(key=lambda r: (r["grp"], r["handler"], order.get(r["phase"], len(order)), r["phase"]))
@@ -147,7 +153,8 @@ def sql_records(root: str, query: str) -> List[dict]:
     return _records(*sql(root, query))
 
 
-def compare_sides(root: str, by: str, a: str, b: str, cap: int = SAMPLE_CAP) -> Tuple[Side, Side]:
+def compare_sides(root: str, by: str, a: str, b: str, cap: int = SAMPLE_CAP,
+                  where: Optional[str] = None) -> Tuple[Side, Side]:
     """The two groups of updates (BY = A, BY = B) as compare's sides: phase
     durations per handler (a deterministic sample of at most CAP calls per
     side and phase), folio-latency histograms summed, kernels and modes."""
@@ -155,11 +162,12 @@ def compare_sides(root: str, by: str, a: str, b: str, cap: int = SAMPLE_CAP) -> 
         raise LuotraceError(f"both sides are {by}={a}", "give two different values")
     con = connect(root)
     g = f"coalesce({group_expr(by)}, '(none)')"
-    _cols, present = _run(con, f"SELECT {g}, COUNT(*) FROM updates u GROUP BY 1 ORDER BY 1")
+    w = _where(where)
+    _cols, present = _run(con, f"SELECT {g}, COUNT(*) FROM updates u WHERE {w} GROUP BY 1 ORDER BY 1")
     have = {str(v): n for v, n in present}
     for side in (a, b):
         if side not in have:
-            raise LuotraceError(f"no update has {by}={side}",
+            raise LuotraceError(f"no update has {by}={side}" + (f" where {where}" if where else ""),
                                 f"values of {by} in the dataset: {', '.join(sorted(have))[:200] or 'none'}")
     phases = ", ".join(f"'{p}'" for p in ("preserve",) + LEAF_PHASES)
     _c, rows = _run(con, f"""
@@ -168,7 +176,7 @@ def compare_sides(root: str, by: str, a: str, b: str, cap: int = SAMPLE_CAP) -> 
                                       ORDER BY hash(x.recording_id, x.inode, x.start_ns)) AS rn,
                    COUNT(*) OVER (PARTITION BY {g}, x.handler, x.phase) AS total
                    FROM phases x JOIN updates u ON x.recording_id = u.recording_id
-                   WHERE {g} IN (?, ?) AND x.phase IN ({phases}))
+                   WHERE {g} IN (?, ?) AND x.phase IN ({phases}) AND {w})
         SELECT grp, handler, phase, duration_ns, total FROM s WHERE rn <= ? ORDER BY grp, handler, phase, rn""",
                     (a, b, cap))
     samples: Dict[str, Dict[Tuple[str, str], List[float]]] = {a: {}, b: {}}
@@ -177,12 +185,13 @@ def compare_sides(root: str, by: str, a: str, b: str, cap: int = SAMPLE_CAP) -> 
         samples[grp].setdefault((handler, phase), []).append(float(ns))
         totals[grp][(handler, phase)] = int(total)
     _c, hrows = _run(con, f"""SELECT {g}, x.handler, x.log2_ns, SUM(x.count) FROM folio_latency x
-        JOIN updates u ON x.recording_id = u.recording_id WHERE {g} IN (?, ?) GROUP BY 1, 2, 3""", (a, b))
+        JOIN updates u ON x.recording_id = u.recording_id WHERE {g} IN (?, ?) AND {w} GROUP BY 1, 2, 3""", (a, b))
     hists: Dict[str, Dict[str, np.ndarray]] = {a: {}, b: {}}
     for grp, handler, slot, n in hrows:
         if 0 <= slot < 64:
             hists[grp].setdefault(handler, np.zeros(64, dtype=np.int64))[slot] += int(n)
-    _c, trows = _run(con, f"SELECT DISTINCT {g}, u.kernel_release, u.mode FROM updates u WHERE {g} IN (?, ?)", (a, b))
+    _c, trows = _run(con, f"SELECT DISTINCT {g}, u.kernel_release, u.mode FROM updates u WHERE {g} IN (?, ?) AND {w}",
+                     (a, b))
     sides = []
     for name in (a, b):
         traits = {"kernel": sorted({str(k) for grp, k, _m in trows if grp == name}),
@@ -207,10 +216,10 @@ def spark_views(spark, root: str) -> None:
         spark.read.option("basePath", path).option("mergeSchema", "true").parquet(path).createOrReplaceTempView(t)
 
 
-def spark_summary(spark, root: str, by: str = "kernel") -> dict:
+def spark_summary(spark, root: str, by: str = "kernel", where: Optional[str] = None) -> dict:
     """summary()'s tables computed by Spark: the same SQL, the same numbers."""
     spark_views(spark, root)
     out: dict = {}
-    for name, q in summary_sql(by, "spark").items():
+    for name, q in summary_sql(by, "spark", where).items():
         out[name] = [{k: _plain(v) for k, v in r.asDict().items()} for r in spark.sql(q).collect()]
     return out

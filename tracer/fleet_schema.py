@@ -124,10 +124,3 @@ def partition_value(s: str) -> str:
     v = re.sub(r"[^A-Za-z0-9._+-]", "_", s or "")
     return v[:100] or "unknown"
 
-
-def docs() -> str:
-    """The schema as Markdown, for the README."""
-    out = [f"Schema `{VERSION}`; every table is partitioned by " + ", ".join(f"`{p}`" for p in PARTITIONS) + "."]
-    for t, cols in COLUMNS.items():
-        out.append(f"\n`{t}`: " + "; ".join(f"`{n}` {ty} ({why})" for n, ty, why in cols))
-    return "\n".join(out)
