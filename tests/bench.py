@@ -13,6 +13,7 @@ untraced baseline measured in the same run, on the same machine.
    (time to report, peak RSS).
 5. Live ingest in trace mode (tests/bench_ingest.py): records/s from a real
    ring buffer through the consumer, lost records, consumer CPU.
+6. Time to ready, cold and warm, and serve's idle footprint (tests/bench_ready.py).
 2. Reference model, 64 MiB preserve (16,384 folios): untraced and traced in each
    mode through uprobes (folio: the folio arrays read a page per run;
    folio-latency: a program per kho_preserve_folio).  Uprobes cost microseconds a hit, so these ratios
@@ -331,6 +332,8 @@ def main() -> None:
         rows += detach()
         rows += soak(float(os.environ.get("LUOTRACE_SOAK_MINUTES", "3")))
         rows += ingest(tmp)
+        from .bench_ready import footprint, ready  # it uses this module's helpers
+        rows += ready(tmp) + footprint()
     print("\n".join(rows))
 
 

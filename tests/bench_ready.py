@@ -1,0 +1,140 @@
+"""Time to ready and an idle agent's footprint (part of `make bench`):
+
+- record --model and serve --model: seconds from the process start to
+  "tracing" (record's stderr line) or /-/ready 200 (serve), cold (page cache
+  dropped first: BCC, LLVM and the kernel headers read from disk) and warm
+  (the same again at once), medians of REPS; the same run's baseline is the
+  interpreter importing luotrace's CLI (`luotrace --version`);
+- serve idle after attach: RSS (anonymous, file-backed, total) and CPU per
+  idle hour, against the agent targets (48 MB anonymous, 96 MB total).
+
+    python -m tests.bench_ready   (root)
+"""
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Dict, List
+
+from .bench import MODEL, REPO, _cpu_s, _free_port
+
+REPS = int(os.environ.get("LUOTRACE_BENCH_REPS", "3"))
+CLI = [sys.executable, "-m", "tracer.cli"]
+
+
+def _drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def _baseline() -> float:
+    t = time.perf_counter()
+    subprocess.run(CLI + ["--version"], check=True, capture_output=True, cwd=REPO)
+    return time.perf_counter() - t
+
+
+def _record_ready(tmp: str) -> float:
+    out = os.path.join(tmp, "ready.luo")
+    t = time.perf_counter()
+    p = subprocess.Popen(CLI + ["record", "--model", MODEL, "-o", out, "--force", "--quiet", "--duration", "120"],
+                         cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        while "luotrace: tracing" not in (line := p.stderr.readline()):
+            if not line:
+                raise RuntimeError("record ended before tracing")
+        return time.perf_counter() - t
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(60)
+
+
+def _serve(port: int) -> subprocess.Popen:
+    return subprocess.Popen(CLI + ["serve", "--listen", f"127.0.0.1:{port}", "--model", MODEL], cwd=REPO,
+                            stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+
+def _wait_ready(port: int, t: float, p: subprocess.Popen) -> float:
+    while True:
+        if p.poll() is not None:
+            raise RuntimeError("serve ended before ready")
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2).status == 200:
+                return time.perf_counter() - t
+        except OSError:
+            pass
+        time.sleep(0.01)
+
+
+def _serve_ready() -> float:
+    port = _free_port()
+    t = time.perf_counter()
+    p = _serve(port)
+    try:
+        return _wait_ready(port, t, p)
+    finally:
+        p.terminate()
+        p.wait(60)
+
+
+def _status(pid: int) -> Dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM"):
+                out[k] = int(v.split()[0]) >> 10  # MiB
+    return out
+
+
+def footprint(idle_s: float = 30.0) -> List[str]:
+    port = _free_port()
+    t = time.perf_counter()
+    p = _serve(port)
+    try:
+        _wait_ready(port, t, p)
+        time.sleep(5)
+        c0 = _cpu_s(p.pid)
+        time.sleep(idle_s)
+        cpu = _cpu_s(p.pid) - c0
+        st = _status(p.pid)
+    finally:
+        p.terminate()
+        p.wait(60)
+    return [f"serve --model idle after attach: RSS {st['VmRSS']} MiB (anonymous {st['RssAnon']}, file {st['RssFile']}, "
+            f"peak {st['VmHWM']}); targets 48 anonymous / 96 total: ratios {st['RssAnon'] / 48:.2f} / "
+            f"{st['VmRSS'] / 96:.2f}",
+            f"serve --model idle CPU: {cpu * 3600 / idle_s:.1f} CPU-s per idle hour ({100 * cpu / idle_s:.2f} % of one CPU)"]
+
+
+def ready(tmp: str) -> List[str]:
+    base = statistics.median(_baseline() for _ in range(REPS))
+    rows = [f"time to ready (medians of {REPS}; baseline: the CLI's imports alone, `luotrace --version`, {base:.2f} s; "
+            "target 1 s warm)"]
+    for name, fn in (("record --model", lambda: _record_ready(tmp)), ("serve --model", _serve_ready)):
+        cold, warm = [], []
+        for _ in range(REPS):
+            _drop_caches()
+            cold.append(fn())
+            warm.append(fn())
+        c, w = statistics.median(cold), statistics.median(warm)
+        rows.append(f"  {name:<15} cold {c:5.2f} s ({c / base:4.1f}x baseline)   warm {w:5.2f} s ({w / base:4.1f}x "
+                    f"baseline, {w:.2f}x the 1 s target)")
+    return rows
+
+
+def main() -> None:
+    if os.geteuid() != 0:
+        sys.exit("bench_ready: run as root")
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="luotrace-ready-") as tmp:
+        print("\n".join(ready(tmp) + footprint()))
+
+
+if __name__ == "__main__":
+    main()
