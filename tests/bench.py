@@ -333,7 +333,7 @@ def main() -> None:
         rows += soak(float(os.environ.get("LUOTRACE_SOAK_MINUTES", "3")))
         rows += ingest(tmp)
         from .bench_ready import footprint, ready  # it uses this module's helpers
-        rows += ready(tmp) + footprint()
+        rows += ready(tmp) + footprint(tmp)
     print("\n".join(rows))
 
 

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
-from . import __version__, clock, kernel
+from . import __version__, clock, footprint, kernel
 from . import recording as rec
 from .aggregator import Aggregator
 from .catalog import PROBE_IDS
@@ -88,6 +88,9 @@ def make_header(opts: Options, tracer: Tracer, labels: Dict[str, str], base_ns: 
     }
 
 
+KEXEC_FAST_S = 10.0
+
+
 class LiveRun:
     """One live tracing run.  The poll loop feeds the aggregator; ``snapshot``
     may be called from another thread (a metrics scrape) at any time."""
@@ -110,6 +113,7 @@ class LiveRun:
         self.final: Optional[dict] = None
         self.stats: Optional[kernel.BpfStats] = None
         self.kexec_seen = False
+        self._kexec_at = 0.0  # monotonic time of the kexec record
         # called once, in the polling thread, when kernel_kexec() is seen and the
         # maps are dumped: the last moment the old kernel's numbers can leave it
         self.on_kexec: List[Callable[["LiveRun"], None]] = []
@@ -161,6 +165,8 @@ class LiveRun:
                 # disk now is lost.  Written through before any Python work.
                 self._write(lambda w: w.flush(sync=True))
             self.kexec_seen = self.kexec_seen or jump
+            if jump:
+                self._kexec_at = time.monotonic()
             self.agg.feed(batch)
         if jump:
             # LUO freezes every session right after kernel_kexec(): take those
@@ -216,10 +222,15 @@ class LiveRun:
         return sum(1 for s in self.tracer.statuses if s.status == "attached") if self.tracer else 0
 
     def poll(self, timeout_ms: int = 100) -> None:
-        self.bpf.poll(1 if self.kexec_seen else timeout_ms)
+        # the last records before the jump are polled for every millisecond;
+        # a kexec that has not happened KEXEC_FAST_S later failed or never
+        # comes (the model's): back to the normal poll, not a busy loop
+        fast = self.kexec_seen and time.monotonic() - self._kexec_at < KEXEC_FAST_S
+        self.bpf.poll(1 if fast else timeout_ms)
         self.pump()
         self._population()
         if self.state == "starting":
+            footprint.release_compiler()  # the programs are in the kernel: the compiler is not needed
             self.set_state("tracing")
         if self.writer is not None:
             with self.lock:
