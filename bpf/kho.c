@@ -208,9 +208,14 @@ struct fser_walk_v {
 	u64 kv;         /* &ser->folios while a walk is open or done, else 0 */
 	u64 pages;      /* array pages read */
 	u64 pfn_zero;   /* entries with pfn 0 in them, padding included */
-	u32 open;       /* inside kho_preserve_vmalloc */
+	u32 open;       /* WALK_PRESERVE inside kho_preserve_vmalloc, WALK_RESTORE inside kho_restore_vmalloc */
 	u32 unread;     /* pages that could not be read */
+	u64 chunk;      /* restore: the next KHO chunk page's address (not an array page) */
+	u64 nr;         /* restore: ser->nr_folios, read while ser is there */
+	u32 restored;   /* restore: a walk awaits its retrieve's or finish's return */
+	u32 pad;
 };
+enum { WALK_PRESERVE = 1, WALK_RESTORE = 2 };
 struct fser_page_v {
 	u64 w[FSER_PER_PAGE * 2];
 };
@@ -234,7 +239,7 @@ static __always_inline void fser_open(u64 kv)
 	w->pages = 0;
 	w->pfn_zero = 0;
 	w->unread = 0;
-	w->open = 1;
+	w->open = WALK_PRESERVE;
 }
 
 static __always_inline void fser_close(u64 rc)
@@ -271,7 +276,7 @@ static __always_inline int kho_vmalloc_page_entry_body(u64 *a)
 	struct fser_page_v *p;
 	u64 addr, zero = 0;
 	int i, k = 0;
-	if (!w || !w->open)
+	if (!w || w->open != WALK_PRESERVE)
 		return 0;
 	addr = page_address(a[0]);
 	p = fser_page.lookup(&k);
@@ -331,5 +336,119 @@ static __always_inline void fser_commit(struct fkey *k, u64 rc)
 		__sync_fetch_and_add(&s->array_unread, 1);
 	else
 		__sync_fetch_and_add(&s->pfn_zero, w->pfn_zero - (slots - nr));
+}
+
+/* The new kernel, the same way: retrieve and discard (finish) take the file's
+ * array back with kho_restore_vmalloc(&ser->folios), which restores it through
+ * kho_restore_pages, a chunk at a time: the chunk's array pages, then the
+ * chunk page itself, whose address is the preservation's first (then each
+ * chunk's next).  A program run per array page counts its pfn 0 entries; the
+ * op's return adds ser->nr_folios less those (the folios the handler hands
+ * back, pfn 0 skipped) to the file's restored or discarded folios. */
+static __always_inline u64 phys_address(u64 phys)
+{
+#ifdef LUO_USER
+	return phys;            /* the model names a page by its address */
+#elif defined(PAGE_OFFSET_BASE_PTR)
+	u64 direct = 0;
+	if (bpf_probe_read_kernel(&direct, 8, (const void *)PAGE_OFFSET_BASE_PTR))
+		return 0;
+	return direct + phys;
+#else
+	return 0;
+#endif
+}
+
+/* kho_restore_vmalloc(preservation) */
+static __always_inline int kho_restore_vmalloc_entry_body(u64 *a)
+{
+	struct cur_v *c = cur_get();
+	struct fser_walk_v *w;
+	u32 h;
+	s64 *delta;
+	if (!c || (c->role != ROLE_RETRIEVE && c->role != ROLE_FINISH))
+		return 0;
+	w = fser_walk.task_storage_get(luo_current_task_btf(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!w) {
+		count(CNT_INFLIGHT_FULL);
+		return 0;
+	}
+	h = c->key.handler;
+	delta = fser_nr_delta.lookup(&h);
+	w->kv = a[0];
+	w->chunk = 0;
+	w->nr = 0;
+	w->pages = 0;
+	w->pfn_zero = 0;
+	w->unread = 0;
+	w->restored = 0;
+	if (!delta || !*delta || LUO_READ(w->nr, a[0] + *delta) || LUO_READ(w->chunk, a[0]))
+		w->unread = 1;
+	w->open = WALK_RESTORE;
+	return 0;
+}
+
+static __always_inline int kho_restore_vmalloc_return_body(u64 rc)
+{
+	struct fser_walk_v *w = fser_walk.task_storage_get(luo_current_task_btf(), 0, 0);
+	if (!w || w->open != WALK_RESTORE)
+		return 0;
+	w->open = 0;
+	w->restored = rc ? 1 : 0;       /* NULL: the array did not come back, no folio either */
+	return 0;
+}
+
+/* kho_restore_pages(phys, nr_pages) */
+static __always_inline int kho_restore_array_page_entry_body(u64 *a)
+{
+	struct fser_walk_v *w = fser_walk.task_storage_get(luo_current_task_btf(), 0, 0);
+	struct fser_page_v *p;
+	u64 addr, zero = 0, next = 0;
+	int i, k = 0;
+	if (!w || w->open != WALK_RESTORE)
+		return 0;
+	addr = phys_address(a[0]);
+	if (a[0] == w->chunk) {         /* KHO's chunk page: where the next one is */
+		if (!addr || LUO_READ(next, addr))
+			w->unread += 1;
+		w->chunk = next;
+		return 0;
+	}
+	p = fser_page.lookup(&k);
+	if (a[1] != 1 || !addr || !p || LUO_READ(p->w, addr)) {
+		w->unread += 1;
+		return 0;
+	}
+#pragma clang loop unroll_count(8)
+	for (i = 0; i < FSER_PER_PAGE; i++)
+		zero += (p->w[2 * i] & FSER_PFN_MASK) == 0;
+	w->pages += 1;
+	w->pfn_zero += zero;
+	return 0;
+}
+
+/* the retrieve or finish whose array that was returns */
+static __always_inline void frestore_commit(struct fkey *k)
+{
+	struct fser_walk_v *w = fser_walk.task_storage_get(luo_current_task_btf(), 0, 0);
+	struct cur_v *c = cur_get();
+	struct folio_stats_v *s;
+	u64 slots, n;
+	if (!w || !w->restored)
+		return;
+	w->restored = 0;
+	s = stats_for(k);
+	if (!s || !c)
+		return;
+	slots = w->pages * FSER_PER_PAGE;
+	if (w->unread || slots < w->nr || w->pfn_zero < slots - w->nr) {
+		__sync_fetch_and_add(&s->array_unread, 1);
+		return;
+	}
+	n = w->nr - (w->pfn_zero - (slots - w->nr));
+	if (c->role == ROLE_FINISH)
+		__sync_fetch_and_add(&s->discarded, n);
+	else
+		__sync_fetch_and_add(&s->restored, n);
 }
 #endif

@@ -24,10 +24,12 @@ enum { KEY_BY_FILE = 0, KEY_BY_SER = 1 };
 static __always_inline void fser_open(u64 kv);
 static __always_inline void fser_close(u64 rc);
 static __always_inline void fser_commit(struct fkey *k, u64 rc);
+static __always_inline void frestore_commit(struct fkey *k);
 #else
 #define fser_open(kv) do { } while (0)
 #define fser_close(rc) do { } while (0)
 #define fser_commit(k, rc) do { } while (0)
+#define frestore_commit(k) do { } while (0)
 #endif
 
 static __always_inline int op_return(u64 rc, u16 probe, int clear_cur, int ret_kind)
@@ -48,6 +50,8 @@ static __always_inline int op_return(u64 rc, u16 probe, int clear_cur, int ret_k
 			e.a0 = read_ptr(v->ptr, 0), e.a1 = v->a1;
 		else if (ret_kind == RET_NEW_INODE) /* retrieve: the new file's inode */
 			e.a0 = read_ptr(inode_of_file(read_ptr(v->ptr, OFF_ARGS_FILE)), OFF_INODE_INO);
+		if (clear_cur)          /* a retrieve or finish that took its folio array back */
+			frestore_commit(&v->key);
 		inflight.delete(&id);
 	} else {
 		e.flags |= EVF_KEY_UNKNOWN;

@@ -172,9 +172,10 @@ def test_probe_strategies_and_accounting(traced):
     mode, res, truth, _ = traced
     probes = res.report["probes"]
     # the folio source not used (folio mode has two) is listed as skipped, with why
-    unused = {"folio": "kho_preserve_folio", "folio-latency": "kho_preserve_pages"}.get(mode)
-    assert probes and all(p["status"] == "attached" for p in probes if p["symbol"] != unused)
-    assert all(p["status"] == "skipped" and "folio" in p["reason"] for p in probes if p["symbol"] == unused)
+    unused = {"folio": {"kho_preserve_folio", "kho_restore_folio"},
+              "folio-latency": {"kho_preserve_pages", "kho_restore_vmalloc", "kho_restore_pages"}}.get(mode, set())
+    assert probes and all(p["status"] == "attached" for p in probes if p["symbol"] not in unused)
+    assert all(p["status"] == "skipped" and "folio" in p["reason"] for p in probes if p["symbol"] in unused)
     attached = {p["symbol"] for p in probes if p["status"] == "attached"}
     assert {p["strategy"] for p in probes} == ({"uprobe"} if mode == "light" else {"uprobe", "tracepoint"})
     assert ("kho_preserve_folio" in attached) == (mode in ("folio-latency", "trace"))
@@ -187,6 +188,11 @@ def test_probe_strategies_and_accounting(traced):
         vmallocs = progs["kho_preserve_vmalloc_entry"]["run_cnt"]
         assert kept // 256 <= progs["kho_vmalloc_page_entry"]["run_cnt"] <= tried // 256 + 2 * vmallocs
         assert "kho_preserve_folio_entry" not in progs
+        # and the way back: a run per page of each array restored (retrieve, discard), none per folio
+        back = sum((f["folios_restored"] or 0) + (f["folios_discarded"] or 0) for f in res.report["files"])
+        restores = progs["kho_restore_vmalloc_entry"]["run_cnt"]
+        assert back // 256 <= progs["kho_restore_array_page_entry"]["run_cnt"] <= back // 256 + 2 * restores + 2
+        assert "kho_restore_folio_entry" not in progs
     assert res.report["folio_source"] == {"light": None, "folio": "array"}.get(mode, "calls")
     ev = res.report["events"]
     assert ev["lost"] == 0 and ev["received"] > 0

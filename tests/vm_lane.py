@@ -185,6 +185,20 @@ def test_joined_report_follows_each_memfd_across_the_update():
     assert len(stress) >= 500 and all(f["folios_restored"] == 1 for f in stress)
 
 
+def test_restores_counted_from_the_arrays_equal_bpftraces_kho_restore_folio_calls():
+    """The new kernel: bpftrace counting kho_restore_folio inside the handlers'
+    retrieve and finish, against the folios luotrace counted from each file's
+    incoming folio array (a program per array page, none per folio)."""
+    rep, bt = load("report-update.json"), load("bpftrace-restores.json")
+    assert rep["folio_source"] == "array"
+    ours = sum((f["folios_restored"] or 0) + (f["folios_discarded"] or 0) for f in rep["files"])
+    print(f"new kernel: bpftrace {bt['folios']} kho_restore_folio calls, luotrace {ours} from the arrays")
+    assert bt["folios"] == ours, bt["output"]
+    probes = {p["symbol"]: p for p in rep["probes"]}
+    assert probes["kho_restore_folio"]["status"] == "skipped"
+    assert probes["kho_restore_pages"]["status"] == probes["kho_restore_vmalloc"]["status"] == "attached"
+
+
 @kexec_part
 def test_blackout_agrees_with_the_guests_own_clock():
     """luotrace's blackout (old kernel to the retrieve in the new one, joined by

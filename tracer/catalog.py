@@ -257,8 +257,9 @@ PROBES: Tuple[Probe, ...] = (
           bpf_file="kho.c", modes=("folio", "trace"), per_folio=True, entry={"a0": "pfn"},
           help="releases one folio (unwind or cancel)"),
     Probe("kho_restore_folio", "kho_restore_folio", "kho", "folio_restore", kind="entry",
-          bpf_file="kho.c", modes=("folio", "trace"), per_folio=True, entry={"a0": "pfn"},
-          help="new kernel: takes one preserved folio back (retrieve or discard)"),
+          bpf_file="kho.c", modes=("folio", "trace"), per_folio=True, entry={"a0": "pfn"}, source="calls",
+          help="new kernel: takes one preserved folio back (retrieve or discard; trace mode, "
+               "--folio-latency, or a handler whose folio array luotrace cannot read)"),
     # guest_memfd population, through the real kernel's tracepoints.
     Probe("pop_add", "filemap:mm_filemap_add_to_page_cache", "population", "pop_add",
           kind="tracepoint", bpf_file="population.c", modes=("folio", "trace"), per_folio=True,
@@ -280,6 +281,14 @@ PROBES: Tuple[Probe, ...] = (
           modes=("folio",), required=True, source="array",
           help="each page of a handler's serialized folio array, inside kho_preserve_vmalloc: its 256 "
                "entries are counted and checked (pfn 0) in one program run, no event"),
+    Probe("kho_restore_vmalloc", "kho_restore_vmalloc", "kho", "restore_vmalloc", bpf_file="kho.c",
+          modes=("folio",), source="array",
+          help="new kernel: a retrieve or discard takes its file's folio array back; ser->nr_folios, less "
+               "the pfn 0 entries, is the folios it restores or discards, no event"),
+    Probe("kho_restore_array_page", "kho_restore_pages", "kho", "restore_page", kind="entry", bpf_file="kho.c",
+          modes=("folio",), source="array",
+          help="each page of that array, inside kho_restore_vmalloc: its 256 entries checked (pfn 0) in one "
+               "program run, no event"),
 )
 
 @dataclass(frozen=True)

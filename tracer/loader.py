@@ -131,9 +131,11 @@ def apply_folio_source(statuses: List[ProbeStatus], opts: Options, layout: Layou
     probe cannot be attached."""
     source, why = folio_source(opts, layout, {s.handler for s in statuses})
     if source == "array":
-        page = next((s for s in statuses if catalog.BY_NAME[s.name].source == "array"), None)
-        if page is None or page.status != "planned":
-            source, why = "calls", f"kho_preserve_pages cannot be traced: {page.reason if page else 'not planned'}"
+        arrays = [s for s in statuses if catalog.BY_NAME[s.name].source == "array"]
+        bad = next((s for s in arrays if s.status != "planned"), None)
+        if not arrays or bad is not None:
+            source, why = "calls", (f"{catalog.BY_NAME[bad.name].symbol} cannot be traced: {bad.reason}" if bad
+                                    else "kho_preserve_pages cannot be traced: not planned")
     for s in statuses:
         want = catalog.BY_NAME[s.name].source
         if want and want != source and s.status == "planned":

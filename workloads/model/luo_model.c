@@ -405,50 +405,106 @@ void vfree(void *ptr)
 	}
 }
 
-/* As the kernel's: a zeroed chunk page of physical addresses (preserved
- * itself), then each page of the area in order, a new chunk every
- * KHO_VMALLOC_SIZE pages.  The model keeps no chunk: each is preserved while
- * zero, as the kernel's is, and freed. */
+/* As the kernel's (kernel/liveupdate/kexec_handover.c): a chunk page holds
+ * the next chunk's address and the addresses of up to KHO_VMALLOC_SIZE pages
+ * of the area; it is preserved while still zero, then filled, and
+ * kv->first names the first chunk.  The model's "physical address" of a
+ * page is its own address. */
 #define KHO_VMALLOC_SIZE ((PAGE_SZ - 8) / 8)
-static int new_vmalloc_chunk(void)
+struct kho_vmalloc_chunk {
+	uint64_t next;
+	uint64_t phys[KHO_VMALLOC_SIZE];
+};
+
+static struct kho_vmalloc_chunk *new_vmalloc_chunk(struct kho_vmalloc_chunk *prev, struct kho_vmalloc *kv)
 {
-	void *chunk = aligned_alloc(PAGE_SZ, PAGE_SZ);
+	struct kho_vmalloc_chunk *chunk = aligned_alloc(PAGE_SZ, PAGE_SZ);
 
 	if (!chunk)
-		return -ENOMEM;
+		return NULL;
 	explicit_bzero(chunk, PAGE_SZ);        /* get_zeroed_page (a memset before free() may be elided) */
 	kho_preserve_pages(chunk, 1);
-	free(chunk);
-	return 0;
+	if (prev)
+		prev->next = (uint64_t)(uintptr_t)chunk;
+	else
+		kv->first = (uint64_t)(uintptr_t)chunk;
+	return chunk;
+}
+
+static void free_vmalloc_chunks(struct kho_vmalloc *kv)
+{
+	struct kho_vmalloc_chunk *chunk = (struct kho_vmalloc_chunk *)(uintptr_t)kv->first;
+
+	while (chunk) {
+		struct kho_vmalloc_chunk *next = (struct kho_vmalloc_chunk *)(uintptr_t)chunk->next;
+
+		free(chunk);
+		chunk = next;
+	}
+	kv->first = 0;
 }
 
 NOINLINE int kho_preserve_vmalloc(void *ptr, struct kho_vmalloc *kv)
 {
 	int area = find_vm_area(ptr);
+	struct kho_vmalloc_chunk *chunk;
 	size_t pages, i, idx = 0;
 
 	model_pause();
+	kv->first = 0;
 	if (cur->fault == F_VMALLOC || cur->fault == F_LEAK_UNWIND)
 		return -ENOMEM;
 	if (area < 0)
 		return -EINVAL;         /* not a vcalloc area */
 	pages = vm_areas[area].pages;
-	if (new_vmalloc_chunk())
+	chunk = new_vmalloc_chunk(NULL, kv);
+	if (!chunk)
 		return -ENOMEM;
 	for (i = 0; i < pages; i++) {
 		kho_preserve_pages((char *)ptr + i * PAGE_SZ, 1);
+		chunk->phys[idx] = (uint64_t)(uintptr_t)((char *)ptr + i * PAGE_SZ);
 		if (++idx == KHO_VMALLOC_SIZE) {
-			if (new_vmalloc_chunk())
+			chunk = new_vmalloc_chunk(chunk, kv);
+			if (!chunk) {
+				free_vmalloc_chunks(kv);
 				return -ENOMEM;
+			}
 			idx = 0;
 		}
 	}
-	kv->first = (uint64_t)(uintptr_t)ptr;
 	kv->total_pages = (uint32_t)pages;
 	return 0;
 }
 
-NOINLINE void kho_unpreserve_vmalloc(struct kho_vmalloc *kv) { kv->first = 0; }
+NOINLINE void kho_unpreserve_vmalloc(struct kho_vmalloc *kv) { free_vmalloc_chunks(kv); }
+
+NOINLINE void *kho_restore_pages(uint64_t phys, unsigned long nr_pages)
+{
+	(void)nr_pages;
+	__asm__ volatile("" ::: "memory");
+	return (void *)(uintptr_t)phys;
+}
+
+/* New kernel: each page of the area back, a chunk at a time, each chunk's
+ * pages before the chunk page itself; the area is where it was (the model
+ * does not remap it).  NULL when the chunks do not hold total_pages. */
+NOINLINE void *kho_restore_vmalloc(struct kho_vmalloc *kv)
+{
+	struct kho_vmalloc_chunk *chunk = (struct kho_vmalloc_chunk *)(uintptr_t)kv->first;
+	void *area = chunk ? (void *)(uintptr_t)chunk->phys[0] : NULL;
+	uint32_t idx = 0;
+
+	while (chunk) {
+		for (size_t i = 0; i < KHO_VMALLOC_SIZE && chunk->phys[i]; i++) {
+			kho_restore_pages(chunk->phys[i], 1);
+			idx++;
+		}
+		kho_restore_pages((uint64_t)(uintptr_t)chunk, 1);
+		chunk = (struct kho_vmalloc_chunk *)(uintptr_t)chunk->next;
+	}
+	free_vmalloc_chunks(kv);
+	return idx == kv->total_pages ? area : NULL;
+}
 
 NOINLINE void *kho_alloc_preserve(size_t size)
 {

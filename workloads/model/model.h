@@ -140,6 +140,8 @@ struct folio *kho_restore_folio(uint64_t phys);
 int kho_preserve_pages(void *page, unsigned long nr_pages);
 int kho_preserve_vmalloc(void *ptr, struct kho_vmalloc *kv);
 void kho_unpreserve_vmalloc(struct kho_vmalloc *kv);
+void *kho_restore_vmalloc(struct kho_vmalloc *kv);
+void *kho_restore_pages(uint64_t phys, unsigned long nr_pages);
 void *kho_alloc_preserve(size_t size);
 void kho_unpreserve_free(void *mem);
 

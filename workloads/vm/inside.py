@@ -223,15 +223,26 @@ def stage2(kdir: str) -> None:
     jump(kdir, 3)
 
 
+# kho_restore_folio calls made by the handlers' retrieve and finish (discard):
+# the folios luotrace counts from each file's incoming folio array
+RESTORE_OPS = ("memfd_luo_retrieve", "memfd_luo_finish", "kvm_gmem_luo_retrieve", "kvm_gmem_luo_finish")
+BPFTRACE_RESTORES = (",".join(f"kprobe:{f}" for f in RESTORE_OPS) + " { @in[tid] = 1; } "
+                     + ",".join(f"kretprobe:{f}" for f in RESTORE_OPS) + " { delete(@in[tid]); } "
+                     "kprobe:kho_restore_folio /@in[tid]/ { @folios = count(); }")
+
+
 def stage3(kdir: str) -> None:
     rec = start_recorder(os.path.join(OUT, "update-2.luo"), os.path.join(OUT, "update-2.log"))
-    if only("kexec"):
-        kexec_selftests(kdir, 2, "kexec-traced-2")
-        sh([PY, "-m", "workloads.liveupdate", "--retrieve", os.path.join(OUT, "held.json"), "--json",
-            os.path.join(OUT, "retrieved.json")])
-    if only("gmem"):
-        sh([PY, *GMEM, "--retrieve", os.path.join(OUT, "held-gmem.json"), "--json",
-            os.path.join(OUT, "retrieved-gmem.json")])
+
+    def retrieves() -> None:
+        if only("kexec"):
+            kexec_selftests(kdir, 2, "kexec-traced-2")
+            sh([PY, "-m", "workloads.liveupdate", "--retrieve", os.path.join(OUT, "held.json"), "--json",
+                os.path.join(OUT, "retrieved.json")])
+        if only("gmem"):
+            sh([PY, *GMEM, "--retrieve", os.path.join(OUT, "held-gmem.json"), "--json",
+                os.path.join(OUT, "retrieved-gmem.json")])
+    with_bpftrace(BPFTRACE_RESTORES, "bpftrace-restores.json", retrieves)
     rec.send_signal(signal.SIGINT)
     rec.wait(300)
     sh([PY, "-m", "tracer.cli", "report", "--json", os.path.join(OUT, "update-1.luo"),

@@ -263,14 +263,21 @@ NOINLINE void kvm_gmem_luo_unpreserve(struct liveupdate_file_op_args *args)
 NOINLINE int kvm_gmem_luo_retrieve(struct liveupdate_file_op_args *args)
 {
 	struct guest_memfd_luo_ser *ser = (struct guest_memfd_luo_ser *)(uintptr_t)args->serialized_data;
-	struct guest_memfd_luo_folio_ser *folios_ser = args->private_data;
+	struct guest_memfd_luo_folio_ser *folios_ser = NULL;
 	struct model_file *mf = cur;
 	struct stat st;
 	int fd;
 
+	if (ser->nr_folios) {
+		folios_ser = kho_restore_vmalloc(&ser->folios);
+		if (!folios_ser)
+			return -EINVAL;
+	}
 	fd = gmem_file(ser->size);
 	gmem_alloc(fd, 0, ser->size);
 	for (uint64_t i = 0; i < ser->nr_folios; i++) {
+		if (!folios_ser[i].pfn)
+			continue;
 		if (kho_restore_folio(folios_ser[i].pfn * PAGE_SZ))
 			mf->folios_restored++;
 	}
@@ -295,7 +302,8 @@ NOINLINE void kvm_gmem_luo_finish(struct liveupdate_file_op_args *args)
 	struct guest_memfd_luo_folio_ser *folios_ser = args->private_data;
 
 	model_pause();
-	if (!args->retrieve_status) {           /* discard: kvm_gmem_luo_discard_folios */
+	if (!args->retrieve_status && ser->nr_folios &&  /* discard: kvm_gmem_luo_discard_folios */
+	    kho_restore_vmalloc(&ser->folios)) {
 		for (uint64_t i = 0; i < ser->nr_folios; i++) {
 			if (!folios_ser[i].pfn)
 				continue;

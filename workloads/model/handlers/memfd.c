@@ -132,9 +132,15 @@ NOINLINE void memfd_luo_unpreserve(struct liveupdate_file_op_args *args)
 NOINLINE int memfd_luo_retrieve(struct liveupdate_file_op_args *args)
 {
 	struct memfd_luo_ser *ser = (struct memfd_luo_ser *)(uintptr_t)args->serialized_data;
-	struct memfd_luo_folio_ser *folios_ser = args->private_data;
+	struct memfd_luo_folio_ser *folios_ser = NULL;
+
+	if (ser->nr_folios) {
+		folios_ser = kho_restore_vmalloc(&ser->folios);
+		if (!folios_ser)
+			return -EINVAL;
+	}
 	for (uint64_t i = 0; i < ser->nr_folios; i++)
-		if (kho_restore_folio(folios_ser[i].pfn * PAGE_SZ))
+		if (folios_ser[i].pfn && kho_restore_folio(folios_ser[i].pfn * PAGE_SZ))
 			cur->folios_restored++;
 	args->retrieve_status = 1;
 	return 0;
@@ -145,9 +151,9 @@ NOINLINE void memfd_luo_finish(struct liveupdate_file_op_args *args)
 	struct memfd_luo_ser *ser = (struct memfd_luo_ser *)(uintptr_t)args->serialized_data;
 	struct memfd_luo_folio_ser *folios_ser = args->private_data;
 	model_pause();
-	if (!args->retrieve_status)
+	if (!args->retrieve_status && ser->nr_folios && kho_restore_vmalloc(&ser->folios))
 		for (uint64_t i = 0; i < ser->nr_folios; i++)
-			if (kho_restore_folio(folios_ser[i].pfn * PAGE_SZ))
+			if (folios_ser[i].pfn && kho_restore_folio(folios_ser[i].pfn * PAGE_SZ))
 				cur->folios_discarded++;
 	vfree(folios_ser);
 	kho_unpreserve_free(ser);
