@@ -252,6 +252,20 @@ static __always_inline void fser_close(u64 rc)
 		w->kv = 0;
 }
 
+/* An array page read: its entries with pfn 0 counted, the one check per
+ * folio (a load, a mask and a compare: about a microsecond a page natively,
+ * tens under the lane's emulation). */
+static __always_inline void fser_count_page(struct fser_walk_v *w, struct fser_page_v *p)
+{
+	u64 zero = 0;
+	int i;
+#pragma clang loop unroll_count(8)
+	for (i = 0; i < FSER_PER_PAGE; i++)
+		zero += (p->w[2 * i] & FSER_PFN_MASK) == 0;
+	w->pages += 1;
+	w->pfn_zero += zero;
+}
+
 /* struct page * -> the page's direct-map address, from its pfn as a folio
  * pointer gives it (the model names a page by its address) */
 static __always_inline u64 page_address(u64 page)
@@ -274,8 +288,8 @@ static __always_inline int kho_vmalloc_page_entry_body(u64 *a)
 {
 	struct fser_walk_v *w = fser_walk.task_storage_get(luo_current_task_btf(), 0, 0);
 	struct fser_page_v *p;
-	u64 addr, zero = 0;
-	int i, k = 0;
+	u64 addr;
+	int k = 0;
 	if (!w || w->open != WALK_PRESERVE)
 		return 0;
 	addr = page_address(a[0]);
@@ -292,13 +306,7 @@ static __always_inline int kho_vmalloc_page_entry_body(u64 *a)
 	 * have distinct indexes, so one of its first four words is not zero. */
 	if (!(p->w[0] | p->w[1] | p->w[2] | p->w[3]))
 		return 0;
-	/* the one check per folio: a load, a mask and a compare (about a
-	 * microsecond a page natively, tens under the lane's emulation) */
-#pragma clang loop unroll_count(8)
-	for (i = 0; i < FSER_PER_PAGE; i++)
-		zero += (p->w[2 * i] & FSER_PFN_MASK) == 0;
-	w->pages += 1;
-	w->pfn_zero += zero;
+	fser_count_page(w, p);
 	return 0;
 }
 
@@ -403,8 +411,8 @@ static __always_inline int kho_restore_array_page_entry_body(u64 *a)
 {
 	struct fser_walk_v *w = fser_walk.task_storage_get(luo_current_task_btf(), 0, 0);
 	struct fser_page_v *p;
-	u64 addr, zero = 0, next = 0;
-	int i, k = 0;
+	u64 addr, next = 0;
+	int k = 0;
 	if (!w || w->open != WALK_RESTORE)
 		return 0;
 	addr = phys_address(a[0]);
@@ -419,11 +427,7 @@ static __always_inline int kho_restore_array_page_entry_body(u64 *a)
 		w->unread += 1;
 		return 0;
 	}
-#pragma clang loop unroll_count(8)
-	for (i = 0; i < FSER_PER_PAGE; i++)
-		zero += (p->w[2 * i] & FSER_PFN_MASK) == 0;
-	w->pages += 1;
-	w->pfn_zero += zero;
+	fser_count_page(w, p);
 	return 0;
 }
 
