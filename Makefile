@@ -13,7 +13,7 @@ KREL := $(shell uname -r)
 APT_PACKAGES := python3-bpfcc bpfcc-tools bpftrace bpftool linux-headers-amd64 build-essential dwarves \
                 python3-venv prometheus prometheus-pushgateway prometheus-node-exporter util-linux
 
-.PHONY: setup apt headers mounts venv model demo check test bench bench-fleet soak install-service docs clean vm-deps vm-kernel vmtest vmtest-ab
+.PHONY: setup apt headers mounts venv model demo check test bench bench-fleet soak install-service docs clean vm-deps vm-kernel vmtest vmtest-ab vmbench-retrieve
 
 setup: apt headers mounts venv model
 
@@ -114,6 +114,10 @@ vm-kernel: vm-deps
 
 vmtest: vm-kernel
 	SERIES=$(SERIES) bash workloads/vm/vmtest.sh
+
+# The guest's downtime path: retrieves across kexecs, untraced and traced (several boots, ~30 min)
+vmbench-retrieve: vm-kernel
+	SERIES=$(SERIES) bash workloads/vm/vmbench-retrieve.sh
 
 # The same workload on two series' kernels, compared: make vmtest-ab A=seed B=latest
 A ?= seed

@@ -25,6 +25,8 @@ Scenarios (SIZE overrides the size of the first guest_memfd, e.g. bench:256M):
             race (folios added to a frozen inode by a call already under way)
   bench     one guest_memfd (256 MiB unless SIZE), allocated, no pattern:
             the preserve's time, for vmbench
+  hold      the same, kept across the kexec and retrieved (no pattern
+            check): the retrieve's time, for the retrieve benchmark
   novm      a 1 MiB guest_memfd whose VM file is not in the session: where
             preserve takes the VM token itself (the series' later
             revisions) it fails with ENOENT; the seed's freeze op would fail
@@ -54,8 +56,8 @@ from .liveupdate import (_pattern, create_session, finish_session, hold, open_de
 from .truth import parse_size, write_truth
 
 PAGE = kabi.PAGE_SIZE
-SCENARIOS = ("keep", "discard", "cancel", "rejected", "hwpoison", "race", "bench", "novm")
-HELD = ("keep", "discard")  # what --hold carries across the kexec
+SCENARIOS = ("keep", "discard", "cancel", "rejected", "hwpoison", "race", "bench", "novm", "hold")
+HELD = ("keep", "discard", "hold")  # what --hold carries across the kexec
 RACE_PAGES, RACE_POPULATED = 4096, 4000
 # The racer touches pages RACE_POPULATED..RACE_PAGES-1 only, so pass 1 always
 # counts more than 3840 folios and v1's folio array (vcalloc(count, 16 B)) is
@@ -204,7 +206,7 @@ class Run:
             files = [(size or (2 << 20), "fallocate")]
         elif scenario in ("hwpoison", "novm"):
             files = [(size or (1 << 20), "fallocate")]
-        elif scenario == "bench":
+        elif scenario in ("bench", "hold"):
             files = [(size or (256 << 20), "fallocate")]
         else:  # race
             return self.race(n, sfd, vm, base)
@@ -213,7 +215,7 @@ class Run:
             seed = n * 100 + i
             if how == "fallocate":
                 f.populate()
-            if scenario != "bench":
+            if scenario not in ("bench", "hold"):
                 write_pattern(f, seed, sz // PAGE)
             rec = {**base, "seed": seed, "populate": how, "pages": sz // PAGE}
             if scenario == "hwpoison":
@@ -282,7 +284,7 @@ def retrieve_all(dev: int, before: dict) -> dict:
         files = [f for f in before["files"] if f["session"] == s["index"] and not f["errno"]]
         vm_fd = None
         for f in files:
-            if f["scenario"] != "keep":
+            if f["scenario"] not in ("keep", "hold"):
                 out["files"].append({**f, "retrieved_inode": None})
                 continue
             t1, wall = time.monotonic_ns(), time.time_ns()
@@ -292,7 +294,8 @@ def retrieve_all(dev: int, before: dict) -> dict:
                 vm_fd = retrieve_fd(sfd, s["vm_token"])
             out["files"].append({**f, "retrieved_inode": os.fstat(fd).st_ino, "retrieve_ns": took,
                                  "retrieve_realtime_ns": wall,
-                                 "bad_pages": check_pattern(fd, f["size_bytes"], f["seed"], f["pages"])})
+                                 "bad_pages": (check_pattern(fd, f["size_bytes"], f["seed"], f["pages"])
+                                               if f["scenario"] == "keep" else None)})
             os.close(fd)
         finish_session(sfd)
         os.close(sfd)
