@@ -40,8 +40,8 @@ REPS = int(os.environ.get("LUOTRACE_RB_REPS", "3"))
 ORDER = [c for _ in range(REPS) for c in CONFIGS]
 SIZES = ("hold:256M", "hold:1G")
 # BPF programs on the retrieve path, by configuration (names as bpf_stats gives them)
-RETRIEVE_PROGS = ("kho_restore_pages", "kho_restore_vmalloc", "kvm_gmem_luo_retrieve", "kho_restore_folio",
-                  "mm_filemap_add_to_page_cache")
+RETRIEVE_PROGS = {"arrays": ("kho_restore_pages", "kho_restore_vmalloc"), "per folio": ("kho_restore_folio",),
+                  "lifecycle": ("kvm_gmem_luo_retrieve",), "page cache": ("mm_filemap_add_to_page_cache",)}
 
 
 def _stage(out: str) -> int:
@@ -54,7 +54,9 @@ def boot(out: str, kdir: str) -> None:
     from .inside import sh, start_recorder
     inside.OUT = out  # sh() logs every command there
     i = _stage(out)
-    if i > 0:
+    done = any(os.path.exists(os.path.join(out, f"rb-{what}-{i - 1}{ext}"))
+               for what, ext in (("retrieved", ".json"), ("lost", ""), ("failed", ".json")))
+    if i > 0 and not done:  # (done: the boot that retrieved them died after; boot again to hold)
         cfg = ORDER[i - 1]
         rec = None
         luo = os.path.join(out, f"rb-{i - 1}.luo")
@@ -93,6 +95,7 @@ def summary(out: str) -> List[str]:
     against untraced, and the BPF share of the traced retrieves."""
     times: Dict[str, Dict[int, List[int]]] = {c: {} for c in CONFIGS}
     bpf: Dict[str, List[float]] = {c: [] for c in CONFIGS}
+    parts: Dict[str, Dict[str, List[float]]] = {c: {} for c in CONFIGS}
     runs = 0
     for i, cfg in enumerate(ORDER):
         path = os.path.join(out, f"rb-retrieved-{i}.json")
@@ -108,9 +111,12 @@ def summary(out: str) -> List[str]:
         rep_path = os.path.join(out, f"rb-report-{i}.json")
         if cfg != "untraced" and os.path.exists(rep_path):
             progs = _load(rep_path)["bpf"].get("programs", {})
-            ns = sum(v["run_time_ns"] for k, v in progs.items() if any(k.endswith("__" + p) for p in RETRIEVE_PROGS))
+            by = {part: sum(v["run_time_ns"] for k, v in progs.items() if any(k.endswith("__" + p) for p in names))
+                  for part, names in RETRIEVE_PROGS.items()}
             if total:
-                bpf[cfg].append(ns / total)
+                bpf[cfg].append(sum(by.values()) / total)
+                for part, ns in by.items():
+                    parts[cfg].setdefault(part, []).append(ns / total)
     lost = sum(os.path.exists(os.path.join(out, f"rb-lost-{i}")) for i in range(len(ORDER)))
     rows = [f"retrieve benchmark: {runs} of {len(ORDER)} retrieves ran ({REPS} per configuration, interleaved; "
             f"{lost} lost with a boot that died); medians [min-max]"]
@@ -130,7 +136,9 @@ def summary(out: str) -> List[str]:
         if bpf[cfg]:
             rows.append(f"  BPF share of the retrieves, {cfg}: median {100 * statistics.median(bpf[cfg]):.2f} % "
                         f"[{100 * min(bpf[cfg]):.2f}-{100 * max(bpf[cfg]):.2f}]"
-                        + (" (target: <= 1 %)" if cfg == "folio" else ""))
+                        + (" (target: <= 1 %)" if cfg == "folio" else "") + ": "
+                        + ", ".join(f"{part} {100 * statistics.median(xs):.2f} %" for part, xs in parts[cfg].items()
+                                    if statistics.median(xs) > 0))
     return rows
 
 
