@@ -21,7 +21,7 @@ text): the host script boots again, and the retrieve whose files died with
 that boot is counted as lost.
 
     python -m workloads.vm.retrieve_bench OUT KDIR   (inside the guest, each boot)
-    python -m workloads.vm.retrieve_bench --summary OUT   (on the host, after)
+    python -m workloads.vm.retrieve_bench --summary OUT [OUT...]   (on the host, after; runs together)
 """
 from __future__ import annotations
 
@@ -61,8 +61,9 @@ def boot(out: str, kdir: str) -> None:
         rec = None
         luo = os.path.join(out, f"rb-{i - 1}.luo")
         if cfg != "untraced":
+            # --force: a recording left by a boot that died in its retrieve (this one then finds no files)
             rec = start_recorder(luo, os.path.join(out, f"rb-{i - 1}.log"), handler="guest_memfd",
-                                 extra=EXTRA[cfg])
+                                 extra=EXTRA[cfg] + ["--force"])
         rc = sh([PY, "-m", "workloads.gmem_luo", "--retrieve", os.path.join(out, f"rb-held-{i - 1}.json"), "--json",
                  os.path.join(out, f"rb-retrieved-{i - 1}.json")])
         if rc:  # this boot is not the kexec that kept them (the one before died): lost
@@ -90,14 +91,16 @@ def _load(path: str):
         return json.load(f)
 
 
-def summary(out: str) -> List[str]:
+def summary(outs: List[str]) -> List[str]:
     """Medians and spread of each file's retrieve per configuration, ratios
-    against untraced, and the BPF share of the traced retrieves."""
+    against untraced, and the BPF share of the traced retrieves, over the
+    runs in OUTS together."""
     times: Dict[str, Dict[int, List[int]]] = {c: {} for c in CONFIGS}
     bpf: Dict[str, List[float]] = {c: [] for c in CONFIGS}
     parts: Dict[str, Dict[str, List[float]]] = {c: {} for c in CONFIGS}
-    runs = 0
-    for i, cfg in enumerate(ORDER):
+    runs = lost = 0
+    for out, (i, cfg) in ((o, ic) for o in outs for ic in enumerate(ORDER)):
+        lost += os.path.exists(os.path.join(out, f"rb-lost-{i}"))
         path = os.path.join(out, f"rb-retrieved-{i}.json")
         if not os.path.exists(path):
             continue
@@ -117,8 +120,7 @@ def summary(out: str) -> List[str]:
                 bpf[cfg].append(sum(by.values()) / total)
                 for part, ns in by.items():
                     parts[cfg].setdefault(part, []).append(ns / total)
-    lost = sum(os.path.exists(os.path.join(out, f"rb-lost-{i}")) for i in range(len(ORDER)))
-    rows = [f"retrieve benchmark: {runs} of {len(ORDER)} retrieves ran ({REPS} per configuration, interleaved; "
+    rows = [f"retrieve benchmark: {runs} of {len(ORDER) * len(outs)} retrieves ran ({REPS} per configuration, interleaved; "
             f"{lost} lost with a boot that died); medians [min-max]"]
     for size in sorted({s for c in CONFIGS for s in times[c]}):
         base = times["untraced"].get(size)
@@ -144,7 +146,7 @@ def summary(out: str) -> List[str]:
 
 def main() -> None:
     if sys.argv[1] == "--summary":
-        print("\n".join(summary(sys.argv[2])))
+        print("\n".join(summary(sys.argv[2:])))
         return
     boot(sys.argv[1], sys.argv[2])
 
