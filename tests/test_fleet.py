@@ -90,9 +90,9 @@ def test_rows_match_the_reports(recordings, ds):
     handlers = {f["handler"] for f in files if f["recording_id"] in live_ids and f["folios_preserved"]}
     assert handlers == {"guest_memfd", "memfd"}
     # integers stay integers in the files themselves
-    t = pq.read_table(next(dataset._parts(ds, "files")))
+    t = pq.read_table(next(fs.parts(ds, "files")))
     assert str(t.schema.field("folios_preserved").type) == "int64" and str(t.schema.field("preserve_ns").type) == "int64"
-    assert str(pq.read_table(next(dataset._parts(ds, "updates"))).schema.field("labels").type).startswith("map<string, string")
+    assert str(pq.read_table(next(fs.parts(ds, "updates"))).schema.field("labels").type).startswith("map<string, string")
 
 
 def test_the_same_recordings_twice_add_nothing(recordings, ds):
@@ -147,9 +147,9 @@ def test_an_export_cut_short_leaves_no_half_written_update(recordings, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         dataset.export(root, sim[:3])
     monkeypatch.setattr(dataset, "_write_part", real)
-    assert list(dataset._parts(root, "files")) and not list(dataset._parts(root, "updates"))
+    assert list(fs.parts(root, "files")) and not list(fs.parts(root, "updates"))
     assert not [n for _d, _s, ns in os.walk(root) for n in ns if n.endswith(".tmp")]
-    orphans = sum(len(list(dataset._parts(root, t))) for t in fs.TABLES)
+    orphans = sum(len(list(fs.parts(root, t))) for t in fs.TABLES)
     res = dataset.export(root, sim[:3])
     assert res.added == 3 and res.removed_orphans == orphans >= 3 and "cut short" in res.warnings[0]
     assert len(_table(root, "files")) == 9 and len(_table(root, "updates")) == 3
@@ -244,4 +244,4 @@ def test_fleet_compare_finds_a_slowed_phase(tmp_path):
     assert res["changed"] == ["guest_memfd/fill_pass"], res["changed"]
     # the sample cap: a side with more calls than the cap says so
     a, b = fleet.compare_sides(root, "patch", "v3", "v4", cap=10)
-    assert a.sampled_from[("guest_memfd", "fill_pass")] == 36 and len(a.samples()[("guest_memfd", "fill_pass")]) == 10
+    assert a.sampled_from[("guest_memfd", "fill_pass")] == 36 and len(a.samples[("guest_memfd", "fill_pass")]) == 10

@@ -434,6 +434,11 @@ def export(recordings: Tuple[str, ...], textfile: Optional[str], parquet: Option
         sys.exit(1)
 
 
+where_option = click.option("--where", default=None, metavar="SQL",
+                            help="only the updates (alias u) this condition keeps, e.g. \"u.labels['pool'] = 'j'\" "
+                                 "or \"u.host LIKE 'db%'\"")
+
+
 class _FleetGroup(click.Group):
     """`luotrace fleet DIR` is the summary; `luotrace fleet compare|sql ...` the rest."""
 
@@ -462,8 +467,7 @@ def fleet() -> None:
 @click.argument("dataset", type=click.Path(file_okay=False))
 @click.option("--by", default="kernel", show_default=True, metavar="COLUMN|LABEL",
               help="group by host, kernel, date, mode, ... or by a label's value (e.g. patch)")
-@click.option("--where", default=None, metavar="SQL",
-              help="only the updates (alias u) this condition keeps, e.g. \"u.labels['pool'] = 'j'\" or \"u.host LIKE 'db%'\"")
+@where_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def fleet_summary(dataset: str, by: str, where: Optional[str], as_json: bool) -> None:
     """Per group: updates, hosts, files, failures by errno, anomalies by code,
@@ -480,8 +484,7 @@ def fleet_summary(dataset: str, by: str, where: Optional[str], as_json: bool) ->
 @click.argument("b")
 @click.option("--by", required=True, metavar="COLUMN|LABEL", help="what A and B are values of (e.g. patch)")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="bootstrap seed")
-@click.option("--where", default=None, metavar="SQL",
-              help="only the updates (alias u) this condition keeps, e.g. \"u.labels['pool'] = 'j'\" or \"u.host LIKE 'db%'\"")
+@where_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (compare's schema)")
 @click.option("--fail-on-change", is_flag=True, help=f"exit {FAIL_EXIT} when a phase changed")
 def fleet_compare(dataset: str, a: str, b: str, by: str, seed: int, where: Optional[str], as_json: bool,

@@ -35,8 +35,8 @@ class Side:
     per handler, and what makes two sides like for like (kernel, mode, ...).
     Built from reports (`of_reports`) or from the fleet dataset's queries."""
     name: str
-    phase_samples: Dict[Tuple[str, str], np.ndarray]
-    hist: Dict[str, np.ndarray]
+    samples: Dict[Tuple[str, str], np.ndarray]  # (handler, phase) -> durations, ns
+    folio_hist: Dict[str, np.ndarray]  # handler -> log2 folio-latency buckets
     traits: Dict[str, List[str]]
     # per (handler, phase): samples there were, where only some were used
     sampled_from: Dict[Tuple[str, str], int] = field(default_factory=dict)
@@ -55,12 +55,6 @@ class Side:
                     h[int(slot)] += c
         traits = {what: sorted({str(f(r)) for r in reports}) for what, f in TRAITS}
         return cls(name, {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}, hist, traits)
-
-    def samples(self) -> Dict[Tuple[str, str], np.ndarray]:
-        return self.phase_samples
-
-    def folio_hist(self) -> Dict[str, np.ndarray]:
-        return self.hist
 
 
 # what makes two sides not like for like, per report
@@ -191,7 +185,7 @@ def compare(a: Side, b: Side, seed: int = 0, min_change: float = MIN_CHANGE) -> 
     MIN_CHANGE; when the sample sizes cannot reach significance at all, the
     row says so, with the runs the effect seen would need."""
     rng = np.random.default_rng(seed)
-    sa, sb = a.samples(), b.samples()
+    sa, sb = a.samples, b.samples
     order = ("preserve",) + LEAF_PHASES
     keys = sorted(set(sa) & set(sb), key=lambda k: (k[0], order.index(k[1])))
     # a phase one side never ran (an op a revision dropped): listed, not compared against nothing
@@ -238,7 +232,7 @@ def compare(a: Side, b: Side, seed: int = 0, min_change: float = MIN_CHANGE) -> 
         row["verdict"] = "(total) " + verdict if row["total"] else verdict
         rows.append(row)
     folio = []
-    ha, hb = a.folio_hist(), b.folio_hist()
+    ha, hb = a.folio_hist, b.folio_hist
     for h in sorted(set(ha) & set(hb)):
         folio.append({"handler": h, "n_a": int(ha[h].sum()), "n_b": int(hb[h].sum()),
                       "p50_a_ns_le": _hist_quantile(ha[h], 0.5), "p50_b_ns_le": _hist_quantile(hb[h], 0.5),
@@ -311,7 +305,7 @@ def plot(a: Side, b: Side, out: str, res: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    sa, sb = a.samples(), b.samples()
+    sa, sb = a.samples, b.samples
     rows = {(r["handler"], r["phase"]): r for r in res["phases"]}
     keys = [k for k in rows if k in sa and k in sb]
     if not keys:

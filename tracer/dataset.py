@@ -128,23 +128,16 @@ class ExportResult:
     warnings: List[str] = field(default_factory=list)
 
 
-def _parts(root: str, table: str) -> Iterator[str]:
-    for d, _dirs, names in os.walk(os.path.join(root, table)):
-        for n in names:
-            if n.startswith("part-") and n.endswith(".parquet"):
-                yield os.path.join(d, n)
-
-
 def _batch_of(path: str) -> str:
-    return os.path.basename(path)[len("part-"):-len(".parquet")]
+    return os.path.basename(path)[len(fs.PART_PREFIX):-len(fs.PART_SUFFIX)]
 
 
 def _remove_orphans(root: str) -> int:
     """Parts of an export that never wrote its ``updates`` part."""
-    done = {_batch_of(p) for p in _parts(root, "updates")}
+    done = {_batch_of(p) for p in fs.parts(root, "updates")}
     n = 0
     for t in fs.TABLES:
-        for p in list(_parts(root, t)):
+        for p in list(fs.parts(root, t)):
             if _batch_of(p) not in done:
                 os.unlink(p)
                 n += 1
@@ -154,7 +147,7 @@ def _remove_orphans(root: str) -> int:
 def known_ids(root: str) -> Set[str]:
     """Recording ids already in the dataset (only one column is read)."""
     ids: Set[str] = set()
-    for p in _parts(root, "updates"):
+    for p in fs.parts(root, "updates"):
         ids.update(pq.read_table(p, columns=["recording_id"]).column(0).to_pylist())
     return ids
 
@@ -162,8 +155,8 @@ def known_ids(root: str) -> Set[str]:
 def _write_part(root: str, table: str, part: Tuple[str, str], batch: str, rows: List[dict]) -> str:
     d = os.path.join(root, table, *(f"{k}={v}" for k, v in zip(fs.PARTITIONS, part)))
     os.makedirs(d, exist_ok=True)
-    final = os.path.join(d, f"part-{batch}.parquet")
-    tmp = os.path.join(d, f".part-{batch}.parquet.tmp")
+    final = os.path.join(d, f"{fs.PART_PREFIX}{batch}{fs.PART_SUFFIX}")
+    tmp = os.path.join(d, f".{fs.PART_PREFIX}{batch}{fs.PART_SUFFIX}.tmp")
     pq.write_table(pa.Table.from_pylist(rows, schema=fs.SCHEMAS[table]), tmp, compression="zstd")
     fd = os.open(tmp, os.O_RDONLY)
     try:

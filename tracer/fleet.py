@@ -75,10 +75,7 @@ def summary_sql(by: str, dialect: str = "duckdb", where: Optional[str] = None) -
 
 
 def _has_parts(root: str, table: str) -> bool:
-    for _d, _dirs, names in os.walk(os.path.join(root, table)):
-        if any(n.startswith("part-") and n.endswith(".parquet") for n in names):
-            return True
-    return False
+    return next(fs.parts(root, table), None) is not None
 
 
 def connect(root: str, memory_limit: str = MEMORY_LIMIT):
@@ -93,7 +90,7 @@ def connect(root: str, memory_limit: str = MEMORY_LIMIT):
                                  "temp_directory": os.path.join(tempfile.gettempdir(), "luotrace-duckdb")})
     for t in fs.TABLES:
         if _has_parts(root, t):
-            glob = os.path.join(root, t, "**", "part-*.parquet").replace("'", "''")
+            glob = os.path.join(root, t, "**", f"{fs.PART_PREFIX}*{fs.PART_SUFFIX}").replace("'", "''")
             con.execute(f"CREATE VIEW {t} AS SELECT * FROM read_parquet('{glob}', hive_partitioning = true, "
                         "hive_types_autocast = false, union_by_name = true)")
         else:

@@ -8,8 +8,9 @@ added later is appended (readers union by name); a change of meaning bumps
 VERSION, which every row carries in ``updates.schema``."""
 from __future__ import annotations
 
+import os
 import re
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import pyarrow as pa
 
@@ -18,6 +19,8 @@ from .catalog import PHASE_ORDER
 VERSION = "luotrace.fleet/1"
 # hive partition columns, outermost first: directories <table>/date=…/kernel=…/
 PARTITIONS: Tuple[str, ...] = ("date", "kernel")
+# a part file: part-<batch>.parquet (a hidden .part-<batch>.parquet.tmp while written)
+PART_PREFIX, PART_SUFFIX = "part-", ".parquet"
 
 _I = pa.int64()
 _S = pa.string()
@@ -124,3 +127,10 @@ def partition_value(s: str) -> str:
     v = re.sub(r"[^A-Za-z0-9._+-]", "_", s or "")
     return v[:100] or "unknown"
 
+
+def parts(root: str, table: str) -> Iterator[str]:
+    """The part files of TABLE in the dataset at ROOT (never a temporary one)."""
+    for d, _dirs, names in os.walk(os.path.join(root, table)):
+        for n in names:
+            if n.startswith(PART_PREFIX) and n.endswith(PART_SUFFIX):
+                yield os.path.join(d, n)

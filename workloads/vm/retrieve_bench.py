@@ -25,6 +25,7 @@ that boot is counted as lost.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -99,7 +100,7 @@ def summary(outs: List[str]) -> List[str]:
     bpf: Dict[str, List[float]] = {c: [] for c in CONFIGS}
     parts: Dict[str, Dict[str, List[float]]] = {c: {} for c in CONFIGS}
     runs = lost = 0
-    for out, (i, cfg) in ((o, ic) for o in outs for ic in enumerate(ORDER)):
+    for out, (i, cfg) in itertools.product(outs, enumerate(ORDER)):
         lost += os.path.exists(os.path.join(out, f"rb-lost-{i}"))
         path = os.path.join(out, f"rb-retrieved-{i}.json")
         if not os.path.exists(path):
