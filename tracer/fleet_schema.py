@@ -25,7 +25,9 @@ PART_PREFIX, PART_SUFFIX = "part-", ".parquet"
 _I = pa.int64()
 _S = pa.string()
 
-# (name, type, what it holds)
+# (name, type, what it holds); every row names its update, a file's row its file
+_UPDATE = [("recording_id", _S, "the update (updates.recording_id)"), ("host", _S, "hostname")]
+_FILE = _UPDATE + [("handler", _S, "file handler: guest_memfd, memfd, ..."), ("inode", _I, "inode number")]
 COLUMNS: Dict[str, List[Tuple[str, pa.DataType, str]]] = {
     "updates": [
         ("recording_id", _S, "sha256 (32 hex) of the recording's header: the same recording exported twice is one row"),
@@ -53,11 +55,7 @@ COLUMNS: Dict[str, List[Tuple[str, pa.DataType, str]]] = {
         ("damaged_parts", _I, "chunks whose checksum failed (skipped)"),
         ("damaged_records", _I, "event records in those chunks"),
     ],
-    "files": [
-        ("recording_id", _S, "the update (updates.recording_id)"),
-        ("host", _S, "hostname"),
-        ("handler", _S, "guest_memfd, memfd, ..."),
-        ("inode", _I, "inode number"),
+    "files": _FILE + [
         ("dev", _I, "superblock dev"),
         ("session", _I, "session number within the update (null outside a session)"),
         ("size_bytes", _I, "file size"),
@@ -73,11 +71,7 @@ COLUMNS: Dict[str, List[Tuple[str, pa.DataType, str]]] = {
         ("anomalies", _I, "anomalies on this file"),
         ("blackout_ns", _I, "blackout of this file across the kexec (null when not joined)"),
     ] + [(f"{p}_ns", _I, f"total duration of the {p} phase (null if it did not run)") for p in PHASE_ORDER],
-    "phases": [
-        ("recording_id", _S, "the update"),
-        ("host", _S, "hostname"),
-        ("handler", _S, "file handler"),
-        ("inode", _I, "file"),
+    "phases": _FILE + [
         ("phase", _S, "phase name (see `luotrace report`)"),
         ("parent", _S, "enclosing phase (null at the top)"),
         ("start_ns", _I, "start, from the recording's start"),
@@ -85,9 +79,7 @@ COLUMNS: Dict[str, List[Tuple[str, pa.DataType, str]]] = {
         ("errno", _S, "errno name if the call failed"),
         ("count", _I, "folios the phase handled (walk passes)"),
     ],
-    "sessions": [
-        ("recording_id", _S, "the update"),
-        ("host", _S, "hostname"),
+    "sessions": _UPDATE + [
         ("session", _I, "session number within the update"),
         ("files", _I, "files in the session"),
         ("blackout_start_ns", _I, "freeze time, from the recording's start"),
@@ -95,11 +87,7 @@ COLUMNS: Dict[str, List[Tuple[str, pa.DataType, str]]] = {
         ("freeze_errno", _S, "errno name if the freeze failed"),
         ("cancelled", pa.bool_(), "the session was cancelled"),
     ],
-    "anomalies": [
-        ("recording_id", _S, "the update"),
-        ("host", _S, "hostname"),
-        ("handler", _S, "file handler"),
-        ("inode", _I, "file"),
+    "anomalies": _FILE + [
         ("code", _S, "anomaly code (holes, folio_added_while_frozen, ...)"),
         ("detail", _S, "one line of evidence"),
         ("count", _I, "how many (folios, pages)"),
@@ -107,11 +95,7 @@ COLUMNS: Dict[str, List[Tuple[str, pa.DataType, str]]] = {
         ("pfn", _I, "pfn concerned"),
         ("time_ns", _I, "when, from the recording's start"),
     ],
-    "folio_latency": [
-        ("recording_id", _S, "the update"),
-        ("host", _S, "hostname"),
-        ("handler", _S, "file handler"),
-        ("inode", _I, "file"),
+    "folio_latency": _FILE + [
         ("log2_ns", _I, "bucket: latencies in [2^log2_ns, 2^(log2_ns+1)) ns"),
         ("count", _I, "kho_preserve_folio calls in the bucket"),
     ],
