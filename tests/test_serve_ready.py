@@ -52,12 +52,17 @@ def test_ready_means_watching_and_an_update_at_once_is_counted(model, gmem, tmp_
         end = time.monotonic() + 120
         while True:
             assert time.monotonic() < end and p.poll() is None, "serve never became ready"
+            # /metrics first, /-/ready after: readiness only goes starting -> tracing, so a 503
+            # read after the exposition means the exposition was built while starting
+            metrics = get(base + "/metrics")
             got = get(base + "/-/ready")
             if got and got[0] == 200:
                 break
             if got:
                 assert got[0] == 503 and "starting" in got[1], got
-                seen_503.append(tracing_value(base))
+                if metrics:  # None only in the instant before serve listened
+                    assert metrics[0] == 200
+                    seen_503.append(samples(metrics[1])["luotrace_tracing"])
             time.sleep(0.05)
         # the update starts the moment serve says it is ready
         truth = tmp_path / "t.json"
