@@ -18,6 +18,8 @@ struct folio_stats_v {
 	u64 meta_unpreserved;
 	u64 array_walked;     /* successful preserves counted from the folio array */
 	u64 array_unread;     /* ... of which some page could not be read: pfn_zero unknown */
+	u64 unpreserve_unread;  /* cancels whose preserve's array walk was not seen whole: unpreserved unknown */
+	u64 pfn_zero_last;    /* pfn 0 entries in the array of the file's last preserve, + 1 (0: not known) */
 };
 
 struct hist_key {
@@ -326,8 +328,10 @@ static __always_inline void fser_commit(struct fkey *k, u64 rc)
 	if (!s)
 		return;
 	kv = w ? w->kv : 0;
+	s->pfn_zero_last = 0;
 	if (!kv) {              /* no array handed over: no folio (an empty file) */
 		__sync_fetch_and_add(&s->array_walked, 1);
+		s->pfn_zero_last = 1;
 		return;
 	}
 	w->kv = 0;
@@ -340,10 +344,12 @@ static __always_inline void fser_commit(struct fkey *k, u64 rc)
 	slots = w->pages * FSER_PER_PAGE;
 	__sync_fetch_and_add(&s->array_walked, 1);
 	__sync_fetch_and_add(&s->preserved, nr);
-	if (w->unread || slots < nr || w->pfn_zero < slots - nr)
+	if (w->unread || slots < nr || w->pfn_zero < slots - nr) {
 		__sync_fetch_and_add(&s->array_unread, 1);
-	else
+	} else {
 		__sync_fetch_and_add(&s->pfn_zero, w->pfn_zero - (slots - nr));
+		s->pfn_zero_last = w->pfn_zero - (slots - nr) + 1;
+	}
 }
 
 /* The new kernel, the same way: retrieve and discard (finish) take the file's
@@ -454,5 +460,36 @@ static __always_inline void frestore_commit(struct fkey *k)
 		__sync_fetch_and_add(&s->discarded, n);
 	else
 		__sync_fetch_and_add(&s->restored, n);
+}
+
+/* A cancel, on the old kernel: the handler's unpreserve gives its array
+ * back with kho_unpreserve_vmalloc(&ser->folios), then unpreserves each
+ * folio whose entry's pfn is not 0.  KHO releases the array's pages in a
+ * static function, with no call per page to trace, and the array is the one
+ * its preserve handed over (preserved memory, unchanged until now), whose
+ * pfn 0 entries that preserve's walk counted (pfn_zero_last).  So one program
+ * run here: the file's unpreserved folios are ser->nr_folios, read now, less
+ * those; unknown (unpreserve_unread) when that walk was not seen or not read
+ * whole. */
+static __always_inline void funpreserve_count(u64 kv)
+{
+	struct cur_v *c = cur_get();
+	struct folio_stats_v *s;
+	u64 nr = 0, zeros;
+	s64 *delta;
+	u32 h;
+	if (!c || c->role != ROLE_UNPRESERVE)
+		return;
+	s = stats_for(&c->key);
+	if (!s)
+		return;
+	h = c->key.handler;
+	delta = fser_nr_delta.lookup(&h);
+	zeros = s->pfn_zero_last;
+	if (!delta || !*delta || !zeros || LUO_READ(nr, kv + *delta) || nr < zeros - 1) {
+		__sync_fetch_and_add(&s->unpreserve_unread, 1);
+		return;
+	}
+	__sync_fetch_and_add(&s->unpreserved, nr - (zeros - 1));
 }
 #endif

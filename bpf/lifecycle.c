@@ -25,11 +25,13 @@ static __always_inline void fser_open(u64 kv);
 static __always_inline void fser_close(u64 rc);
 static __always_inline void fser_commit(struct fkey *k, u64 rc);
 static __always_inline void frestore_commit(struct fkey *k);
+static __always_inline void funpreserve_count(u64 kv);
 #else
 #define fser_open(kv) do { } while (0)
 #define fser_close(rc) do { } while (0)
 #define fser_commit(k, rc) do { } while (0)
 #define frestore_commit(k) do { } while (0)
+#define funpreserve_count(kv) do { } while (0)
 #endif
 
 static __always_inline int op_return(u64 rc, u16 probe, int clear_cur, int ret_kind)
@@ -200,7 +202,7 @@ static __always_inline int attributed_entry(u16 probe, u64 ptr, u64 a0, u64 a1, 
 BODY_ENTRY(kho_preserve_vmalloc) { fser_open(a[1]); return attributed_entry(PROBE_kho_preserve_vmalloc, 0, 0, 0, 0, EV_ENTRY); }
 static __always_inline int kho_preserve_vmalloc_return_body(u64 rc)
 { fser_close(rc); return op_return(rc, PROBE_kho_preserve_vmalloc, KEEP_CUR, RET_PLAIN); }
-BODY_ENTRY(kho_unpreserve_vmalloc) { return attributed_entry(PROBE_kho_unpreserve_vmalloc, 0, 0, 0, 0, EV_INSTANT); }
+BODY_ENTRY(kho_unpreserve_vmalloc) { funpreserve_count(a[0]); return attributed_entry(PROBE_kho_unpreserve_vmalloc, 0, 0, 0, 0, EV_INSTANT); }
 BODY_ENTRY(kho_alloc_preserve) { cur_meta(1); return attributed_entry(PROBE_kho_alloc_preserve, 0, a[0], 0, 0, EV_ENTRY); }
 static __always_inline int kho_alloc_preserve_return_body(u64 rc) { cur_meta(-1); return op_return(rc, PROBE_kho_alloc_preserve, KEEP_CUR, RET_PLAIN); }
 BODY_ENTRY(kho_unpreserve_free) { cur_meta(1); return attributed_entry(PROBE_kho_unpreserve_free, 0, 0, 0, 0, EV_ENTRY); }

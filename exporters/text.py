@@ -43,7 +43,8 @@ def _table(rows: List[List[str]], header: List[str]) -> List[str]:
 
 
 # why a rule could not run on one file (its report row's anomalies_not_checked)
-NOT_CHECKED_WHY = {"unwind_incomplete": "its failed preserve handed no folio array over",
+NOT_CHECKED_WHY = {"unwind_incomplete": "a failed preserve's unwind hands no folio array back, or a cancel's "
+                                         "preserve was not read whole: folios given back unknown",
                    "pfn_zero": "a page of its folio array could not be read"}
 
 
@@ -117,7 +118,7 @@ def render(report: dict) -> str:
                    + "; ".join(f"{c} ({why})" for c, why in standin.items()))
     for f in report.get("files", []):
         codes = [c for c in f.get("anomalies_not_checked", []) if c not in standin]
-        if codes:  # folio arrays: a failed memfd preserve's count is unknown
+        if codes:  # folio arrays: a failed preserve's unwind is not counted
             out.append(f"  not checked on {f['handler']} inode {f['inode']}: "
                        + "; ".join(f"{c} ({NOT_CHECKED_WHY.get(c, 'unknown')})" for c in codes)
                        + "; --folio-latency checks it")

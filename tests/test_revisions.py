@@ -45,7 +45,9 @@ def test_the_latest_revision_is_traced_and_agrees_with_the_model(latest):
     assert enoent["vm_token_in"] == "preserve" and enoent["vm_token_errno"] == "ENOENT"
     assert enoent["folios_preserved"] == 0 and not any(p["name"] == "count_pass" for p in enoent["phases"])
     assert enoent["anomalies"] == []  # failed before its walk: no holes judged from its teardown
-    assert poisoned["errno"] == "EHWPOISON" and poisoned["folios_unpreserved"] == 20
+    assert poisoned["errno"] == "EHWPOISON" and poisoned["folios_preserved"] == 20
+    # its unwind hands no folio array back: what it gave back is unknown by default, and said
+    assert poisoned["folios_unpreserved"] is None and "unwind_incomplete" in poisoned["anomalies_not_checked"]
     memfd = next(f for f in res.report["files"] if f["handler"] == "memfd")
     assert any(p["name"] == "luo_freeze" for p in memfd["phases"])  # memfd keeps its freeze op
 

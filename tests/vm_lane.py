@@ -102,6 +102,25 @@ def test_bpftrace_counts_the_same_kho_preserve_folio_calls():
     assert rep["folio_source"] == "array" and bt["folios"] == ours, bt["output"]
 
 
+def cancelled_from_arrays(report: str, counted: str, handler: str) -> None:
+    """A cancel's unpreserved folios, read by one program from the file's
+    outgoing folio array, against bpftrace counting kho_unpreserve_folio inside
+    the handler's unpreserve on the same run, and against what it preserved."""
+    rep, bt = load(report), load(counted)
+    files = [f for f in rep["files"] if f["handler"] == handler and f["result"] == "cancelled"]
+    assert rep["folio_source"] == "array" and files
+    ours = sum(f["folios_unpreserved"] for f in files)
+    print(f"{report} cancels: bpftrace {bt['unpreserved']} kho_unpreserve_folio calls, luotrace {ours} from the arrays")
+    assert bt["unpreserved"] == ours > 0, bt["output"]
+    assert all(f["folios_unpreserved"] == f["folios_preserved"] for f in files)
+    assert "kho_unpreserve_folio" not in {p["symbol"] for p in rep["probes"] if p["status"] == "attached"}
+
+
+@single_kernel
+def test_memfd_cancels_counted_from_the_arrays_equal_bpftraces():
+    cancelled_from_arrays("report-sbs.json", "bpftrace.json", "memfd")
+
+
 def vmbench_ratios(path: str, what: str) -> None:
     """Each setting's median against the median of the untraced runs before
     and after it in the same VM, with its spread; printed for the notes."""
@@ -183,6 +202,17 @@ def test_joined_report_follows_each_memfd_across_the_update():
     # the kernel's stress test through the same join: 500 one-page memfds, each retrieved
     stress = [f for f in rep["files"] if f["result"] == "retrieved" and f["size_bytes"] == 4096]
     assert len(stress) >= 500 and all(f["folios_restored"] == 1 for f in stress)
+
+
+def test_the_new_kernel_is_traced_before_its_first_retrieve():
+    """The retrieves start when the recorder says "tracing" (the VMM waits on
+    readiness, not a sleep): time from its start to that line in the new
+    kernel, cold (its first start after the kexec) and warm (started again)."""
+    got = load("ready.json")
+    print("time to ready in the new kernel: " + ", ".join(f"{k} {v:.2f} s" for k, v in got.items()))
+    assert "new kernel, cold" in got and len(got) == 4 and all(0 < v < 600 for v in got.values())
+    rep = load("report-update.json")
+    assert any(f["result"] == "retrieved" and f["folios_restored"] for f in rep["files"])  # the retrieves were seen
 
 
 def test_restores_counted_from_the_arrays_equal_bpftraces_kho_restore_folio_calls():
@@ -284,8 +314,11 @@ def test_gmem_scenarios_give_their_result_errno_and_counts(tag):
         elif t["scenario"] == "hwpoison":
             assert t["poison_error"] is None, t["poison_error"]
             assert (f["result"], f["errno"]) == ("error", "EHWPOISON")
-            if folio:  # every folio before the poisoned one was preserved, and the unwind gave each back
+            if tag == "gmem-folio-latency":  # every folio before the poisoned one was preserved, and given back
                 assert f["folios_preserved"] == t["poisoned_page"] == f["folios_unpreserved"]
+            elif folio:  # from the arrays: the unwind hands none back, so what it gave back is unknown, and said
+                assert f["folios_preserved"] == t["poisoned_page"] and f["folios_unpreserved"] is None
+                assert f["anomalies_not_checked"] == ["unwind_incomplete"]
         elif t["scenario"] == "race":
             late = [a for a in f["anomalies"] if a["code"] == "folio_added_while_frozen"]
             print(f"{tag} race: preserve errno {t['errno']}, racer {t['racer']}, luotrace {f['anomalies']}")
@@ -308,6 +341,11 @@ def test_gmem_bpftrace_counts_the_same_kho_preserve_folio_calls(report, counted)
     ours = sum(f["folios_preserved"] for f in rep["files"] if f["handler"] == "guest_memfd" and f["preserve"])
     print(f"{report}: bpftrace {bt['folios']}, luotrace {ours}")
     assert bt["folios"] == ours, bt["output"]
+
+
+@gmem_part
+def test_gmem_cancels_counted_from_the_arrays_equal_bpftraces():
+    cancelled_from_arrays("report-gmem-folio.json", "bpftrace-gmem.json", "guest_memfd")
 
 
 @gmem_part
@@ -352,6 +390,32 @@ def test_gmem_timeline_spans_both_kernels():
 @gmem_part
 def test_gmem_vmbench_ran():
     vmbench_ratios("vmbench-gmem.json", "guest_memfd")
+
+
+@gmem_part
+def test_gmem_vmbench_cancels_run_no_program_per_folio():
+    """The vmbench's cancels (each 256 MiB guest_memfd preserved, then closed):
+    folio mode counts each from its array in the one kho_unpreserve_vmalloc
+    run, --folio-latency runs a program per folio.  Printed: the unpreserve
+    phase's median and the BPF time the cancels' folio probes took."""
+    from tracer.replay import replay
+    for cfg in ("folio", "folio-latency"):
+        rep = replay(os.path.join(OUT, f"bench-guest_memfd-{cfg}.luo"))
+        files = [f for f in rep["files"] if f["result"] == "cancelled" and f["size_bytes"] == 256 << 20]
+        assert len(files) == 5 and all(f["folios_unpreserved"] == f["folios_preserved"] == 65536 for f in files)
+        un = sorted(p["duration_ns"] for f in files for p in f["phases"] if p["name"] == "unpreserve")
+        progs = rep["bpf"]["programs"]
+        per_call = {k: v for k, v in progs.items() if "kho_unpreserve_folio" in k}
+        array = {k: v for k, v in progs.items() if "kho_unpreserve_vmalloc" in k}
+        runs = sum(v["run_cnt"] for v in per_call.values())
+        bpf_ns = sum(v["run_time_ns"] for v in {**per_call, **array}.values())
+        print(f"vmbench guest_memfd cancels, {cfg}: unpreserve median {un[len(un) // 2] / 1e6:.1f} ms "
+              f"[{un[0] / 1e6:.1f}-{un[-1] / 1e6:.1f}], kho_unpreserve_folio runs {runs}, "
+              f"BPF {bpf_ns / 1e6:.2f} ms for {len(un)} cancels "
+              f"({100 * bpf_ns / sum(un):.2f} % of the unpreserve phases)")
+        assert runs == 0 if cfg == "folio" else runs >= 5 * 65536
+        if cfg == "folio":
+            assert sum(v["run_cnt"] for v in array.values()) >= 5
 
 
 @gmem_part

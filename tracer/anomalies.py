@@ -74,8 +74,8 @@ def unwind_incomplete(f: Facts) -> Optional[Finding]:
     if not (failed_in_preserve or cancelled):
         return None
     done, undone = f.folio["preserved"], f.folio["unpreserved"]
-    if done is None:
-        return None  # not known: folio mode read the folio arrays and memfd's walk gives no count on error
+    if done is None or undone is None:
+        return None  # not known: folio mode read the folio arrays, and a failed preserve's unwind hands none
     if done != undone:
         why = f"preserve failed with {st.errno}" if failed_in_preserve else "unpreserve"
         return Finding(f"{why}: {done} folio(s) preserved but {undone} unpreserved", abs(done - undone),

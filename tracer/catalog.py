@@ -236,7 +236,8 @@ PROBES: Tuple[Probe, ...] = (
     Probe("kho_preserve_vmalloc", "kho_preserve_vmalloc", "kho", "vmalloc", ret={},
           help="preserves the handler's folio metadata array"),
     Probe("kho_unpreserve_vmalloc", "kho_unpreserve_vmalloc", "kho", "unvmalloc", kind="entry",
-          help="releases the metadata array on cancel"),
+          help="releases the folio array on cancel; in folio mode its one program run counts the cancel: "
+               "ser->nr_folios less the pfn 0 entries its preserve's array walk found"),
     # LUO core: sessions and the blackout.
     Probe("luo_preserve_file", "luo_preserve_file", "luo", "session_preserve",
           entry={"a0": "token", "a1": "fd", "a2": "session"},
@@ -254,8 +255,9 @@ PROBES: Tuple[Probe, ...] = (
           help="marks one folio for handover: count, latency histogram, errors, pfn 0 (trace mode, "
                "--folio-latency, or a handler whose folio array luotrace cannot read)"),
     Probe("kho_unpreserve_folio", "kho_unpreserve_folio", "kho", "folio_unpreserve", kind="entry",
-          bpf_file="kho.c", modes=("folio", "trace"), per_folio=True, entry={"a0": "pfn"},
-          help="releases one folio (unwind or cancel)"),
+          bpf_file="kho.c", modes=("folio", "trace"), per_folio=True, entry={"a0": "pfn"}, source="calls",
+          help="releases one folio (unwind or cancel; trace mode, --folio-latency, or a handler whose folio "
+               "array luotrace cannot read)"),
     Probe("kho_restore_folio", "kho_restore_folio", "kho", "folio_restore", kind="entry",
           bpf_file="kho.c", modes=("folio", "trace"), per_folio=True, entry={"a0": "pfn"}, source="calls",
           help="new kernel: takes one preserved folio back (retrieve or discard; trace mode, "

@@ -95,8 +95,9 @@ def compare(report: dict, truth: dict) -> List[str]:
         for k in COMPARED:
             if f.get(k) is None and report["recording"]["mode"] == "light" and k.startswith("folios_"):
                 continue  # light mode has no per-folio counters: unknown, not wrong
-            if f.get(k) is None and k == "folios_preserved" and "unwind_incomplete" in f.get("anomalies_not_checked", []):
-                continue  # a failed memfd preserve, counted from folio arrays: unknown, and said
+            if f.get(k) is None and k in ("folios_preserved", "folios_unpreserved") \
+                    and "unwind_incomplete" in f.get("anomalies_not_checked", []):
+                continue  # a failed preserve (or its unwind), counted from folio arrays: unknown, and said
             if f.get(k) != t[k]:
                 diffs.append(f"inode {t['inode']} {k}: luotrace {f.get(k)!r}, model {t[k]!r}")
         if t["folios_populated"] is not None and report["recording"]["mode"] != "light" \

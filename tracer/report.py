@@ -40,7 +40,7 @@ FREEZE_TRACED = frozenset(p.handler for p in PROBES if p.role == "freeze_inode" 
 
 # a file folio mode saw no folio call for, when its counts come from the array
 EMPTY_FOLIO_ROW = {"preserved": 0, "preserve_errors": 0, "unpreserved": 0, "restored": 0, "discarded": 0,
-                   "pfn_zero": 0, "array_walked": 0, "array_unread": 0}
+                   "pfn_zero": 0, "array_walked": 0, "array_unread": 0, "unpreserve_unread": 0, "pfn_zero_last": 0}
 
 
 def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optional[dict],
@@ -71,6 +71,9 @@ def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optio
         preserved = None  # light mode without the (static, often inlined) walk probe: unknown
     if from_array:
         folio = {**EMPTY_FOLIO_ROW, **(folio or {}), "preserved": preserved}
+        if folio["unpreserve_unread"] or (st.failed_phase == "preserve" and preserved != 0):
+            # a failed preserve's unwind hands no array back; a cancel's preserve was not read whole
+            folio["unpreserved"] = None
     d = {
         "inode": st.key[2],
         "dev": st.key[1],
@@ -107,8 +110,8 @@ def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optio
         d["streamed_events"] = dict(sorted(st.streamed.items()))
     d["anomalies"] = anomalies.check(anomalies.Facts(st, folio if folio_mode else None, pop, not partial_pop), base)
     not_checked = []
-    if from_array and preserved is None:
-        not_checked.append("unwind_incomplete")  # how many its failed walk preserved is unknown
+    if from_array and folio and folio["unpreserved"] is None:
+        not_checked.append("unwind_incomplete")  # how many its unwind (or cancel) gave back is unknown
     if from_array and folio and folio.get("array_unread"):
         not_checked.append("pfn_zero")  # a page of its folio array could not be read
     if not_checked:

@@ -56,17 +56,22 @@ def selftests(kdir: str) -> None:
         json.dump({"untraced_rc": rc, "traced_rc": rc2}, f)
 
 
-def bpftrace_program(preserve: str) -> str:
-    """kho_preserve_folio calls made inside PRESERVE for the file's data,
-    counted by bpftrace: those inside kho_alloc_preserve preserve KHO's own
-    metadata page and are left out."""
-    return (f"kprobe:{preserve} {{ @in[tid] = 1; }} kretprobe:{preserve} {{ delete(@in[tid]); }} "
+def bpftrace_program(handler: str) -> str:
+    """kho_preserve_folio calls made inside HANDLER's preserve and
+    kho_unpreserve_folio calls inside its unpreserve (a cancel) for the
+    file's data, counted by bpftrace: those inside kho_alloc_preserve and
+    kho_unpreserve_free are KHO's own metadata page and are left out."""
+    pre, un = f"{handler}_preserve", f"{handler}_unpreserve"
+    return (f"kprobe:{pre} {{ @in[tid] = 1; }} kretprobe:{pre} {{ delete(@in[tid]); }} "
+            f"kprobe:{un} {{ @un[tid] = 1; }} kretprobe:{un} {{ delete(@un[tid]); }} "
             "kprobe:kho_alloc_preserve { @meta[tid] = 1; } kretprobe:kho_alloc_preserve { delete(@meta[tid]); } "
-            "kprobe:kho_preserve_folio /@in[tid] && !@meta[tid]/ { @folios = count(); }")
+            "kprobe:kho_unpreserve_free { @meta[tid] = 1; } kretprobe:kho_unpreserve_free { delete(@meta[tid]); } "
+            "kprobe:kho_preserve_folio /@in[tid] && !@meta[tid]/ { @folios = count(); } "
+            "kprobe:kho_unpreserve_folio /@un[tid] && !@meta[tid]/ { @unpreserved = count(); }")
 
 
 def with_bpftrace(program: str, out_name: str, run) -> None:
-    """Run RUN while bpftrace runs PROGRAM; its @folios count goes to OUT_NAME."""
+    """Run RUN while bpftrace runs PROGRAM; its @folios and @unpreserved counts go to OUT_NAME."""
     bt = subprocess.Popen(["bpftrace", "-e", program], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     line = ""
     while "Attaching" not in line:
@@ -77,14 +82,14 @@ def with_bpftrace(program: str, out_name: str, run) -> None:
     run()
     bt.send_signal(signal.SIGINT)
     out, _ = bt.communicate(timeout=120)
-    m = re.search(r"@folios: (\d+)", out)
+    got = {k: re.search(rf"@{k}: (\d+)", out) for k in ("folios", "unpreserved")}
     with open(os.path.join(OUT, out_name), "w") as f:
-        json.dump({"folios": int(m.group(1)) if m else None, "output": out[-2000:]}, f)
+        json.dump({**{k: int(m.group(1)) if m else None for k, m in got.items()}, "output": out[-2000:]}, f)
 
 
 def side_by_side() -> None:
     """bpftrace counts kho_preserve_folio calls inside memfd_luo_preserve on the same run."""
-    with_bpftrace(bpftrace_program("memfd_luo_preserve"), "bpftrace.json", lambda: sh(
+    with_bpftrace(bpftrace_program("memfd_luo"), "bpftrace.json", lambda: sh(
         [PY, "-m", "tracer.cli", "record", "--mode", "folio", "--handler", "memfd", "-o",
          os.path.join(OUT, "sbs.luo"), "--json", "--", PY, *DRIVER[:2], "--json",
          os.path.join(OUT, "truth-sbs.json"), *DRIVER[2:]], os.path.join(OUT, "report-sbs.json")))
@@ -105,7 +110,7 @@ def gmem_single_kernel() -> None:
     """The guest_memfd LUO handler under review, on the patched kernel: every
     scenario traced with fentry (bpftrace counting beside it), with kprobes
     and in light mode."""
-    with_bpftrace(bpftrace_program("kvm_gmem_luo_preserve"), "bpftrace-gmem.json",
+    with_bpftrace(bpftrace_program("kvm_gmem_luo"), "bpftrace-gmem.json",
                   lambda: gmem_record("gmem-folio", "folio"))
     gmem_record("gmem-folio-kprobe", "folio", "kprobe")
     gmem_record("gmem-folio-latency", "folio", extra=("--folio-latency",))
@@ -170,6 +175,7 @@ def start_recorder(path: str, log: str, mode: str = "folio", handler: str = "", 
     Its output is read from a pipe (a file on the shared 9p directory, read
     while written, once gave ENODATA) and copied to LOG by a thread.  Every
     file handler is traced unless HANDLER names one."""
+    started = time.monotonic()
     p = subprocess.Popen([PY, "-m", "tracer.cli", "record", "--mode", mode, *extra,
                           *(["--handler", handler] if handler else []),
                           "--quiet", "-o", path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -182,6 +188,7 @@ def start_recorder(path: str, log: str, mode: str = "folio", handler: str = "", 
                 f.write(line)
                 f.flush()
                 if line.startswith("luotrace: tracing"):
+                    p.ready_s = time.monotonic() - started  # type: ignore[attr-defined]
                     attached.set()
                     ready.set()
         ready.set()  # ended before attaching (its exit may not be reaped yet: poll() can still say running)
@@ -190,6 +197,16 @@ def start_recorder(path: str, log: str, mode: str = "folio", handler: str = "", 
     if not ready.wait(900) or not attached.is_set() or p.poll() is not None:
         raise SystemExit(f"luotrace did not start: see {log}")
     return p
+
+
+def note_ready(tag: str, rec: subprocess.Popen) -> None:
+    """Seconds from a recorder's start to "tracing" (the VMM waits on that
+    line, not on a sleep), kept in ready.json by TAG for the notes."""
+    path = os.path.join(OUT, "ready.json")
+    got = json.load(open(path)) if os.path.exists(path) else {}
+    got[tag] = round(rec.ready_s, 3)  # type: ignore[attr-defined]
+    with open(path, "w") as f:
+        json.dump(got, f)
 
 
 def jump(kdir: str, next_stage: int) -> None:
@@ -217,7 +234,7 @@ def stage2(kdir: str) -> None:
         kexec_selftests(kdir, 1, "kexec-traced-1")
         sh([PY, "-m", "workloads.liveupdate", "--hold", "--json", os.path.join(OUT, "held.json"), *HELD])
     if only("gmem"):  # bpftrace counts beside the recorder, as in boot 1
-        with_bpftrace(bpftrace_program("kvm_gmem_luo_preserve"), "bpftrace-gmem-update.json", lambda: sh(
+        with_bpftrace(bpftrace_program("kvm_gmem_luo"), "bpftrace-gmem-update.json", lambda: sh(
             [PY, *GMEM, "--hold", "--json", os.path.join(OUT, "held-gmem.json"), *GMEM_HELD]))
     time.sleep(2)  # the recorder has flushed everything before the jump
     jump(kdir, 3)
@@ -232,7 +249,9 @@ BPFTRACE_RESTORES = (",".join(f"kprobe:{f}" for f in RESTORE_OPS) + " { @in[tid]
 
 
 def stage3(kdir: str) -> None:
+    # the new kernel's first start: cold (nothing of BCC or the headers in the page cache yet)
     rec = start_recorder(os.path.join(OUT, "update-2.luo"), os.path.join(OUT, "update-2.log"))
+    note_ready("new kernel, cold", rec)
 
     def retrieves() -> None:
         if only("kexec"):
@@ -245,6 +264,11 @@ def stage3(kdir: str) -> None:
     with_bpftrace(BPFTRACE_RESTORES, "bpftrace-restores.json", retrieves)
     rec.send_signal(signal.SIGINT)
     rec.wait(300)
+    for i in range(3):  # and started again: warm
+        warm = start_recorder(os.path.join(OUT, "warm.luo"), os.path.join(OUT, "warm.log"), extra=["--force"])
+        note_ready(f"new kernel, warm {i + 1}", warm)
+        warm.send_signal(signal.SIGINT)
+        warm.wait(300)
     sh([PY, "-m", "tracer.cli", "report", "--json", os.path.join(OUT, "update-1.luo"),
         os.path.join(OUT, "update-2.luo")], os.path.join(OUT, "report-update.json"))
     sh([PY, "-m", "tracer.cli", "report", os.path.join(OUT, "update-1.luo"),

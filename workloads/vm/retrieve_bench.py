@@ -52,7 +52,7 @@ def _stage(out: str) -> int:
 
 def boot(out: str, kdir: str) -> None:
     from . import inside, kexec
-    from .inside import sh, start_recorder
+    from .inside import note_ready, sh, start_recorder
     inside.OUT = out  # sh() logs every command there
     i = _stage(out)
     done = any(os.path.exists(os.path.join(out, f"rb-{what}-{i - 1}{ext}"))
@@ -65,6 +65,7 @@ def boot(out: str, kdir: str) -> None:
             # --force: a recording left by a boot that died in its retrieve (this one then finds no files)
             rec = start_recorder(luo, os.path.join(out, f"rb-{i - 1}.log"), handler="guest_memfd",
                                  extra=EXTRA[cfg] + ["--force"])
+            note_ready(f"rb-{i - 1}", rec)  # the first start after the kexec: cold
         rc = sh([PY, "-m", "workloads.gmem_luo", "--retrieve", os.path.join(out, f"rb-held-{i - 1}.json"), "--json",
                  os.path.join(out, f"rb-retrieved-{i - 1}.json")])
         if rc:  # this boot is not the kexec that kept them (the one before died): lost
@@ -100,7 +101,11 @@ def summary(outs: List[str]) -> List[str]:
     bpf: Dict[str, List[float]] = {c: [] for c in CONFIGS}
     parts: Dict[str, Dict[str, List[float]]] = {c: {} for c in CONFIGS}
     runs = lost = 0
+    ready: Dict[str, List[float]] = {c: [] for c in CONFIGS}
     for out, (i, cfg) in itertools.product(outs, enumerate(ORDER)):
+        noted = os.path.join(out, "ready.json")
+        if os.path.exists(noted) and f"rb-{i}" in _load(noted):
+            ready[cfg].append(_load(noted)[f"rb-{i}"])
         lost += os.path.exists(os.path.join(out, f"rb-lost-{i}"))
         path = os.path.join(out, f"rb-retrieved-{i}.json")
         if not os.path.exists(path):
@@ -142,6 +147,11 @@ def summary(outs: List[str]) -> List[str]:
                         + (" (target: <= 1 %)" if cfg == "folio" else "") + ": "
                         + ", ".join(f"{part} {100 * statistics.median(xs):.2f} %" for part, xs in parts[cfg].items()
                                     if statistics.median(xs) > 0))
+    starts = [x for c in CONFIGS for x in ready[c]]
+    if starts:
+        rows.append(f"  time to ready in the new kernel (record's first start after the kexec, cold): median "
+                    f"{statistics.median(starts):.2f} s [{min(starts):.2f}-{max(starts):.2f}], n={len(starts)}; "
+                    "the retrieve starts on its \"tracing\" line")
     return rows
 
 
