@@ -36,7 +36,7 @@ struct folio_call_v {
 	s64 pfn;
 	u64 index;
 	u32 meta;
-	u32 busy;
+	u32 busy;       /* run_stamp() while a call is in flight */
 };
 BPF_TASK_STORAGE(folio_call, struct folio_call_v);
 BPF_HASH(folio_stats, struct fkey, struct folio_stats_v, MAX_FILES);
@@ -96,7 +96,7 @@ static __always_inline int kho_preserve_folio_entry_body(u64 *a)
 	c->meta = meta;
 	c->pfn = folio_pfn(folio);
 	c->index = OFF_FOLIO_INDEX >= 0 ? read_ptr(folio, OFF_FOLIO_INDEX) : 0;
-	c->busy = 1;
+	c->busy = run_stamp();
 	c->ts = bpf_ktime_get_ns();
 	return 0;
 }
@@ -108,7 +108,7 @@ static __always_inline int kho_preserve_folio_return_body(u64 rc)
 	struct hist_key hk = {};
 	u64 now = bpf_ktime_get_ns(), delta;
 	int ret = (int)rc;
-	if (!c || !c->busy)
+	if (!c || c->busy != run_stamp())
 		return 0;
 	c->busy = 0;
 	delta = now - c->ts;
@@ -215,13 +215,24 @@ struct fser_walk_v {
 	u64 chunk;      /* restore: the next KHO chunk page's address (not an array page) */
 	u64 nr;         /* restore: ser->nr_folios, read while ser is there */
 	u32 restored;   /* restore: a walk awaits its retrieve's or finish's return */
-	u32 pad;
+	u32 run;        /* run_stamp() of the run that opened it */
 };
 enum { WALK_PRESERVE = 1, WALK_RESTORE = 2 };
 struct fser_page_v {
 	u64 w[FSER_PER_PAGE * 2];
 };
 BPF_TASK_STORAGE(fser_walk, struct fser_walk_v);
+
+/* this task's walk, if this run opened it */
+static __always_inline struct fser_walk_v *walk_get(void)
+{
+	u32 stamp = run_stamp();
+	struct fser_walk_v *w = fser_walk.task_storage_get(luo_current_task_btf(), 0, 0);
+	if (!w || w->run != stamp)
+		return 0;
+	asm volatile("" : "+r"(w));     /* as cur_get() */
+	return w;
+}
 BPF_PERCPU_ARRAY(fser_page, struct fser_page_v, 1);
 /* handler id -> offsetof(ser, nr_folios) - offsetof(ser, folios); 0 = unknown.
  * Filled by the loader from the layout (kernel BTF or the model's). */
@@ -241,12 +252,14 @@ static __always_inline void fser_open(u64 kv)
 	w->pages = 0;
 	w->pfn_zero = 0;
 	w->unread = 0;
+	w->restored = 0;
+	w->run = run_stamp();
 	w->open = WALK_PRESERVE;
 }
 
 static __always_inline void fser_close(u64 rc)
 {
-	struct fser_walk_v *w = fser_walk.task_storage_get(luo_current_task_btf(), 0, 0);
+	struct fser_walk_v *w = walk_get();
 	if (!w)
 		return;
 	w->open = 0;
@@ -288,7 +301,7 @@ static __always_inline u64 page_address(u64 page)
 /* kho_preserve_pages(page, nr_pages) */
 static __always_inline int kho_vmalloc_page_entry_body(u64 *a)
 {
-	struct fser_walk_v *w = fser_walk.task_storage_get(luo_current_task_btf(), 0, 0);
+	struct fser_walk_v *w = walk_get();
 	struct fser_page_v *p;
 	u64 addr;
 	int k = 0;
@@ -314,7 +327,7 @@ static __always_inline int kho_vmalloc_page_entry_body(u64 *a)
 
 static __always_inline void fser_commit(struct fkey *k, u64 rc)
 {
-	struct fser_walk_v *w = fser_walk.task_storage_get(luo_current_task_btf(), 0, 0);
+	struct fser_walk_v *w = walk_get();
 	struct folio_stats_v *s;
 	u32 h = k->handler;
 	s64 *delta;
@@ -396,6 +409,7 @@ static __always_inline int kho_restore_vmalloc_entry_body(u64 *a)
 	w->pfn_zero = 0;
 	w->unread = 0;
 	w->restored = 0;
+	w->run = run_stamp();
 	if (!delta || !*delta || LUO_READ(w->nr, a[0] + *delta) || LUO_READ(w->chunk, a[0]))
 		w->unread = 1;
 	w->open = WALK_RESTORE;
@@ -404,7 +418,7 @@ static __always_inline int kho_restore_vmalloc_entry_body(u64 *a)
 
 static __always_inline int kho_restore_vmalloc_return_body(u64 rc)
 {
-	struct fser_walk_v *w = fser_walk.task_storage_get(luo_current_task_btf(), 0, 0);
+	struct fser_walk_v *w = walk_get();
 	if (!w || w->open != WALK_RESTORE)
 		return 0;
 	w->open = 0;
@@ -415,7 +429,7 @@ static __always_inline int kho_restore_vmalloc_return_body(u64 rc)
 /* kho_restore_pages(phys, nr_pages) */
 static __always_inline int kho_restore_array_page_entry_body(u64 *a)
 {
-	struct fser_walk_v *w = fser_walk.task_storage_get(luo_current_task_btf(), 0, 0);
+	struct fser_walk_v *w = walk_get();
 	struct fser_page_v *p;
 	u64 addr, next = 0;
 	int k = 0;
@@ -440,7 +454,7 @@ static __always_inline int kho_restore_array_page_entry_body(u64 *a)
 /* the retrieve or finish whose array that was returns */
 static __always_inline void frestore_commit(struct fkey *k)
 {
-	struct fser_walk_v *w = fser_walk.task_storage_get(luo_current_task_btf(), 0, 0);
+	struct fser_walk_v *w = walk_get();
 	struct cur_v *c = cur_get();
 	struct folio_stats_v *s;
 	u64 slots, n;

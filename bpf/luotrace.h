@@ -46,7 +46,7 @@ struct cur_v {
 	struct fkey key;
 	u32 role;
 	u32 meta;       /* > 0 inside kho_alloc_preserve / kho_unpreserve_free: metadata, not data */
-	u32 active;     /* 0 between handler operations */
+	u32 active;     /* run_stamp() during a handler operation, 0 between */
 	u32 pad;
 };
 
@@ -64,6 +64,20 @@ BPF_HASH(inflight, u64, struct inflight_v, MAX_INFLIGHT);
 BPF_TASK_STORAGE(cur_file, struct cur_v);
 /* bpf_get_current_task_btf() (helper 158, Linux 5.11): task storage takes a BTF task pointer. */
 static struct task_struct *(*luo_current_task_btf)(void) = (void *)158;
+/* The run these programs serve: 0 after a fresh compile; a start that
+ * reuses programs loaded before (tracer/bpf_cache.py) sets the next number
+ * before it attaches them.  Task storage outlives a run and cannot be
+ * emptied from userspace, so what a task keeps counts only when stamped with
+ * this run's number + 1 (run_stamp). */
+BPF_ARRAY(luo_run, u32, 1);
+
+static __always_inline u32 run_stamp(void)
+{
+	int zero = 0;
+	u32 *r = luo_run.lookup(&zero);
+	return (r ? *r : 0) + 1;
+}
+
 BPF_HASH(frozen, struct fkey, u64, MAX_FILES);
 BPF_ARRAY(nr_frozen, s64, 1);   /* entries in `frozen`: the population hot path skips the hash when 0 */
 
@@ -196,8 +210,13 @@ static __always_inline s64 folio_pfn(u64 folio)
 
 static __always_inline struct cur_v *cur_get(void)
 {
+	u32 stamp = run_stamp();
 	struct cur_v *c = cur_file.task_storage_get(luo_current_task_btf(), 0, 0);
-	return c && c->active ? c : 0;
+	if (!c || c->active != stamp)
+		return 0;
+	/* keeps LLVM from folding the test into a select the verifier cannot follow */
+	asm volatile("" : "+r"(c));
+	return c;
 }
 
 static __always_inline void cur_set(struct fkey *k, u32 role)
@@ -210,7 +229,7 @@ static __always_inline void cur_set(struct fkey *k, u32 role)
 	c->key = *k;
 	c->role = role;
 	c->meta = 0;
-	c->active = 1;
+	c->active = run_stamp();
 }
 
 /* KHO preserves its own metadata pages with kho_preserve_folio too

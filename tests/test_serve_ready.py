@@ -17,7 +17,7 @@ import urllib.request
 from tests.conftest import LUOTRACE, REPO, load_json
 from tests.test_prometheus import free_port
 from tests.test_serve_service import samples
-from tests.test_signals import bpf_prog_ids
+from tests.test_signals import attached_by, left_behind
 
 
 def get(url: str):
@@ -122,11 +122,10 @@ def test_a_ctrl_c_during_the_detach_is_not_lost(model, gmem, tmp_path):
 
 def test_a_second_ctrl_c_during_the_detach_quits_at_once(model, gmem, tmp_path):
     """At once: the process ends (a child it leaves behind takes the kernel's
-    seconds of uprobe removal), and its programs are gone soon after."""
-    before = bpf_prog_ids()
+    seconds of uprobe removal), and its programs are detached soon after."""
     p = _serve_a_command(model, tmp_path)
     _until_detaching(p)
-    ours = bpf_prog_ids() - before
+    ours = attached_by(p.pid)
     assert ours
     p.send_signal(signal.SIGINT)
     while "while detaching" not in (line := p.stderr.readline()):
@@ -138,6 +137,6 @@ def test_a_second_ctrl_c_during_the_detach_quits_at_once(model, gmem, tmp_path):
     assert p.returncode == 128 + signal.SIGINT
     assert "SIGINT again: quitting" in err and "Traceback" not in err
     end = time.monotonic() + 60
-    while bpf_prog_ids() & ours:
-        assert time.monotonic() < end, "the programs of a serve that quit mid-detach stayed loaded"
+    while left_behind(ours):
+        assert time.monotonic() < end, "the programs of a serve that quit mid-detach stayed attached"
         time.sleep(0.2)

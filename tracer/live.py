@@ -364,7 +364,9 @@ def run(opts: Options, output: Optional[str], command: Optional[List[str]] = Non
                 progress(f"luotrace: {stop.reason} before tracing started; the command was not run")
             else:
                 progress(f"luotrace: tracing {live.attached()} probes in {opts.mode} mode"
-                         f"{' on ' + opts.model if opts.model else ''}; Ctrl-C to stop")
+                         f"{' on ' + opts.model if opts.model else ''}"
+                         f"{' (programs kept loaded by the last start: no compile)' if live.bpf.reused else ''}"
+                         "; Ctrl-C to stop")
                 if live.bpf.backing.standin:
                     progress(f"luotrace: {live.bpf.backing.line()}")
             if on_started:

@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
-from . import abi, catalog, kernel
+from . import abi, bpf_cache, catalog, kernel
 from .catalog import Probe
 from .errors import LuotraceError
 from .events import EVENT_SIZE
@@ -391,12 +391,15 @@ class Tracer:
         self._on_demand = False  # "update" policy in force: population counts only cover the windows
         self.population_live = opts.population != "update"
         self.population_windows: List[List[int]] = []  # [on, off] CLOCK_MONOTONIC ns, "update" policy
+        self.reused = False  # programs loaded by an earlier start, opened from their pins
+        self._slot: Optional[bpf_cache.Slot] = None
         before_compile()
         self.bpf = self._compile(BPF, probes)
         try:
             self._fill_layout_maps()
             self._attach(probes)
             self._open_ringbuf()
+            self._keep()
         except BaseException:
             self.close()
             raise
@@ -407,6 +410,12 @@ class Tracer:
         prog = build_program(self.opts, self.layout, probes, {s.name: s.strategy for s in self.statuses},
                              self.gmem_dev)
         self.source, self.cflags = prog.text, prog.cflags
+        if bpf_cache.enabled():
+            self._slot = bpf_cache.Slot.claim(bpf_cache.key(self.source, self.cflags))
+            adopted = self._slot.adopt(BPF) if self._slot else None
+            if adopted is not None:
+                self.reused = True
+                return adopted
         try:
             return BPF(text=self.source, cflags=self.cflags)
         except Exception as e:
@@ -419,7 +428,22 @@ class Tracer:
             prog = build_program(self.opts, self.layout, probes, {s.name: s.strategy for s in self.statuses},
                                  self.gmem_dev)
             self.source = prog.text
+            if self._slot is not None:  # the slot was claimed for the fentry text
+                self._slot.release()
+                self._slot = None
             return BPF(text=self.source, cflags=self.cflags)
+
+    def _keep(self) -> None:
+        """After a compile whose every planned probe attached: keep the loaded
+        programs for the next start (tracer/bpf_cache.py).  Never fails the run."""
+        if self._slot is None or self.reused:
+            return
+        if any(s.status == "failed" for s in self.statuses):
+            return
+        try:
+            self._slot.keep(self.bpf)
+        except OSError:
+            self._slot.drop()
 
     def _fill_layout_maps(self) -> None:
         """Where each handler's ser struct keeps nr_folios, from its folios
@@ -525,6 +549,9 @@ class Tracer:
         if self.opts.mode == "trace":
             rings.append(("folio_events", self.opts.folio_ringbuf_pages))
         self._rings = [RingReader(self.bpf[name].get_fd(), pages * mmap.PAGESIZE, EVENT_SIZE) for name, pages in rings]
+        if self.reused:  # what the last run's programs wrote after its final drain is not this run's
+            for r in self._rings:
+                r.skip()
         self._epoll: Optional[select.epoll] = select.epoll()
         for r in self._rings:
             self._epoll.register(r.fd, select.EPOLLIN)
@@ -621,10 +648,16 @@ class Tracer:
                 pass
 
     def prog_stats(self) -> Dict[str, Dict[str, int]]:
+        """Each program's runs and run time in this run (reused programs
+        count from their load: what they counted before this run is taken off)."""
         out = {}
+        base = getattr(self.bpf, "stats_base", {})
         for name, fn in getattr(self.bpf, "funcs", {}).items():
             n = name.decode() if isinstance(name, bytes) else name
-            out[n] = kernel.prog_stats(fn.fd)
+            st = kernel.prog_stats(fn.fd)
+            for k in ("run_time_ns", "run_cnt"):
+                st[k] -= base.get(name, {}).get(k, 0)
+            out[n] = st
         return out
 
     def close(self, progress: Callable[[str], None] = lambda s: None) -> None:
@@ -642,6 +675,10 @@ class Tracer:
                 b.cleanup()
             finally:
                 self.bpf = None
+        slot = getattr(self, "_slot", None)
+        if slot is not None:
+            slot.release()
+            self._slot = None
 
     def __enter__(self) -> "Tracer":
         return self

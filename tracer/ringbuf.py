@@ -75,6 +75,10 @@ class RingReader:
             self._cons[0] = cons + ((length + HDR_SIZE + 7) & ~7)
         return b"".join(out) if out else None
 
+    def skip(self) -> None:
+        """Drop every record now in the buffer unread."""
+        self._cons[0] = self._prod[0]
+
     def close(self) -> None:
         for name in ("_cons", "_prod", "_data"):
             setattr(self, name, None)
