@@ -40,7 +40,10 @@ struct folio_call_v {
 };
 BPF_TASK_STORAGE(folio_call, struct folio_call_v);
 BPF_HASH(folio_stats, struct fkey, struct folio_stats_v, MAX_FILES);
-BPF_HASH(folio_preserve_duration_seconds, struct hist_key, u64, MAX_FILES * 64);
+/* Allocated as keys come (a file's first folio in a log2 slot), not up front:
+ * preallocated, its 262,144 slots held 24 MiB of kernel memory in every mode,
+ * used only per call (--folio-latency, trace mode). */
+BPF_F_TABLE("hash", struct hist_key, u64, folio_preserve_duration_seconds, MAX_FILES * 64, BPF_F_NO_PREALLOC);
 
 static __always_inline struct folio_stats_v *stats_for(struct fkey *k)
 {

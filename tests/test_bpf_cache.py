@@ -44,9 +44,10 @@ def test_a_second_start_reuses_the_programs_and_counts_only_its_own_run(model, g
     assert KEPT not in err1 or KEPT in err2  # (the first may reuse a start of an earlier test)
     assert KEPT in err2, err2
     assert counts(rep1) == truth_counts(truth1) and counts(rep2) == truth_counts(truth2)
-    # program runs count from this run's start: the same update runs each program as often
-    runs1 = {k: v["run_cnt"] for k, v in rep1["bpf"]["programs"].items()}
-    runs2 = {k: v["run_cnt"] for k, v in rep2["bpf"]["programs"].items()}
+    # program runs count from this run's start: the same update runs each uprobe program as often
+    # (the page-cache tracepoints also count whatever else on the host touches a page cache)
+    runs1 = {k: v["run_cnt"] for k, v in rep1["bpf"]["programs"].items() if not k.startswith("tracepoint__")}
+    runs2 = {k: v["run_cnt"] for k, v in rep2["bpf"]["programs"].items() if not k.startswith("tracepoint__")}
     assert runs2 == runs1 and sum(runs2.values()) > 0
     assert rep2["events"]["received"] == rep1["events"]["received"] and rep2["events"]["lost"] == 0
     # kept loaded, attached to nothing: a model run now runs none of them

@@ -89,6 +89,9 @@ def make_header(opts: Options, tracer: Tracer, labels: Dict[str, str], base_ns: 
 
 
 KEXEC_FAST_S = 10.0
+# The TSC rate a join needs comes from two clock anchors at least 0.1 s apart
+# (clock.tsc_per_ns); a start that compiles nothing waits out the rest.
+ANCHOR_GAP_S = 0.15
 
 
 class LiveRun:
@@ -194,7 +197,7 @@ class LiveRun:
         self._write(lambda w: w.write_maps(maps, sync=sync))
 
     def start(self, before_compile: Callable[[], None] = lambda: None) -> None:
-        anchor0 = clock.anchor()  # two anchors seconds apart (the compile) give the TSC rate
+        anchor0 = clock.anchor()  # two anchors apart (the compile, or ANCHOR_GAP_S) give the TSC rate
         base_ns, real_ns = time.monotonic_ns(), time.time_ns()
         self.agg.base = base_ns
         self.stats = kernel.BpfStats()
@@ -207,6 +210,8 @@ class LiveRun:
             raise LuotraceError(f"loading the BPF programs failed: {first}",
                                 "run `luotrace doctor`; `make setup` installs headers and BCC") from None
         self.header = make_header(self.opts, self.tracer, self.labels, base_ns, real_ns)
+        # programs kept by the last start take no compile: the anchors still need ANCHOR_GAP_S between them
+        time.sleep(max(0.0, ANCHOR_GAP_S - (time.monotonic_ns() - anchor0["monotonic_ns"]) / 1e9))
         self.header["clock"].update(boot_id=clock.boot_id(), anchors=[anchor0, clock.anchor()])
         if self.output:
             self.writer = rec.Writer(self.output, self.header, force=self.force)
