@@ -38,7 +38,7 @@ import struct
 import subprocess
 from typing import Any, Dict, List, Optional
 
-from . import kernel
+from . import clock, kernel
 
 PIN_ROOT = "/sys/fs/bpf/luotrace"
 META_DIR = "/run/luotrace/bpf-cache"
@@ -66,18 +66,10 @@ def _bpf(cmd: int, path: str, fd: int = 0) -> int:
     return r
 
 
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
 def key(text: str, cflags: List[str]) -> str:
     import bcc
     h = hashlib.sha256()
-    for part in (getattr(bcc, "__version__", ""), kernel.release(), _boot_id(), text, "\0".join(cflags)):
+    for part in (getattr(bcc, "__version__", ""), kernel.release(), clock.boot_id(), text, "\0".join(cflags)):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:24]
@@ -87,10 +79,10 @@ def ensure_bpffs() -> Optional[str]:
     """Mount the BPF filesystem at /sys/fs/bpf if nothing is there (as
     systemd does); None when usable, else why not."""
     base = os.path.dirname(PIN_ROOT)
-    if kernel._mounted(base):
+    if kernel.mounted(base):
         return None
     r = subprocess.run(["mount", "-t", "bpf", "bpf", base], capture_output=True, text=True)
-    if r.returncode != 0 and not kernel._mounted(base):
+    if r.returncode != 0 and not kernel.mounted(base):
         return f"mount -t bpf bpf {base}: {r.stderr.strip() or 'failed'}"
     return None
 

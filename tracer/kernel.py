@@ -56,7 +56,7 @@ def require_btf() -> str:
     return path
 
 
-def _mounted(path: str) -> bool:
+def mounted(path: str) -> bool:
     try:
         with open("/proc/self/mounts") as f:
             return any(line.split()[1] == path for line in f)
@@ -69,10 +69,10 @@ def ensure_tracefs() -> Optional[str]:
     /sys/kernel/debug/tracing).  Returns None when ready, or why not."""
     problems = []
     for fstype, path in (("debugfs", DEBUGFS), ("tracefs", TRACEFS)):
-        if _mounted(path):
+        if mounted(path):
             continue
         r = subprocess.run(["mount", "-t", fstype, fstype, path], capture_output=True, text=True)
-        if r.returncode != 0 and not _mounted(path):
+        if r.returncode != 0 and not mounted(path):
             problems.append(f"mount -t {fstype} {path}: {r.stderr.strip() or 'failed'}")
     if not os.path.exists(os.path.join(DEBUGFS, "tracing", "events")):
         problems.append(f"{DEBUGFS}/tracing/events missing")
