@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 
-from tests.conftest import load_json, run_cli
+from tests.conftest import LUOTRACE, REPO, load_json, run_cli
 from tests.test_signals import attached_prog_ids, kept_prog_ids
 from tracer.bpf_cache import PIN_ROOT
 
@@ -77,3 +78,26 @@ def test_another_build_of_the_programs_replaces_the_kept_one(model, gmem, tmp_pa
 def _run_cnt(prog_id: int) -> int:
     out = subprocess.run(["bpftool", "prog", "show", "id", str(prog_id), "-j"], capture_output=True, text=True)
     return json.loads(out.stdout or "{}").get("run_cnt", 0)
+
+
+def test_a_run_beside_the_one_holding_the_kept_programs_compiles_its_own(model, gmem, tmp_path):
+    """Two runs never share maps: the second, while the first holds the kept
+    programs, compiles its own, and both count their own update exactly."""
+    record(model, tmp_path, "keep")  # the kept set now matches these options
+    first = subprocess.Popen(LUOTRACE + ["record", "--model", model, "-o", str(tmp_path / "holder.luo"), "--json",
+                                         "--duration", "120"], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        err = ""
+        while "luotrace: tracing" not in (line := first.stderr.readline()):
+            assert line, "the first run ended: " + first.stderr.read()
+        err += line
+        assert KEPT in err
+        err2, rep2, truth2 = record(model, tmp_path, "beside")
+        assert KEPT not in err2 and counts(rep2) == truth_counts(truth2)
+    finally:
+        first.send_signal(signal.SIGINT)
+        out, _ = first.communicate(timeout=60)
+    # the first saw the second's update too (both watch the model): each file, counted once
+    rep1 = json.loads(out)
+    assert counts(rep1) == truth_counts(truth2)
