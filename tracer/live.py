@@ -90,8 +90,11 @@ def make_header(opts: Options, tracer: Tracer, labels: Dict[str, str], base_ns: 
 
 KEXEC_FAST_S = 10.0
 # The TSC rate a join needs comes from two clock anchors at least 0.1 s apart
-# (clock.tsc_per_ns); a start that compiles nothing waits out the rest.
+# (clock.tsc_per_ns): the first is taken when this module is imported (the
+# process's start, before its other imports), the second once the programs
+# are attached; a start that compiles nothing may wait out the rest.
 ANCHOR_GAP_S = 0.15
+_FIRST_ANCHOR = clock.anchor()
 
 
 class LiveRun:
@@ -197,7 +200,7 @@ class LiveRun:
         self._write(lambda w: w.write_maps(maps, sync=sync))
 
     def start(self, before_compile: Callable[[], None] = lambda: None) -> None:
-        anchor0 = clock.anchor()  # two anchors apart (the compile, or ANCHOR_GAP_S) give the TSC rate
+        anchor0 = _FIRST_ANCHOR
         base_ns, real_ns = time.monotonic_ns(), time.time_ns()
         self.agg.base = base_ns
         self.stats = kernel.BpfStats()
