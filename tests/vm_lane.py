@@ -207,10 +207,13 @@ def test_joined_report_follows_each_memfd_across_the_update():
 def test_the_new_kernel_is_traced_before_its_first_retrieve():
     """The retrieves start when the recorder says "tracing" (the VMM waits on
     readiness, not a sleep): time from its start to that line in the new
-    kernel, cold (its first start after the kexec) and warm (started again)."""
+    kernel, cold (its first start after the kexec), and warm: compiling, and
+    opening the programs the start before kept."""
     got = load("ready.json")
     print("time to ready in the new kernel: " + ", ".join(f"{k} {v:.2f} s" for k, v in got.items()))
-    assert "new kernel, cold" in got and len(got) == 4 and all(0 < v < 600 for v in got.values())
+    assert "new kernel, cold" in got and all(0 < v < 600 for v in got.values())
+    if "new kernel, warm, nothing changed" in got:  # the warm starts run last (see inside.main)
+        assert got["new kernel, warm, nothing changed"] < got["new kernel, warm, compiling"]
     rep = load("report-update.json")
     assert any(f["result"] == "retrieved" and f["folios_restored"] for f in rep["files"])  # the retrieves were seen
 
