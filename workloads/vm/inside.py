@@ -280,13 +280,30 @@ def stage3(kdir: str) -> None:
         warm.wait(300)
 
 
+_HELD_VM = None
+
+
+def hold_a_vm() -> None:
+    """One KVM VM held for the whole boot.  Creating the first VM and
+    destroying the last flip the preempt-notifier static key, a jump patched
+    into __schedule; under TCG a vCPU then sometimes runs the patch's int3
+    after it was replaced ("Oops: int3" at __schedule+0x413, the death of four
+    lane runs in a row, each right after a driver's VMs went away).  With one
+    VM held the key is flipped once, at boot, and never again."""
+    global _HELD_VM
+    from tracer.kvm import GmemError, VM
+    try:
+        _HELD_VM = VM()
+    except GmemError as e:
+        print(f"inside: no VM held ({e}); the emulation may die of a patched static key", file=sys.stderr)
+
+
 def main() -> None:
     # Every recorder here compiles its programs, as before they could be kept
-    # between starts (tracer/bpf_cache.py): three lane runs in a row with
-    # them kept died of TCG's int3 oops (a static key patched in __schedule)
-    # soon after a recorder started or ended; the warm starts at the end of
-    # stage 3 keep and reuse them, last, so that such a death costs only those.
+    # between starts (tracer/bpf_cache.py): the lane checks what it checked
+    # before; the warm starts at the end of stage 3 keep and reuse them.
     os.environ["LUOTRACE_BPF_CACHE"] = "0"
+    hold_a_vm()
     stage_file = os.path.join(OUT, "stage")
     stage = int(open(stage_file).read()) if os.path.exists(stage_file) else 1
     kdir = sys.argv[2] if len(sys.argv) > 2 else ""
