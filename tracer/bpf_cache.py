@@ -14,7 +14,7 @@ them instead of compiling, empties the maps, and attaches them itself.
   others that no run holds.  A slot is one run's at a time (flock); a second
   run at once compiles its own programs, as before.
 - What a slot holds while nothing runs: the programs and maps, ring buffers
-  included (about 5 MiB of kernel memory in folio mode with the defaults).
+  included (about 8 MiB of kernel memory in folio mode with the defaults).
   ``LUOTRACE_BPF_CACHE=0`` turns reuse off; ``rm -r /sys/fs/bpf/luotrace``
   removes what is kept.
 - Task local storage cannot be emptied from userspace: the BPF side counts
@@ -191,14 +191,13 @@ class Slot:
                 meta = json.load(f)
         except (OSError, ValueError):
             return None
-        fds: List[int] = []
+        funcs: Dict[bytes, Any] = {}
+        tables: Dict[str, Any] = {}
+        map_fds: List[int] = []
         try:
-            funcs = {}
             for name in meta["funcs"]:
                 fd = _bpf(BPF_OBJ_GET, os.path.join(self.pins, "f_" + name))
-                fds.append(fd)
                 funcs[name.encode()] = BPF.Function(None, name.encode(), fd)
-            tables, map_fds = {}, []
             for t in meta["tables"]:
                 fd = _bpf(BPF_OBJ_GET, os.path.join(self.pins, "m_" + t["name"]))
                 map_fds.append(fd)
@@ -206,27 +205,31 @@ class Slot:
                 if tab is not None:
                     tables[t["name"]] = tab
         except (OSError, KeyError, ValueError, TypeError):
-            for fd in fds:
+            for fd in [f.fd for f in funcs.values()] + map_fds:
                 os.close(fd)
             self.drop()
             return None
         b = _adopted_class(BPF)(funcs, tables, map_fds)
         for f in funcs.values():
             f.bpf = b
-        run = tables.get("luo_run")
-        last = run[run.Key(0)].value if run is not None else 0
-        for tab in tables.values():
-            _empty(tab)
-        if run is not None:
-            run[run.Key(0)] = run.Leaf(last + 1)
-        b.stats_base = {n: kernel.prog_stats(f.fd) for n, f in funcs.items()}
-        for name in meta["funcs"]:  # what BPF() attaches while loading (its _trace_autoload)
-            if name.startswith("kfunc__"):
-                b.attach_kfunc(fn_name=name)
-            elif name.startswith("kretfunc__"):
-                b.attach_kretfunc(fn_name=name)
-            elif name.startswith("tracepoint__"):
-                b.attach_tracepoint(tp=name[len("tracepoint__"):].replace("__", ":"), fn_name=name)
+        try:
+            run = tables.get("luo_run")
+            last = run[run.Key(0)].value if run is not None else 0
+            for tab in tables.values():
+                _empty(tab)
+            if run is not None:
+                run[run.Key(0)] = run.Leaf(last + 1)
+            b.stats_base = {n: kernel.prog_stats(f.fd) for n, f in funcs.items()}
+            for name in meta["funcs"]:  # what BPF() attaches while loading (its _trace_autoload)
+                if name.startswith("kfunc__"):
+                    b.attach_kfunc(fn_name=name)
+                elif name.startswith("kretfunc__"):
+                    b.attach_kretfunc(fn_name=name)
+                elif name.startswith("tracepoint__"):
+                    b.attach_tracepoint(tp=name[len("tracepoint__"):].replace("__", ":"), fn_name=name)
+        except BaseException:
+            b.cleanup()  # detaches what attached, closes every fd: as a BPF() that failed to load
+            raise
         return b
 
     def keep(self, b) -> None:

@@ -90,9 +90,9 @@ def make_header(opts: Options, tracer: Tracer, labels: Dict[str, str], base_ns: 
 
 KEXEC_FAST_S = 10.0
 # The TSC rate a join needs comes from two clock anchors at least 0.1 s apart
-# (clock.tsc_per_ns): the first is taken when this module is imported (the
-# process's start, before its other imports), the second once the programs
-# are attached; a start that compiles nothing may wait out the rest.
+# (clock.tsc_per_ns): the first is taken when this module is imported (by
+# the command, before it plans and loads anything), the second once the
+# programs are attached; a start that compiles nothing may wait out the rest.
 ANCHOR_GAP_S = 0.15
 _FIRST_ANCHOR = clock.anchor()
 

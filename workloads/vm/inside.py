@@ -203,7 +203,10 @@ def note_ready(tag: str, rec: subprocess.Popen) -> None:
     """Seconds from a recorder's start to "tracing" (the VMM waits on that
     line, not on a sleep), kept in ready.json by TAG for the notes."""
     path = os.path.join(OUT, "ready.json")
-    got = json.load(open(path)) if os.path.exists(path) else {}
+    got = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            got = json.load(f)
     got[tag] = round(rec.ready_s, 3)  # type: ignore[attr-defined]
     with open(path, "w") as f:
         json.dump(got, f)
