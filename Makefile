@@ -11,7 +11,8 @@ PY := $(VENV)/bin/python
 MODEL := workloads/model/luo_model
 KREL := $(shell uname -r)
 APT_PACKAGES := python3-bpfcc bpfcc-tools bpftrace bpftool linux-headers-amd64 build-essential dwarves \
-                python3-venv prometheus prometheus-pushgateway prometheus-node-exporter util-linux
+                python3-venv prometheus prometheus-pushgateway prometheus-node-exporter util-linux \
+                rsync openjdk-17-jre-headless
 
 .PHONY: setup apt headers mounts venv model demo check test bench bench-fleet soak install-service docs clean vm-deps vm-kernel vmtest vmtest-ab vmbench-retrieve
 

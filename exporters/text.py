@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 from tracer.catalog import LEAF_PHASES
+from tracer.printable import printable
 
 PHASE_COLUMNS = [p for p in LEAF_PHASES if p != "can_preserve"]
 
@@ -150,4 +151,4 @@ def render(report: dict) -> str:
     if bpf.get("run_cnt"):
         out.append(f"tracer cost: {bpf['run_cnt']} BPF runs, {fmt_ns(bpf['run_time_ns'])} total, "
                    f"{bpf['run_time_ns'] / bpf['run_cnt']:.0f}ns each")
-    return "\n".join(out) + "\n"
+    return "\n".join(printable(line) for line in out) + "\n"

@@ -66,6 +66,21 @@ def test_cut_at_every_offset_of_the_last_4k(real):
         assert rep["truncated"] and rep["truncated_reason"]
 
 
+def test_a_length_running_past_the_end_stops_the_reading_there(real):
+    """An event chunk's length field damaged to run past the end of the file:
+    the map dump and trailer after it are not read as events (issue 28)."""
+    report, data = real
+    chunks = [c for c in rec.walk(data) if c[0] == rec.CH_EVENTS]
+    kind, pos, start, length = chunks[-1]
+    bad = bytearray(data)
+    struct.pack_into("<I", bad, pos + 4, len(data) - start + 4 * EVENT_SIZE)
+    r = rec.parse(bytes(bad))
+    before = sum(c[3] // EVENT_SIZE for c in chunks[:-1])
+    assert r.truncated and "runs past the end" in r.truncated_reason
+    assert len(r.events) == before < report["events"]["received"]
+    assert r.end is None  # the trailer after it is not read (as events or otherwise)
+
+
 def test_cut_everywhere_in_the_header_is_a_clean_error(real):
     _report, data = real
     for cut in range(0, rec.header_end(data), 7):

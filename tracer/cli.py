@@ -13,6 +13,7 @@ import click
 from . import __version__, schemas
 from .catalog import MODES, TRACEABLE
 from .errors import LuotraceError
+from .printable import printable
 
 mode_option = click.option("--mode", type=click.Choice(MODES), default="folio", show_default=True,
                            help="light: lifecycle events only; folio: + per-folio counts and latency "
@@ -385,7 +386,7 @@ def serve(listen: str, replay_path: Optional[str], output: Optional[str], mode: 
 
 
 @cli.command()
-@click.argument("recordings", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("recordings", nargs=-1, required=True, type=click.Path())
 @click.option("--textfile", type=click.Path(dir_okay=False), default=None,
               help="write one recording's metrics here in node_exporter textfile-collector format")
 @click.option("--parquet", "parquet", type=click.Path(file_okay=False), default=None, metavar="DIR",
@@ -399,9 +400,14 @@ def export(recordings: Tuple[str, ...], textfile: Optional[str], parquet: Option
     node_exporter's textfile collector (--textfile), or many recordings' tables
     into a Parquet dataset that DuckDB, Spark and Trino read (--parquet).
 
-    --parquet appends: a recording already in the dataset adds nothing, a
-    damaged or truncated one adds its sound parts with a warning, and parts
-    are written whole (an export cut short leaves nothing half-written).
+    --parquet appends: a recording already in the dataset adds nothing (a
+    larger copy of it, one that was still being written when first exported,
+    replaces its rows), a damaged or truncated one adds its sound parts with
+    a warning, and one that cannot be read (a missing path, a directory, a
+    value no column takes) is skipped with one line.  Each batch is committed
+    whole by one rename of the dataset's manifest: an export killed at any
+    instant leaves the batch or nothing, and the next export clears what it
+    left.
 
     \b
     Examples:
@@ -425,18 +431,23 @@ def export(recordings: Tuple[str, ...], textfile: Optional[str], parquet: Option
         if total >= 200 and (done % step == 0 or done == total):
             click.echo(f"luotrace: export: {done}/{total} recordings read", err=True)
     res = dataset.export(parquet, list(recordings), jobs=jobs, progress=progress)
-    for w in res.warnings:
-        click.echo(f"luotrace: warning: {w}", err=True)
+    _warn(res.warnings)
     rows = ", ".join(f"{n} {t}" for t, n in res.rows.items() if n)
-    click.echo(f"luotrace: {parquet}: {res.added} recording(s) added ({rows or 'no rows'}; {res.parts} part(s)), "
-               f"{res.already} already there, {res.skipped} unreadable", err=True)
+    click.echo(f"luotrace: {printable(parquet)}: {res.added} recording(s) added ({rows or 'no rows'}; {res.parts} part(s)), "
+               f"{res.replaced} replaced by a larger copy, {res.already} already there, {res.skipped} unreadable", err=True)
     if res.skipped and not res.added and not res.already:
         sys.exit(1)
 
 
 where_option = click.option("--where", default=None, metavar="SQL",
                             help="only the updates (alias u) this condition keeps, e.g. \"u.labels['pool'] = 'j'\" "
-                                 "or \"u.host LIKE 'db%'\"")
+                                 "or \"u.host LIKE 'db%'\" (one expression, run in the sandbox of `fleet sql`)")
+
+
+def _warn(warnings: List[str]) -> None:
+    """Warnings on stderr, one line each, whatever goes to stdout."""
+    for w in warnings:
+        click.echo(f"luotrace: warning: {printable(w)}", err=True)
 
 
 class _FleetGroup(click.Group):
@@ -466,7 +477,8 @@ def fleet() -> None:
 @fleet.command("summary")
 @click.argument("dataset", type=click.Path(file_okay=False))
 @click.option("--by", default="kernel", show_default=True, metavar="COLUMN|LABEL",
-              help="group by host, kernel, date, mode, ... or by a label's value (e.g. patch)")
+              help="group by host, kernel (the exact release), date, mode, ... or by a label's value (e.g. patch; "
+                   "label:NAME for a label named like a column)")
 @where_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def fleet_summary(dataset: str, by: str, where: Optional[str], as_json: bool) -> None:
@@ -475,6 +487,7 @@ def fleet_summary(dataset: str, by: str, where: Optional[str], as_json: bool) ->
     from exporters.fleet_text import render_summary
     from . import fleet as fl
     res = fl.summary(dataset, by, where)
+    _warn(res["warnings"])
     click.echo(json.dumps(res, indent=1) if as_json else render_summary(res))
 
 
@@ -498,7 +511,9 @@ def fleet_compare(dataset: str, a: str, b: str, by: str, seed: int, where: Optio
     """
     from . import compare as cmp
     from . import fleet as fl
-    sa, sb = fl.compare_sides(dataset, by, a, b, where=where)
+    warnings: List[str] = []
+    sa, sb = fl.compare_sides(dataset, by, a, b, where=where, warnings=warnings)
+    _warn(warnings)
     res = cmp.compare(sa, sb, seed=seed)
     click.echo(json.dumps(res, indent=1) if as_json else cmp.render(res), nl=False)
     if not as_json:
@@ -514,15 +529,28 @@ def fleet_compare(dataset: str, a: str, b: str, by: str, seed: int, where: Optio
 @click.argument("query")
 @click.option("--json", "as_json", is_flag=True, help="columns and rows as JSON")
 @click.option("--limit", type=click.IntRange(min=1), default=200, show_default=True, help="rows shown as text")
-def fleet_sql(dataset: str, query: str, as_json: bool, limit: int) -> None:
-    """Run QUERY (DuckDB SQL) over the dataset.  Tables: updates, files,
-    phases, sessions, anomalies, folio_latency; each has the partition
-    columns date and kernel; updates.labels is a map (labels['patch']).
-    Join on recording_id.  `luotrace fleet sql DIR "DESCRIBE files"` lists
-    a table's columns."""
+@click.option("--unsafe", is_flag=True,
+              help="DuckDB whole, as your user: any statements, files read and written anywhere, extensions "
+                   "installed from the network, no memory bound; only for SQL you wrote yourself")
+def fleet_sql(dataset: str, query: str, as_json: bool, limit: int, unsafe: bool) -> None:
+    """Run QUERY, one SELECT in DuckDB's SQL, over the dataset.  Tables:
+    updates, files, phases, sessions, anomalies, folio_latency; each has the
+    partition columns date and kernel; updates.labels is a map
+    (labels['patch']).  Join on recording_id.
+
+    Sandboxed: the query reads the dataset's tables and nothing else (no
+    other file, no ATTACH, COPY, INSTALL, LOAD or SET; the 512 MB memory
+    bound holds), so a query from someone else cannot read or write files as
+    the root that runs it.  --unsafe lifts all of that.
+
+    \b
+    Example: luotrace fleet sql /srv/luofleet "SELECT host, count(*) FROM anomalies GROUP BY 1"
+    """
     from exporters.fleet_text import render_rows
     from . import fleet as fl
-    cols, rows = fl.sql(dataset, query)
+    warnings: List[str] = []
+    cols, rows = fl.sql(dataset, query, unsafe=unsafe, warnings=warnings)
+    _warn(warnings)
     click.echo(fl.rows_json(cols, rows) if as_json else render_rows(cols, rows, limit))
 
 
@@ -650,7 +678,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         cli.main(args=argv, prog_name="luotrace", standalone_mode=False)
     except LuotraceError as e:
-        click.echo(f"luotrace: error: {e}", err=True)
+        click.echo(f"luotrace: error: {printable(str(e))}", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("luotrace: aborted", err=True)

@@ -20,6 +20,7 @@ import numpy as np
 
 from .catalog import LEAF_PHASES
 from .errors import LuotraceError
+from .printable import printable
 from .recording import write_output
 from .replay import replay
 
@@ -287,7 +288,7 @@ def render(res: dict) -> str:
         lines.append("changed: nothing found, but these sample sizes cannot show a change (see the notes)")
     else:
         lines.append("changed: nothing (no phase passes the test, the interval and the floor)")
-    return "\n".join(lines) + "\n"
+    return "\n".join(printable(line) for line in lines) + "\n"
 
 
 _UNITS = ((1e9, "s"), (1e6, "ms"), (1e3, "µs"), (1.0, "ns"))

@@ -8,37 +8,51 @@ parts under a memory limit (spilling to a temporary directory), and compare
 draws a bounded, deterministic sample per phase."""
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from . import fleet_schema as fs
 from .catalog import LEAF_PHASES, PHASE_ORDER
 from .compare import Side
 from .errors import LuotraceError
+from .printable import printable
 
 MEMORY_LIMIT = "512MB"
 # calls per side and phase that compare uses: its bootstrap holds 2,000 x n
 # indices, so n is what bounds its memory (at 4,000: 64 MB per side)
 SAMPLE_CAP = 4000
-# columns of updates a summary can group by; any other name is a label
-COLUMNS_BY = ("host", "kernel", "date", "kernel_release", "mode", "target", "folio_source", "gmem_backing")
+# columns of updates a summary can group by (kernel: the exact release, not
+# its lossy partition name); any other name is a label, and label:NAME is a
+# label even where a column has its name
+COLUMNS_BY = {"host": "u.host", "kernel": "u.kernel_release", "date": "u.date", "kernel_release": "u.kernel_release",
+              "mode": "u.mode", "target": "u.target", "folio_source": "u.folio_source",
+              "gmem_backing": "u.gmem_backing"}
 _LABEL = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
 def group_expr(by: str) -> str:
     """SQL for the grouping value of update row ``u``: a column, or a label."""
     if by in COLUMNS_BY:
-        return f"u.{by}"
-    if not _LABEL.match(by):
-        raise LuotraceError(f"bad --by '{by}'",
-                            f"use a column ({', '.join(COLUMNS_BY)}) or a label name such as patch")
-    return f"u.labels['{by}']"
+        return COLUMNS_BY[by]
+    name = by[len("label:"):] if by.startswith("label:") else by
+    if not _LABEL.match(name):
+        raise LuotraceError(f"bad --by '{printable(by)}'",
+                            f"use a column ({', '.join(COLUMNS_BY)}), a label name such as patch, or label:NAME")
+    return f"u.labels['{name}']"
+
+
+def _label_of(by: str) -> Optional[str]:
+    return None if by in COLUMNS_BY else by[len("label:"):] if by.startswith("label:") else by
 
 
 def _quantile(dialect: str) -> str:
@@ -47,8 +61,24 @@ def _quantile(dialect: str) -> str:
 
 
 def _where(where: Optional[str]) -> str:
-    """A user's filter on the updates (alias ``u``), as a SQL condition."""
-    return f"({where})" if where else "TRUE"
+    """A user's filter on the updates (alias ``u``), as a SQL condition: an
+    expression, never a way out of the query it is put in (one SELECT with
+    it inside parses, or it is refused)."""
+    if not where:
+        return "TRUE"
+    import duckdb
+    probe = f"SELECT * FROM updates u WHERE ({where})"
+    try:
+        stmts = duckdb.connect().extract_statements(probe)
+    except duckdb.Error as e:
+        raise LuotraceError(f"bad --where: {_first_line(e)}", "give one SQL condition on u, e.g. \"u.host LIKE 'db%'\"")
+    if len(stmts) != 1 or stmts[0].type != duckdb.StatementType.SELECT or stmts[0].query != probe:
+        raise LuotraceError("bad --where: not one condition", "give one SQL condition on u, e.g. \"u.host LIKE 'db%'\"")
+    return f"({where})"
+
+
+def _first_line(e: Exception) -> str:
+    return printable(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
 
 
 def summary_sql(by: str, dialect: str = "duckdb", where: Optional[str] = None) -> Dict[str, str]:
@@ -74,29 +104,55 @@ def summary_sql(by: str, dialect: str = "duckdb", where: Optional[str] = None) -
     }
 
 
-def _has_parts(root: str, table: str) -> bool:
-    return next(fs.parts(root, table), None) is not None
+def _parts(root: str, table: str, warnings: List[str]) -> List[str]:
+    """TABLE's committed parts that read as Parquet of this dataset; each
+    other one is one warning and left out (a half-copied part, a foreign
+    file put in the manifest's place)."""
+    good = []
+    for p in fs.parts(root, table):
+        try:
+            names = pq.read_schema(p).names
+        except (OSError, pa.ArrowException) as e:
+            warnings.append(f"{p}: left out: not a readable Parquet part ({_first_line(e)[:120]})")
+            continue
+        if "recording_id" not in names:
+            warnings.append(f"{p}: left out: not a part of this dataset (no recording_id)")
+            continue
+        good.append(p)
+    return good
 
 
-def connect(root: str, memory_limit: str = MEMORY_LIMIT):
-    """A DuckDB connection with every table of the dataset at ROOT as a view
-    (a table with no part yet is an empty one of its schema)."""
+def connect(root: str, memory_limit: str = MEMORY_LIMIT, unsafe: bool = False,
+            warnings: Optional[List[str]] = None):
+    """A DuckDB connection with every table of the dataset at ROOT as a view.
+
+    The engine never opens a file itself: each table is an Arrow dataset of
+    the manifest's parts, given to DuckDB, so a path's glob characters mean
+    nothing and, unless UNSAFE, DuckDB runs with file system access, extension
+    installs and loads off and its configuration locked (the memory bound
+    holds); its spill directory is this process's own."""
     import duckdb
-    import pyarrow as pa
-    if not _has_parts(root, "updates"):
-        raise LuotraceError(f"{root} holds no fleet dataset",
+    import pyarrow.dataset as pads
+    warnings = [] if warnings is None else warnings
+    if not os.path.isdir(root) or not next(fs.parts(root, "updates"), None):
+        raise LuotraceError(f"{printable(root)} holds no fleet dataset",
                             "add recordings first: luotrace export --parquet DIR RECORDING...")
+    spill = tempfile.mkdtemp(prefix="luotrace-duckdb-")  # 0700, removed when the process ends
+    atexit.register(shutil.rmtree, spill, True)
     con = duckdb.connect(config={"memory_limit": memory_limit, "threads": min(4, os.cpu_count() or 1),
-                                 "temp_directory": os.path.join(tempfile.gettempdir(), "luotrace-duckdb")})
+                                 "temp_directory": spill})
+    hive = pads.partitioning(pa.schema([(p, pa.string()) for p in fs.PARTITIONS]), flavor="hive")
     for t in fs.TABLES:
-        if _has_parts(root, t):
-            glob = os.path.join(root, t, "**", f"{fs.PART_PREFIX}*{fs.PART_SUFFIX}").replace("'", "''")
-            con.execute(f"CREATE VIEW {t} AS SELECT * FROM read_parquet('{glob}', hive_partitioning = true, "
-                        "hive_types_autocast = false, union_by_name = true)")
-        else:
-            empty = pa.schema(list(fs.SCHEMAS[t]) + [pa.field(p, pa.string()) for p in fs.PARTITIONS]).empty_table()
-            con.register(f"_{t}_empty", empty)
-            con.execute(f"CREATE VIEW {t} AS SELECT * FROM _{t}_empty")
+        schema = pa.schema(list(fs.SCHEMAS[t]) + [pa.field(p, pa.string()) for p in fs.PARTITIONS])
+        files = _parts(root, t, warnings)
+        data = pads.dataset(files, schema=schema, partitioning=hive, partition_base_dir=os.path.join(root, t)) \
+            if files else schema.empty_table()
+        con.register(f"_{t}_parts", data)
+        con.execute(f"CREATE VIEW {t} AS SELECT * FROM _{t}_parts")
+    if not unsafe:
+        for setting in ("enable_external_access", "autoinstall_known_extensions", "autoload_known_extensions"):
+            con.execute(f"SET {setting} = false")
+        con.execute("SET lock_configuration = true")
     return con
 
 
@@ -106,8 +162,7 @@ def _run(con, sql: str, params: Sequence = ()) -> Tuple[List[str], List[tuple]]:
         cur = con.execute(sql, list(params))
         return [d[0] for d in cur.description], cur.fetchall()
     except duckdb.Error as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LuotraceError(f"query failed: {msg}", "see `luotrace fleet sql --help` for the tables") from None
+        raise LuotraceError(f"query failed: {_first_line(e)}", "see `luotrace fleet sql --help` for the tables") from None
 
 
 def _records(cols: List[str], rows: List[tuple]) -> List[dict]:
@@ -129,21 +184,52 @@ def _plain(v):
     return str(v)
 
 
+def _label_known(con, by: str, where: Optional[str]) -> None:
+    """A --by label no update has is a typo more often than a finding."""
+    label = _label_of(by)
+    if label is None:
+        return
+    _c, rows = _run(con, f"SELECT count(*) FROM updates u WHERE {_where(where)} AND u.labels['{label}'] IS NOT NULL")
+    if rows[0][0]:
+        return
+    _c, names = _run(con, "SELECT DISTINCT unnest(map_keys(u.labels)) FROM updates u ORDER BY 1 LIMIT 50")
+    raise LuotraceError(f"no update has the label '{label}'" + (f" where {printable(where)}" if where else ""),
+                        f"labels in the dataset: {printable(', '.join(str(n[0]) for n in names)) or 'none'}; "
+                        f"columns: {', '.join(COLUMNS_BY)}")
+
+
 def summary(root: str, by: str = "kernel", where: Optional[str] = None) -> dict:
     """Per group: updates, hosts, files, errors by errno, anomalies by code,
     p50/p99 of every phase."""
-    con = connect(root)
+    warnings: List[str] = []
+    con = connect(root, warnings=warnings)
+    queries = summary_sql(by, where=where)
+    _label_known(con, by, where)
     out: dict = {"schema": "luotrace.fleet-summary/1", "dataset": root, "by": by, "where": where}
-    for name, sql in summary_sql(by, where=where).items():
+    for name, sql in queries.items():
         out[name] = _records(*_run(con, sql))
+    out["warnings"] = warnings
     order = {p: i for i, p in enumerate(PHASE_ORDER)}
     out["phases"].sort(key=lambda r: (r["grp"], r["handler"], order.get(r["phase"], len(order)), r["phase"]))
     return out
 
 
-def sql(root: str, query: str) -> Tuple[List[str], List[tuple]]:
-    """Any query over the dataset's tables (views named as the tables)."""
-    return _run(connect(root), query)
+def sql(root: str, query: str, unsafe: bool = False,
+        warnings: Optional[List[str]] = None) -> Tuple[List[str], List[tuple]]:
+    """One SELECT over the dataset's tables (views named as the tables), in
+    the sandbox connect() sets up; UNSAFE: any DuckDB SQL, as the user."""
+    import duckdb
+    con = connect(root, unsafe=unsafe, warnings=warnings)
+    if not unsafe:
+        try:
+            stmts = con.extract_statements(query)
+        except duckdb.Error as e:
+            raise LuotraceError(f"query failed: {_first_line(e)}", "see `luotrace fleet sql --help` for the tables") from None
+        if len(stmts) != 1 or stmts[0].type != duckdb.StatementType.SELECT:
+            kinds = ", ".join(str(s.type).rsplit(".", 1)[-1] for s in stmts) or "none"
+            raise LuotraceError(f"refused: one SELECT is run over the dataset, this is {len(stmts)} statement(s): {kinds}",
+                                "give one SELECT (or --unsafe for DuckDB whole, as your user)")
+    return _run(con, query)
 
 
 def sql_records(root: str, query: str) -> List[dict]:
@@ -151,21 +237,22 @@ def sql_records(root: str, query: str) -> List[dict]:
 
 
 def compare_sides(root: str, by: str, a: str, b: str, cap: int = SAMPLE_CAP,
-                  where: Optional[str] = None) -> Tuple[Side, Side]:
+                  where: Optional[str] = None, warnings: Optional[List[str]] = None) -> Tuple[Side, Side]:
     """The two groups of updates (BY = A, BY = B) as compare's sides: phase
     durations per handler (a deterministic sample of at most CAP calls per
     side and phase), folio-latency histograms summed, kernels and modes."""
     if a == b:
-        raise LuotraceError(f"both sides are {by}={a}", "give two different values")
-    con = connect(root)
+        raise LuotraceError(f"both sides are {by}={printable(a)}", "give two different values")
+    con = connect(root, warnings=warnings)
     g = f"coalesce({group_expr(by)}, '(none)')"
     w = _where(where)
+    _label_known(con, by, where)
     _cols, present = _run(con, f"SELECT {g}, COUNT(*) FROM updates u WHERE {w} GROUP BY 1 ORDER BY 1")
     have = {str(v): n for v, n in present}
     for side in (a, b):
         if side not in have:
-            raise LuotraceError(f"no update has {by}={side}" + (f" where {where}" if where else ""),
-                                f"values of {by} in the dataset: {', '.join(sorted(have))[:200] or 'none'}")
+            raise LuotraceError(f"no update has {by}={printable(side)}" + (f" where {printable(where)}" if where else ""),
+                                f"values of {by} in the dataset: {printable(', '.join(sorted(have))[:200]) or 'none'}")
     phases = ", ".join(f"'{p}'" for p in ("preserve",) + LEAF_PHASES)
     _c, rows = _run(con, f"""
         WITH s AS (SELECT {g} AS grp, x.handler, x.phase, x.duration_ns,
@@ -205,12 +292,21 @@ def rows_json(cols: List[str], rows: List[tuple]) -> str:
 
 def spark_views(spark, root: str) -> None:
     """The dataset's tables as temporary views of a Spark session (any
-    path Spark reads: a directory, s3a://, abfss://, gs://).  Partition
-    values stay strings, as DuckDB reads them."""
+    path Spark reads: a directory, s3a://, abfss://, gs://): the parts the
+    manifest names, never a part of an export under way.  Partition values
+    stay strings, as DuckDB reads them."""
     spark.conf.set("spark.sql.sources.partitionColumnTypeInference.enabled", "false")
+    base = root.rstrip("/")
+    text = "".join(r.value for r in spark.read.text(f"{base}/{fs.META}/{fs.MANIFEST}", wholetext=True).collect())
+    parts = json.loads(text)["parts"]
     for t in fs.TABLES:
-        path = f"{root.rstrip('/')}/{t}"
-        spark.read.option("basePath", path).option("mergeSchema", "true").parquet(path).createOrReplaceTempView(t)
+        path = f"{base}/{t}"
+        files = [f"{base}/{rel}" for rel in parts.get(t, [])]
+        if files:
+            spark.read.option("basePath", path).option("mergeSchema", "true").parquet(*files).createOrReplaceTempView(t)
+        else:
+            schema = pa.schema(list(fs.SCHEMAS[t]) + [pa.field(p, pa.string()) for p in fs.PARTITIONS])
+            spark.createDataFrame(schema.empty_table().to_pandas()).createOrReplaceTempView(t)
 
 
 def spark_summary(spark, root: str, by: str = "kernel", where: Optional[str] = None) -> dict:

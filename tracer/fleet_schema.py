@@ -8,6 +8,7 @@ added later is appended (readers union by name); a change of meaning bumps
 VERSION, which every row carries in ``updates.schema``."""
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Dict, Iterator, List, Tuple
@@ -15,12 +16,16 @@ from typing import Dict, Iterator, List, Tuple
 import pyarrow as pa
 
 from .catalog import PHASE_ORDER
+from .errors import LuotraceError
 
-VERSION = "luotrace.fleet/1"
+VERSION = "luotrace.fleet/2"
 # hive partition columns, outermost first: directories <table>/date=…/kernel=…/
 PARTITIONS: Tuple[str, ...] = ("date", "kernel")
-# a part file: part-<batch>.parquet (a hidden .part-<batch>.parquet.tmp while written)
-PART_PREFIX, PART_SUFFIX = "part-", ".parquet"
+# a part file: lt-<batch>.parquet (a hidden .lt-<batch>.parquet.tmp while written);
+# only the parts the manifest names are the dataset
+PART_PREFIX, PART_SUFFIX = "lt-", ".parquet"
+META = "_luotrace"  # the manifest, the lock and the intents of exports under way
+MANIFEST = "manifest.json"
 
 _I = pa.int64()
 _S = pa.string()
@@ -31,6 +36,8 @@ _FILE = _UPDATE + [("handler", _S, "file handler: guest_memfd, memfd, ..."), ("i
 COLUMNS: Dict[str, List[Tuple[str, pa.DataType, str]]] = {
     "updates": [
         ("recording_id", _S, "sha256 (32 hex) of the recording's header: the same recording exported twice is one row"),
+        ("recording_bytes", _I, "size of the copy exported: a larger copy of the same recording (one still being "
+                                "written when first exported) replaces it"),
         ("schema", _S, "this dataset's schema version"),
         ("host", _S, "hostname the recording was taken on"),
         ("boot_id", _S, "boot id of the traced kernel (null for simulated recordings)"),
@@ -107,14 +114,40 @@ SCHEMAS: Dict[str, pa.Schema] = {t: pa.schema([(n, ty) for n, ty, _ in cols]) fo
 
 def partition_value(s: str) -> str:
     """A value as a hive directory name every engine reads back unchanged:
-    no '/', '=', '%' or spaces (those would be escaped differently)."""
-    v = re.sub(r"[^A-Za-z0-9._+-]", "_", s or "")
-    return v[:100] or "unknown"
+    no '/', '=', '%' or spaces (those would be escaped differently), and
+    never the name engines read as NULL.  Lossy: distinct values may share a
+    directory; the exact value is a column (kernel_release)."""
+    v = re.sub(r"[^A-Za-z0-9._+-]", "_", s or "")[:100] or "unknown"
+    return "_" + v if v == "__HIVE_DEFAULT_PARTITION__" else v
+
+
+def manifest_path(root: str) -> str:
+    return os.path.join(root, META, MANIFEST)
+
+
+def read_manifest(root: str) -> Dict[str, List[str]]:
+    """Each table's committed parts, as paths relative to ROOT.  A directory
+    with parts but no manifest was written by luotrace before fleet/2, whose
+    exports could be cut short into rows counted twice: it is refused."""
+    try:
+        with open(manifest_path(root)) as f:
+            m = json.load(f)
+    except FileNotFoundError:
+        if os.path.isdir(os.path.join(root, "updates")):
+            raise LuotraceError(f"{root} was written by an older luotrace (no {META}/{MANIFEST})",
+                                "export its recordings again into a new directory") from None
+        return {t: [] for t in TABLES}
+    except (OSError, ValueError) as e:
+        raise LuotraceError(f"{manifest_path(root)}: unreadable ({e})",
+                            "restore it from a backup, or export the recordings again into a new directory") from None
+    if not isinstance(m, dict) or m.get("schema") != VERSION or not isinstance(m.get("parts"), dict):
+        raise LuotraceError(f"{manifest_path(root)}: not a {VERSION} manifest",
+                            "export the recordings again into a new directory")
+    return {t: [str(p) for p in m["parts"].get(t, [])] for t in TABLES}
 
 
 def parts(root: str, table: str) -> Iterator[str]:
-    """The part files of TABLE in the dataset at ROOT (never a temporary one)."""
-    for d, _dirs, names in os.walk(os.path.join(root, table)):
-        for n in names:
-            if n.startswith(PART_PREFIX) and n.endswith(PART_SUFFIX):
-                yield os.path.join(d, n)
+    """The committed part files of TABLE in the dataset at ROOT: what every
+    reader reads, never a part of an export under way or cut short."""
+    for rel in read_manifest(root)[table]:
+        yield os.path.join(root, rel)

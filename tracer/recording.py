@@ -24,6 +24,7 @@ import fcntl
 import json
 import mmap
 import os
+import re
 import stat
 import struct
 import time
@@ -349,6 +350,22 @@ def _sound_chunk_at(data, pos: int) -> bool:
         _crc_ok(data, pos, pos + CHUNK.size + length)
 
 
+_JSON_CHUNK = re.compile(rb"[\x02\x03]\x00\x00\x00.{8}\{", re.DOTALL)
+
+
+def _length_overruns(data, start: int, version: int) -> bool:
+    """A chunk that runs past the end of the file is a write cut short, whose
+    whole records are worth keeping, unless a sound map dump or trailer
+    starts inside it: then its length field is damaged, and what follows it
+    is not events."""
+    if version < 2:
+        return False
+    for m in _JSON_CHUNK.finditer(data, start):
+        if _sound_chunk_at(data, m.start()):
+            return True
+    return False
+
+
 def parse(data, path: str = "<recording>") -> Recording:
     """Decode a recording held in memory (bytes or a mapping); see the module
     docstring for the layout.  Event records are numpy views, not copies."""
@@ -380,6 +397,10 @@ def parse(data, path: str = "<recording>") -> Recording:
         body = view[start: stop]
         short = len(body) < length
         name = CHUNK_NAMES.get(kind, f"chunk of type {kind}")
+        if short and _length_overruns(data, start, version):
+            rec.damaged.append(f"byte {pos} onwards (a chunk's length runs past the end of the file)")
+            rec.truncated, rec.truncated_reason = True, f"unreadable from byte {pos} (a chunk's length runs past the end)"
+            break
         if version >= 2 and not short and not _crc_ok(data, pos, stop, release=True):
             if not _sound_chunk_at(data, stop):
                 rec.damaged.append(f"byte {pos} onwards (a chunk failed its checksum and its length cannot "
