@@ -101,3 +101,91 @@ def test_a_run_beside_the_one_holding_the_kept_programs_compiles_its_own(model, 
     # the first saw the second's update too (both watch the model): each file, counted once
     rep1 = json.loads(out)
     assert counts(rep1) == truth_counts(truth2)
+
+
+DROPPED = "dropped and compiled afresh"
+BPFTOOL_MAP_TYPE = {1: "hash", 2: "array", 5: "percpu_hash", 6: "percpu_array", 9: "lru_hash"}
+
+
+def _kept() -> tuple:
+    """(pin directory, metadata path, metadata) of the one kept set."""
+    from tracer.bpf_cache import META_DIR
+    (key,) = os.listdir(PIN_ROOT)
+    meta = os.path.join(META_DIR, key + ".json")
+    return os.path.join(PIN_ROOT, key), meta, load_json(meta)
+
+
+def _tampered_then_exact(model, tmp_path, name: str, why: str) -> None:
+    err, rep, truth = record(model, tmp_path, name)
+    assert KEPT not in err and DROPPED in err and why in err, err
+    assert counts(rep) == truth_counts(truth) and not [a for a in rep["anomalies"] if a["code"] in
+                                                       ("pass_count_mismatch", "freeze_unbalanced")]
+    err, rep, truth = record(model, tmp_path, name + "-after")  # the fresh compile was kept, and is sound
+    assert KEPT in err and DROPPED not in err and counts(rep) == truth_counts(truth)
+
+
+def test_a_map_pin_swapped_for_a_fresh_map_of_its_shape_is_never_adopted(model, gmem, tmp_path):
+    record(model, tmp_path, "keep")
+    pins, _meta, meta = _kept()
+    t = next(t for t in meta["tables"] if t["name"] == "folio_count" or t["type"] in BPFTOOL_MAP_TYPE)
+    os.unlink(os.path.join(pins, "m_" + t["name"]))
+    subprocess.run(["bpftool", "map", "create", os.path.join(pins, "m_" + t["name"]), "type",
+                    BPFTOOL_MAP_TYPE[t["type"]], "key", str(t["key_size"]), "value", str(t["value_size"]),
+                    "entries", str(t["max_entries"]), "name", t["name"][:15], "flags", str(t["flags"])], check=True)
+    _tampered_then_exact(model, tmp_path, "swapped-map", f"map {t['name']} is not the one kept")
+
+
+def test_a_program_pin_swapped_for_another_of_the_set_is_never_adopted(model, gmem, tmp_path):
+    record(model, tmp_path, "keep")
+    pins, _meta, meta = _kept()
+    a, b = sorted(meta["funcs"])[:2]
+    os.unlink(os.path.join(pins, "f_" + a))
+    subprocess.run(["bpftool", "prog", "pin", "id", str(meta["funcs"][b]["id"]), os.path.join(pins, "f_" + a)],
+                   check=True)
+    _tampered_then_exact(model, tmp_path, "swapped-prog", f"program {a} is not the one kept")
+
+
+def test_edited_metadata_is_dropped(model, gmem, tmp_path):
+    edits = ((lambda m: dict(m, funcs={}, tables=[]), "the pins are not"),
+             (lambda m: dict(m, funcs=dict(sorted(m["funcs"].items())[::2])), "the pins are not"),
+             (lambda m: dict(m, key="0" * 24), "not this build's"),
+             (lambda m: dict(m, tables=[dict(t, leaf='"char"') if t["value_size"] > 1 else t
+                                        for t in m["tables"]]), "does not fit"))
+    for i, (edit, why) in enumerate(edits):
+        record(model, tmp_path, f"keep{i}")
+        _pins, path, meta = _kept()
+        with open(path, "w") as f:
+            json.dump(edit(meta), f)
+        err, rep, truth = record(model, tmp_path, f"edited{i}")
+        assert KEPT not in err and DROPPED in err and why in err, (why, err)
+        assert counts(rep) == truth_counts(truth)
+
+
+def test_kept_state_is_roots_alone_whatever_the_umask(model, gmem, tmp_path):
+    from tracer.bpf_cache import META_DIR
+    subprocess.run(["rm", "-rf", PIN_ROOT, META_DIR], check=True)
+    old = os.umask(0)
+    try:
+        record(model, tmp_path, "umask0")
+    finally:
+        os.umask(old)
+    pins, meta, _m = _kept()
+    for d in (PIN_ROOT, pins, META_DIR, os.path.dirname(META_DIR)):
+        assert os.stat(d).st_mode & 0o777 == 0o700, d
+    for f in [meta] + [os.path.join(META_DIR, n) for n in os.listdir(META_DIR)] + \
+            [os.path.join(pins, n) for n in os.listdir(pins)]:
+        assert os.stat(f).st_mode & 0o077 == 0, f
+
+
+def test_a_symlink_where_the_metadata_goes_is_refused_not_followed(model, gmem, tmp_path):
+    from tracer.bpf_cache import META_DIR
+    subprocess.run(["rm", "-rf", META_DIR], check=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(str(elsewhere), META_DIR)
+    try:
+        err, rep, truth = record(model, tmp_path, "symlinked")
+        assert "symlink" in err and "not kept between starts" in err and counts(rep) == truth_counts(truth)
+        assert not os.listdir(elsewhere)
+    finally:
+        os.unlink(META_DIR)

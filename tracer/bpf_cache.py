@@ -10,20 +10,32 @@ them instead of compiling, empties the maps, and attaches them itself.
 
 - Key: sha256 of BCC's version, the kernel release and boot id, the text and
   flags (the text holds every option and layout offset compiled in).
+- Verified before use: a start adopts a kept set only when the pins are
+  exactly the programs and maps its metadata names, each the very object
+  kept (kernel ids, which no later object reuses within a boot; types,
+  sizes, flags; each program's own map references) and the metadata is this
+  build's (its key).  Anything else is dropped and compiled afresh, said in
+  one line.  What is kept lives in directories of root's alone (0700,
+  tracer/private.py), refused when another user's or a symlink.
 - One slot is kept (the newest key): a start with another key removes the
   others that no run holds.  A slot is one run's at a time (flock); a second
   run at once compiles its own programs, as before.
 - What a slot holds while nothing runs: the programs and maps, ring buffers
-  included (about 8 MiB of kernel memory in folio mode with the defaults).
-  ``LUOTRACE_BPF_CACHE=0`` turns reuse off; ``rm -r /sys/fs/bpf/luotrace``
-  removes what is kept.
+  included (bpftool's memlock of the kept maps: 6.5 MiB in light mode, 11.7
+  in folio, 15.7 in trace, with the defaults).  ``LUOTRACE_BPF_CACHE=0`` turns
+  reuse off; ``rm -r /sys/fs/bpf/luotrace /run/luotrace/bpf-cache`` removes
+  what is kept.
 - Task local storage cannot be emptied from userspace: the BPF side counts
   what a task keeps only when stamped with this run's number (``luo_run``,
   bpf/luotrace.h), which a reusing start advances before it attaches.
 
 Pinning ABI: include/uapi/linux/bpf.h, BPF_OBJ_PIN (6) and BPF_OBJ_GET (7),
-``struct { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags; }``.
-Map types: the same header's ``enum bpf_map_type``.
+``struct { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags; }``;
+BPF_OBJ_GET_INFO_BY_FD (15), ``struct { __u32 bpf_fd; __u32 info_len;
+__aligned_u64 info; }`` filling ``struct bpf_map_info`` (type, id, key_size,
+value_size, max_entries, map_flags: six u32 from offset 0) or ``struct
+bpf_prog_info`` (type u32 at 0, id u32 at 4, nr_map_ids u32 at 52, map_ids
+u64 at 56).  Map types: the same header's ``enum bpf_map_type``.
 """
 from __future__ import annotations
 
@@ -36,16 +48,20 @@ import os
 import shutil
 import struct
 import subprocess
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
 from . import clock, kernel
+from .private import RUN_DIR, Unsafe, private_dir, private_open
 
 PIN_ROOT = "/sys/fs/bpf/luotrace"
-META_DIR = "/run/luotrace/bpf-cache"
+META_DIR = os.path.join(RUN_DIR, "bpf-cache")
 ENV = "LUOTRACE_BPF_CACHE"
 
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
+BPF_OBJ_GET_INFO_BY_FD = 15
+MAP_INFO = struct.Struct("<6I")  # type, id, key_size, value_size, max_entries, map_flags
+PROG_INFO_LEN = 80
 # enum bpf_map_type
 MAP_HASH, MAP_ARRAY, MAP_PERCPU_HASH, MAP_PERCPU_ARRAY, MAP_LRU_HASH = 1, 2, 5, 6, 9
 MAP_RINGBUF = 27
@@ -64,6 +80,44 @@ def _bpf(cmd: int, path: str, fd: int = 0) -> int:
         e = ct.get_errno()
         raise OSError(e, f"bpf({'OBJ_PIN' if cmd == BPF_OBJ_PIN else 'OBJ_GET'}) {path}: {os.strerror(e)}")
     return r
+
+
+def _info(fd: int, buf) -> None:
+    libc = ct.CDLL(None, use_errno=True)
+    attr = ct.create_string_buffer(struct.pack("<IIQ", fd, len(buf), ct.addressof(buf)), 16)
+    if libc.syscall(kernel.SYS_BPF_X86_64, BPF_OBJ_GET_INFO_BY_FD, attr, 16) < 0:
+        e = ct.get_errno()
+        raise OSError(e, f"bpf(OBJ_GET_INFO_BY_FD): {os.strerror(e)}")
+
+
+def map_info(fd: int) -> Dict[str, int]:
+    """What the kernel says the map behind FD is."""
+    buf = ct.create_string_buffer(MAP_INFO.size + 16)
+    _info(fd, buf)
+    return dict(zip(("type", "id", "key_size", "value_size", "max_entries", "flags"), MAP_INFO.unpack_from(buf.raw)))
+
+
+def prog_info(fd: int) -> Dict[str, Any]:
+    """What the kernel says the program behind FD is: its type, id and the
+    ids of the maps it uses."""
+    ids = (ct.c_uint32 * 64)()
+    buf = ct.create_string_buffer(PROG_INFO_LEN)
+    struct.pack_into("<IQ", buf, 52, 64, ct.addressof(ids))
+    _info(fd, buf)
+    ptype, pid = struct.unpack_from("<II", buf.raw)
+    n = struct.unpack_from("<I", buf.raw, 52)[0]
+    return {"type": ptype, "id": pid, "map_ids": sorted(ids[: min(n, 64)])}
+
+
+def _leaf_size(tab) -> int:
+    """The value size the kernel's map must have for TAB's decoding to fit."""
+    if tab.ttype in (MAP_PERCPU_HASH, MAP_PERCPU_ARRAY):
+        return ct.sizeof(tab.sLeaf)
+    return ct.sizeof(tab.Leaf)
+
+
+class Mismatch(Exception):
+    """A kept set that is not what its metadata says."""
 
 
 def key(text: str, cflags: List[str]) -> str:
@@ -141,12 +195,18 @@ def _empty(tab) -> None:
                     pass
 
 
+def _diff(got: Dict[str, Any], want: Dict[str, Any]) -> str:
+    return ", ".join(f"{k} {got.get(k)} where {want.get(k)} was kept" for k in sorted(set(got) | set(want))
+                     if got.get(k) != want.get(k))[:200]
+
+
 class Slot:
     """The pinned programs and maps of one key, held by this run from
     claim() to release()."""
 
     def __init__(self, key: str, lock_fd: int):
         self.key = key
+        self.dropped = ""  # why a kept set was dropped instead of adopted
         self._lock = lock_fd
         self.pins = os.path.join(PIN_ROOT, key)
         self.meta = os.path.join(META_DIR, key + ".json")
@@ -158,8 +218,10 @@ class Slot:
         if not enabled() or ensure_bpffs():
             return None
         try:
-            os.makedirs(META_DIR, exist_ok=True)
-            fd = os.open(os.path.join(META_DIR, key + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            private_dir(META_DIR, top=RUN_DIR)
+            fd = private_open(os.path.join(META_DIR, key + ".lock"))
+        except Unsafe:
+            raise
         except OSError:
             return None
         try:
@@ -189,24 +251,46 @@ class Slot:
         try:
             with open(self.meta) as f:
                 meta = json.load(f)
-        except (OSError, ValueError):
+        except FileNotFoundError:
             return None
+        except (OSError, ValueError):
+            meta = None
         funcs: Dict[bytes, Any] = {}
         tables: Dict[str, Any] = {}
         map_fds: List[int] = []
         try:
-            for name in meta["funcs"]:
-                fd = _bpf(BPF_OBJ_GET, os.path.join(self.pins, "f_" + name))
-                funcs[name.encode()] = BPF.Function(None, name.encode(), fd)
+            self._verify_dirs()
+            if not isinstance(meta, dict) or meta.get("key") != self.key:
+                raise Mismatch("its metadata is not this build's")
+            names = {"f_" + n for n in meta["funcs"]} | {"m_" + t["name"] for t in meta["tables"]}
+            if set(os.listdir(self.pins)) != names or len(names) != len(meta["funcs"]) + len(meta["tables"]):
+                raise Mismatch("the pins are not the programs and maps its metadata names")
+            ids: Set[int] = set()
             for t in meta["tables"]:
                 fd = _bpf(BPF_OBJ_GET, os.path.join(self.pins, "m_" + t["name"]))
                 map_fds.append(fd)
+                got = map_info(fd)
+                want = {k: t[k] for k in ("type", "id", "key_size", "value_size", "max_entries", "flags")}
+                if got != want:
+                    raise Mismatch(f"map {t['name']} is not the one kept ({_diff(got, want)})")
+                ids.add(got["id"])
                 tab = _table(BPF, fd, t)
+                if tab is not None and t["type"] != MAP_RINGBUF and \
+                        (ct.sizeof(tab.Key) != got["key_size"] or _leaf_size(tab) != got["value_size"]):
+                    raise Mismatch(f"map {t['name']}'s key or value type does not fit the map")
                 if tab is not None:
                     tables[t["name"]] = tab
-        except (OSError, KeyError, ValueError, TypeError):
+            for name, want in meta["funcs"].items():
+                fd = _bpf(BPF_OBJ_GET, os.path.join(self.pins, "f_" + name))
+                funcs[name.encode()] = BPF.Function(None, name.encode(), fd)
+                prog = prog_info(fd)
+                if prog != want or not set(prog["map_ids"]) <= ids:
+                    raise Mismatch(f"program {name} is not the one kept ({_diff(prog, want)})")
+        except (Mismatch, Unsafe, OSError, KeyError, ValueError, TypeError, AttributeError) as e:
             for fd in [f.fd for f in funcs.values()] + map_fds:
                 os.close(fd)
+            why = str(e) if isinstance(e, (Mismatch, Unsafe)) else f"it cannot be opened ({type(e).__name__}: {e})"
+            self.dropped = f"the programs kept by an earlier start were dropped and compiled afresh: {why}"
             self.drop()
             return None
         b = _adopted_class(BPF)(funcs, tables, map_fds)
@@ -232,28 +316,32 @@ class Slot:
             raise
         return b
 
+    def _verify_dirs(self) -> None:
+        private_dir(self.pins, top=PIN_ROOT)
+
     def keep(self, b) -> None:
-        """Pin every program B loaded and every map it made, for the next start."""
+        """Pin every program B loaded and every map it made, for the next
+        start, with what the kernel says each is (verified at adoption)."""
         lib = _lib()
         tables = []
         self.drop()
-        os.makedirs(self.pins, exist_ok=True)
+        private_dir(self.pins, top=PIN_ROOT)
         for i in range(lib.bpf_num_tables(b.module)):
             name = lib.bpf_table_name(b.module, i).decode()
-            _bpf(BPF_OBJ_PIN, os.path.join(self.pins, "m_" + name), lib.bpf_table_fd_id(b.module, i))
-            tables.append({"name": name, "type": lib.bpf_table_type_id(b.module, i),
-                           "flags": lib.bpf_table_flags_id(b.module, i),
-                           "max_entries": int(lib.bpf_table_max_entries_id(b.module, i)),
-                           "key": (lib.bpf_table_key_desc_id(b.module, i) or b"").decode(),
-                           "leaf": (lib.bpf_table_leaf_desc_id(b.module, i) or b"").decode()})
-        funcs = []
+            fd = lib.bpf_table_fd_id(b.module, i)
+            _bpf(BPF_OBJ_PIN, os.path.join(self.pins, "m_" + name), fd)
+            tables.append(dict(map_info(fd), name=name,
+                               key=(lib.bpf_table_key_desc_id(b.module, i) or b"").decode(),
+                               leaf=(lib.bpf_table_leaf_desc_id(b.module, i) or b"").decode()))
+        funcs = {}
         for name, fn in b.funcs.items():
             n = name.decode() if isinstance(name, bytes) else name
             _bpf(BPF_OBJ_PIN, os.path.join(self.pins, "f_" + n), fn.fd)
-            funcs.append(n)
+            funcs[n] = prog_info(fn.fd)
         tmp = self.meta + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"funcs": funcs, "tables": tables}, f)
+        fd = private_open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"key": self.key, "funcs": funcs, "tables": tables}, f)
         os.replace(tmp, self.meta)  # written last: a slot without it is never adopted
         self._prune()
 

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional
 
 from . import kvm_abi as abi
 from .errors import LuotraceError
+from .private import private_dir, private_open
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
@@ -94,11 +95,20 @@ class StandinFile(GmemFile):
 
 def standin_dir() -> str:
     """The stand-in ramfs, mounted once per boot (idempotent; a lock keeps
-    two starts from stacking two mounts with two superblocks)."""
-    os.makedirs(os.path.dirname(abi.STANDIN_DIR), exist_ok=True)
-    with open(abi.STANDIN_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        os.makedirs(abi.STANDIN_DIR, mode=0o700, exist_ok=True)
+    two starts from stacking two mounts with two superblocks).  Its mount
+    point is root's alone: a symlink or a file found there is refused, never
+    mounted through."""
+    try:
+        private_dir(os.path.dirname(abi.STANDIN_DIR))
+        lock = private_open(abi.STANDIN_LOCK)
+    except OSError as e:
+        raise GmemError(e.errno or errno.EPERM, f"guest_memfd stand-ins: {e.strerror or e}") from None
+    with os.fdopen(lock) as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            private_dir(abi.STANDIN_DIR)
+        except OSError as e:
+            raise GmemError(e.errno or errno.EPERM, f"guest_memfd stand-ins: {e.strerror or e}") from None
         if _statfs_type(abi.STANDIN_DIR) != abi.RAMFS_MAGIC:
             if _libc.mount(b"luotrace-gmem-standin", abi.STANDIN_DIR.encode(), b"ramfs",
                            0x2 | 0x4 | 0x8, b"mode=0700") != 0:  # MS_NOSUID | MS_NODEV | MS_NOEXEC
@@ -116,9 +126,25 @@ def _statfs_type(path: str) -> int:
     return int.from_bytes(buf.raw[:8], "little")
 
 
+def _mem_available() -> int:
+    """Bytes the kernel says a new allocation can take (MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1 << 62
+
+
 def create_standin(size: int) -> StandinFile:
     if size <= 0 or size % abi.PAGE_SIZE:
         raise GmemError(22, f"guest_memfd size {size} is not a positive multiple of 4 KiB")
+    avail = _mem_available()
+    if size > avail * 3 // 4:  # ramfs pages are never swapped or reclaimed: the OOM killer would end it
+        raise GmemError(errno.ENOMEM, f"a {size >> 20} MiB guest_memfd stand-in does not fit this host's memory "
+                                      f"({avail >> 20} MiB available; ramfs cannot be swapped); use a smaller size")
     try:
         fd = os.open(standin_dir(), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
         os.ftruncate(fd, size)

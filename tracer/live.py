@@ -377,6 +377,8 @@ def run(opts: Options, output: Optional[str], command: Optional[List[str]] = Non
                          "; Ctrl-C to stop")
                 if live.bpf.backing.standin:
                     progress(f"luotrace: {live.bpf.backing.line()}")
+                if live.bpf.cache_note:
+                    progress(f"luotrace: {live.bpf.cache_note}")
             if on_started:
                 on_started(live)
             if command:

@@ -392,6 +392,7 @@ class Tracer:
         self.population_live = opts.population != "update"
         self.population_windows: List[List[int]] = []  # [on, off] CLOCK_MONOTONIC ns, "update" policy
         self.reused = False  # programs loaded by an earlier start, opened from their pins
+        self.cache_note = ""  # kept programs refused or dropped, and why: one line for the user
         self._slot: Optional[bpf_cache.Slot] = None
         before_compile()
         self.bpf = self._compile(BPF, probes)
@@ -399,20 +400,51 @@ class Tracer:
             self._fill_layout_maps()
             self._attach(probes)
             self._open_ringbuf()
+        except (KeyboardInterrupt, SystemExit):
+            self.close()
+            raise
+        except BaseException as e:
+            if not self.reused:
+                self.close()
+                raise
+            # a kept set that verified but does not work: never the run's end
+            slot, self._slot = self._slot, None
+            self.close()
+            self._slot = slot  # still claimed: the fresh compile is kept in it
+            if slot is not None:
+                slot.drop()
+            self.cache_note = f"the programs kept by an earlier start did not work ({type(e).__name__}: " \
+                              f"{str(e)[:120]}); dropped and compiled afresh"
+            self.reused = False
+            self.bpf = self._compile(BPF, probes, reuse=False)  # the slot stays claimed for _keep
+            try:
+                self._fill_layout_maps()
+                self._attach(probes)
+                self._open_ringbuf()
+            except BaseException:
+                self.close()
+                raise
+        try:
             self._keep()
         except BaseException:
             self.close()
             raise
 
-    def _compile(self, BPF, probes: List[Probe]):
+    def _compile(self, BPF, probes: List[Probe], reuse: bool = True):
         """Compile and load; fentry programs attach while loading, so a kernel
         that refuses them makes every fentry probe fall back to kprobe."""
         prog = build_program(self.opts, self.layout, probes, {s.name: s.strategy for s in self.statuses},
                              self.gmem_dev)
         self.source, self.cflags = prog.text, prog.cflags
-        if bpf_cache.enabled():
-            self._slot = bpf_cache.Slot.claim(bpf_cache.key(self.source, self.cflags))
+        if reuse and bpf_cache.enabled():
+            try:
+                self._slot = bpf_cache.Slot.claim(bpf_cache.key(self.source, self.cflags))
+            except OSError as e:  # tracer.private.Unsafe: state that is not root's alone
+                self.cache_note = f"programs are not kept between starts: {e}"
+                self._slot = None
             adopted = self._slot.adopt(BPF) if self._slot else None
+            if self._slot is not None and self._slot.dropped:
+                self.cache_note = self._slot.dropped
             if adopted is not None:
                 self.reused = True
                 return adopted

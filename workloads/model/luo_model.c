@@ -245,24 +245,58 @@ static void gmem_choose(const char *choice)
 	}
 }
 
+/* A directory of root's alone, never a symlink or another user's: the
+ * stand-in ramfs is mounted there. */
+static void private_dir(const char *path)
+{
+	struct stat st;
+
+	mkdir(path, 0700);
+	if (lstat(path, &st))
+		die("%s: %s", path, strerror(errno));
+	if (!S_ISDIR(st.st_mode) || st.st_uid != geteuid())
+		die("%s is %s: refusing to use it; remove it", path,
+		    S_ISLNK(st.st_mode) ? "a symlink" : !S_ISDIR(st.st_mode) ? "not a directory" :
+		    "another user's directory");
+	if ((st.st_mode & 0077) && chmod(path, 0700))
+		die("chmod %s: %s", path, strerror(errno));
+}
+
 static int standin_dir(void)
 {
 	struct statfs sf;
 	int lock, dir;
 
-	mkdir("/run/luotrace", 0755);
-	lock = open(STANDIN_LOCK, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+	private_dir("/run/luotrace");
+	lock = open(STANDIN_LOCK, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
 	if (lock < 0 || flock(lock, LOCK_EX))
 		die("lock %s: %s", STANDIN_LOCK, strerror(errno));
-	mkdir(STANDIN_DIR, 0700);
+	private_dir(STANDIN_DIR);
 	if ((statfs(STANDIN_DIR, &sf) || (unsigned long)sf.f_type != RAMFS_MAGIC) &&
 	    mount("luotrace-gmem-standin", STANDIN_DIR, "ramfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0700"))
 		die("mounting the guest_memfd stand-in ramfs on %s: %s", STANDIN_DIR, strerror(errno));
 	close(lock);
-	dir = open(STANDIN_DIR, O_DIRECTORY | O_CLOEXEC);
+	dir = open(STANDIN_DIR, O_DIRECTORY | O_CLOEXEC | O_NOFOLLOW);
 	if (dir < 0)
 		die("open %s: %s", STANDIN_DIR, strerror(errno));
 	return dir;
+}
+
+/* MemAvailable: ramfs pages are never swapped nor reclaimed, so a stand-in
+ * larger than this would only end in the OOM killer. */
+static uint64_t mem_available(void)
+{
+	unsigned long long kb = 0;
+	char line[128];
+	FILE *f = fopen("/proc/meminfo", "r");
+
+	if (!f)
+		return UINT64_MAX;
+	while (fgets(line, sizeof(line), f))
+		if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1)
+			break;
+	fclose(f);
+	return kb ? kb * 1024 : UINT64_MAX;
 }
 
 int gmem_file(uint64_t size)
@@ -279,6 +313,10 @@ int gmem_file(uint64_t size)
 			    (unsigned long long)size, strerror(errno));
 		return fd;
 	}
+	if (size > mem_available() / 4 * 3)
+		die("a %llu MiB guest_memfd stand-in does not fit this host's memory (%llu MiB available; "
+		    "ramfs cannot be swapped): use a smaller size", (unsigned long long)(size >> 20),
+		    (unsigned long long)(mem_available() >> 20));
 	if (dir < 0)
 		dir = standin_dir();
 	fd = openat(dir, ".", O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
