@@ -140,3 +140,89 @@ def test_a_second_ctrl_c_during_the_detach_quits_at_once(model, gmem, tmp_path):
     while left_behind(ours):
         assert time.monotonic() < end, "the programs of a serve that quit mid-detach stayed attached"
         time.sleep(0.2)
+
+
+def _wait_ready(base: str, p: subprocess.Popen) -> None:
+    end = time.monotonic() + 120
+    while (got := get(base + "/-/ready")) is None or got[0] != 200:
+        assert time.monotonic() < end and p.poll() is None, "serve never became ready"
+        time.sleep(0.05)
+
+
+def test_a_full_notify_socket_never_wedges_serve(model, gmem, tmp_path):
+    """A receiver that reads nothing (its queue full before serve starts):
+    serve still becomes ready, counts an update exactly, says once that a
+    notification was not sent, and stops on SIGTERM."""
+    sock_path = str(tmp_path / "full.sock")
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stuck.bind(sock_path)
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    filler.setblocking(False)
+    try:
+        while True:
+            filler.sendto(b"X=1", sock_path)
+    except BlockingIOError:
+        pass
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    p = subprocess.Popen(LUOTRACE + ["serve", "--listen", f"127.0.0.1:{port}", "--model", model], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, NOTIFY_SOCKET=sock_path))
+    try:
+        _wait_ready(base, p)
+        truth = tmp_path / "t.json"
+        subprocess.run([model, "--json", str(truth), "kexec:gmem:1M"], check=True, capture_output=True)
+        want = sum(f["folios_preserved"] for f in load_json(str(truth))["files"])
+        end = time.monotonic() + 10
+        while (have := samples(get(base + "/metrics")[1]).get('luotrace_folios_preserved_total{handler="guest_memfd"}')) \
+                != want and time.monotonic() < end:
+            time.sleep(0.2)
+        assert have == want == 256
+        t = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        _out, err = p.communicate(timeout=60)
+        assert time.monotonic() - t < 30
+    finally:
+        if p.poll() is None:
+            p.kill()
+        stuck.close()
+        filler.close()
+    assert p.returncode == 0 and err.count("systemd notification not sent") == 1, err
+
+
+def test_only_get_and_head_and_head_has_no_body(model, gmem, tmp_path):
+    import http.client
+    port = free_port()
+    p = subprocess.Popen(LUOTRACE + ["serve", "--listen", f"localhost:{port}", "--model", model], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while "metrics on" not in (line := p.stderr.readline()):
+            assert line, "serve ended: " + p.stderr.read()
+        assert f"metrics on http://localhost:{port}/metrics" in line
+        for method, status, body in (("GET", 200, True), ("HEAD", 200, False), ("POST", 405, True),
+                                     ("PUT", 405, True), ("DELETE", 405, True), ("BREW", 405, True)):
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            c.request(method, "/metrics")
+            r = c.getresponse()
+            data = r.read()
+            assert r.status == status, (method, r.status)
+            assert bool(data) == body, (method, len(data))
+            if status == 405:
+                assert r.getheader("Allow") == "GET, HEAD"
+            if method == "HEAD":
+                assert int(r.getheader("Content-Length")) > 1000
+            c.close()
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=60)
+
+
+def test_the_metrics_url_is_one_a_browser_takes():
+    from tracer.serve import MetricsServer
+    for host, want in (("", "127.0.0.1"), ("[::1]", "[::1]")):
+        port = free_port()
+        srv = MetricsServer(f"{host}:{port}", lambda: {"recording": {}, "files": []})
+        try:
+            assert srv.url == f"http://{want}:{port}/metrics"
+        finally:
+            srv.close()

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, TypeVar
 
 from . import __version__, clock, footprint, kernel
 from . import recording as rec
@@ -205,7 +205,7 @@ class LiveRun:
         self.agg.base = base_ns
         self.stats = kernel.BpfStats()
         try:
-            self.tracer = Tracer(self.opts, self.layout, self._on_bytes, before_compile)
+            self.tracer = _in_thread(lambda: Tracer(self.opts, self.layout, self._on_bytes, before_compile))
         except LuotraceError:
             raise
         except Exception as e:  # BCC compile or load failure
@@ -439,3 +439,28 @@ def run(opts: Options, output: Optional[str], command: Optional[List[str]] = Non
             while not stop.reason:
                 time.sleep(0.2)
     return result
+
+
+T = TypeVar("T")
+
+
+def _in_thread(fn: Callable[[], T]) -> T:
+    """FN's result, computed in another thread while this one waits in
+    short sleeps: BCC's compile is one long C call, and signal handlers run
+    only between the main thread's bytecodes, so a second Ctrl-C while it
+    compiles would wait for the whole compile."""
+    out: List = []
+
+    def work() -> None:
+        try:
+            out.append((True, fn()))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            out.append((False, e))
+    t = threading.Thread(target=work, name="luotrace-load", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.05)
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value

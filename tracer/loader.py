@@ -320,6 +320,9 @@ def select_handlers(statuses: List[ProbeStatus], opts: Options) -> List[ProbeSta
     return [s for s in statuses if catalog.handler_kept(s.handler, present)]
 
 
+DETACH_THREADS = 2
+
+
 def detach_all(b, progress: Callable[[str], None] = lambda s: None) -> int:
     """Detach every probe of BCC object B from a pool of threads, saying
     how far it got every second.
@@ -327,8 +330,11 @@ def detach_all(b, progress: Callable[[str], None] = lambda s: None) -> int:
     A uprobe's detach waits in the kernel for grace periods (about 0.15 s
     each here); BCC's calls release the GIL, so waits that can overlap do,
     though the kernel serialises most of it (30 uprobes: 4.5 s, against 5.3 s
-    one by one).  BCC's own cleanup() then finds nothing left but the maps.
-    Returns how many probes were detached."""
+    one by one).  Two at a time: a process cannot exit before its threads'
+    system calls return, so every detach in flight is time a second Ctrl-C
+    (quit_now) waits for; with thirty in flight that was 2.8 s.  BCC's own
+    cleanup() then finds nothing left but the maps.  Returns how many probes
+    were detached."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
     jobs = [(b.detach_uprobe_event, k) for k in list(getattr(b, "uprobe_fds", {}))]
     jobs += [(b.detach_kprobe_event, k) for k in list(getattr(b, "kprobe_fds", {}))]
@@ -345,7 +351,7 @@ def detach_all(b, progress: Callable[[str], None] = lambda s: None) -> int:
         except Exception:  # noqa: BLE001 - cleanup() tries again, one by one
             pass
 
-    with ThreadPoolExecutor(max_workers=min(32, len(jobs)), thread_name_prefix="luotrace-detach") as pool:
+    with ThreadPoolExecutor(max_workers=DETACH_THREADS, thread_name_prefix="luotrace-detach") as pool:
         said = time.monotonic()
         for done, _ in enumerate(as_completed([pool.submit(one, j) for j in jobs]), 1):
             if time.monotonic() - said >= 1.0 and done < len(jobs):

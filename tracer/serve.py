@@ -111,6 +111,16 @@ def metrics_app(registry: CollectorRegistry, ttl: float = SNAPSHOT_TTL_S,
         return [data]
 
     def app(environ: dict, start_response: Callable) -> List[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method not in ("GET", "HEAD"):
+            data = b"luotrace: only GET and HEAD\n"
+            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD"), ("Content-Length", str(len(data))),
+                                                      ("Content-Type", "text/plain; charset=utf-8")])
+            return [data]
+        out = route(environ, start_response)
+        return [] if method == "HEAD" else out  # HEAD: the headers GET would give, no body
+
+    def route(environ: dict, start_response: Callable) -> List[bytes]:
         path = environ.get("PATH_INFO", "/")
         if path == "/-/healthy":
             return text(start_response, "200 OK", "luotrace is healthy")
@@ -150,6 +160,13 @@ class MetricsServer:
                                 "check --listen") from None
         self.thread = threading.Thread(target=self.server.serve_forever, name="luotrace-metrics", daemon=True)
         self.thread.start()
+
+    @property
+    def url(self) -> str:
+        """Where to scrape, as a URL a browser or curl takes (an IPv6 host in
+        brackets; the port the socket really has, should 0 have been asked)."""
+        host = self.host if ":" not in self.host else f"[{self.host}]"
+        return f"http://{host}:{self.server.server_address[1]}/metrics"
 
     def close(self) -> None:
         self.server.shutdown()
@@ -245,7 +262,7 @@ def serve_live(opts: Options, listen: str, output: Optional[str], command: Optio
         tracing.on_state.append(notify)
         if update_export:
             update_export.attach(tracing)
-        progress(f"luotrace: metrics on http://{listen}/metrics")
+        progress(f"luotrace: metrics on {srv.url}")
 
     def ended(res: RunResult) -> None:
         if update_export:
@@ -277,7 +294,7 @@ def serve_replay(path: str, listen: str, progress: Callable[[str], None] = lambd
     """Serve the metrics a recording would have produced, until SIGINT/SIGTERM."""
     report = replay(path)
     srv = MetricsServer(listen, lambda: report, per_program, ready=lambda: (True, f"serving the recording {path}"))
-    progress(f"luotrace: serving {path} on http://{listen}/metrics; Ctrl-C to stop")
+    progress(f"luotrace: serving {path} on {srv.url}; Ctrl-C to stop")
     try:
         with StopSignals() as stop:
             while not stop.reason and not (until and until()):

@@ -28,8 +28,12 @@ class StopSignals:
     def _handler(self, signum, _frame) -> None:
         name = signal.Signals(signum).name
         if not self._cleaning:
-            self.reason = self.reason or name
-            return
+            if not self.reason:
+                self.reason = name
+                return
+            # a second one before the loop has seen the first (compiling, attaching): quit now
+            print(f"luotrace: {name} again: quitting now", file=sys.stderr, flush=True)
+            quit_now(128 + signum)
         if not self.reason:  # the run ended on its own; this one is kept: no lingering after the detach
             self.reason = name
             print(f"luotrace: {name} while detaching: stopping once detached; again to quit at once",
