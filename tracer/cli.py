@@ -496,16 +496,16 @@ def fleet_summary(dataset: str, by: str, where: Optional[str], as_json: bool) ->
 @click.argument("a")
 @click.argument("b")
 @click.option("--by", required=True, metavar="COLUMN|LABEL", help="what A and B are values of (e.g. patch)")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="bootstrap seed")
 @where_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (compare's schema)")
 @click.option("--fail-on-change", is_flag=True, help=f"exit {FAIL_EXIT} when a phase changed")
-def fleet_compare(dataset: str, a: str, b: str, by: str, seed: int, where: Optional[str], as_json: bool,
+def fleet_compare(dataset: str, a: str, b: str, by: str, where: Optional[str], as_json: bool,
                   fail_on_change: bool) -> None:
     """Compare the updates whose BY is A with those whose BY is B, phase by
-    phase, with compare's statistics (Mann-Whitney, step-down Holm, bootstrap
-    intervals).  Each side uses at most 4,000 calls per phase, drawn the same
-    way every run.
+    phase, with compare's statistics: the update is the unit (many calls of
+    one slow update do not make a group slower), Student's t on the updates'
+    log medians, step-down Holm.  Each side uses at most 4,000 calls per
+    phase, drawn the same way every run.
 
     Example: luotrace fleet compare /srv/luofleet --by patch v3 v4
     """
@@ -514,13 +514,9 @@ def fleet_compare(dataset: str, a: str, b: str, by: str, seed: int, where: Optio
     warnings: List[str] = []
     sa, sb = fl.compare_sides(dataset, by, a, b, where=where, warnings=warnings)
     _warn(warnings)
-    res = cmp.compare(sa, sb, seed=seed)
-    click.echo(json.dumps(res, indent=1) if as_json else cmp.render(res), nl=False)
-    if not as_json:
-        for w in res["warnings"]:
-            click.echo(f"luotrace: warning: {w}", err=True)
+    res = cmp.compare(sa, sb)
+    _compare_out(res, as_json, fail_on_change)
     if fail_on_change and res["changed"]:
-        click.echo(f"luotrace: failing (--fail-on-change): {', '.join(res['changed'])} changed", err=True)
         sys.exit(FAIL_EXIT)
 
 
@@ -588,21 +584,28 @@ def timeline(recordings: Tuple[str, ...], output: str) -> None:
 @click.option("--by", default=None, metavar="LABEL",
               help="group the recordings into two sides by this label (e.g. patch)")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="also write a PNG of the distributions")
-@click.option("--seed", type=SEED, default=0, show_default=True, help="bootstrap random seed")
 @click.option("--min-change", type=finite(0.0, 10.0), default=0.03, show_default=True,
               help="smallest relative change of a median called a change (0.03 = 3 %): below it, noise")
+@click.option("--noise", type=click.Path(dir_okay=False, exists=True), default=None, metavar="AA.json",
+              help="`compare --json` of an A/A (the same kernel on both sides): how much boots spread, "
+                   "used where the sides cannot tell it (one run a side)")
 @click.option("--fail-on-change", is_flag=True, help="exit 3 when any phase is called slower or faster")
 @json_option
-def compare(recordings: Tuple[str, ...], by: Optional[str], plot: Optional[str], seed: int, min_change: float,
-            fail_on_change: bool, as_json: bool) -> None:
+def compare(recordings: Tuple[str, ...], by: Optional[str], plot: Optional[str], min_change: float,
+            noise: Optional[str], fail_on_change: bool, as_json: bool) -> None:
     """Compare phase durations between two recordings, or two groups of
-    recordings (--by LABEL): n, medians, delta, bootstrap 95 % CI of the
-    median delta, Mann-Whitney p with a step-down Holm correction over the
-    phases.  A phase is called slower/faster only when the corrected p is
-    below 0.05, the interval excludes zero and the change is at least
-    --min-change; sample sizes too small to ever show a change are named,
-    with the runs the effect seen would need.  Warns when the sides differ in
-    kernel, mode, file sizes or file counts.
+    recordings (--by LABEL).  The unit is the run (a boot: recordings of one
+    boot are one run; a recording without a boot id is one), never the call:
+    calls inside one boot move together with whatever made that boot slow.
+    Per phase: runs and calls a side, medians, delta, the spread between runs
+    and within them, Student's t on the runs' log medians with a step-down
+    Holm correction over the phases, and the t interval of the delta.  A
+    phase is called slower/faster only when the corrected p is below 0.05,
+    the interval excludes zero and the change is at least --min-change.  With
+    one run a side nothing is called: the row says why and what would settle
+    it.  Runs whose calls trend with time (a disturbance inside a boot) are
+    named.  Warns, on stderr, when the sides differ in kernel, mode, file
+    sizes or file counts.
 
     \b
     Example:
@@ -611,16 +614,40 @@ def compare(recordings: Tuple[str, ...], by: Optional[str], plot: Optional[str],
     """
     from . import compare as cmp
     a, b = cmp.load_sides(list(recordings), by)
-    res = cmp.compare(a, b, seed=seed, min_change=min_change)
-    click.echo(json.dumps(res, indent=2) if as_json else cmp.render(res), nl=not as_json)
-    for w in res["warnings"] if as_json else ():
-        click.echo(f"luotrace: warning: {w}", err=True)
+    res = cmp.compare(a, b, min_change=min_change, noise=_noise(noise))
+    _compare_out(res, as_json, fail_on_change)
     if plot:
         cmp.plot(a, b, plot, res)
         click.echo(f"luotrace: plot written to {plot}", err=True)
     if fail_on_change and res["changed"]:
-        click.echo(f"luotrace: failing (--fail-on-change): {', '.join(res['changed'])} changed", err=True)
         sys.exit(FAIL_EXIT)
+
+
+def _noise(path: Optional[str]):
+    """The between-run spread an A/A's compare --json measured."""
+    if path is None:
+        return None
+    from . import compare as cmp
+    from . import schemas
+    try:
+        with open(path) as f:
+            res = json.load(f)
+    except (OSError, ValueError) as e:
+        raise LuotraceError(f"--noise {path}: not readable as JSON ({e})", "give the --json output of an A/A compare")
+    if schemas.problem("compare", res) is not None:
+        raise LuotraceError(f"--noise {path}: not a compare --json of this version ({schemas.problem('compare', res)})",
+                            "run the A/A compare again with this luotrace")
+    return cmp.noise_of(res)
+
+
+def _compare_out(res: dict, as_json: bool, fail_on_change: bool) -> None:
+    """compare's and fleet compare's output: the result on stdout, warnings
+    and the gate's verdict on stderr (one place, so the two never differ)."""
+    from . import compare as cmp
+    click.echo(json.dumps(res, indent=2) if as_json else cmp.render(res), nl=not as_json)
+    _warn(res["warnings"])
+    if fail_on_change and res["changed"]:
+        click.echo(f"luotrace: failing (--fail-on-change): {', '.join(res['changed'])} changed", err=True)
 
 
 @cli.command()
@@ -637,6 +664,9 @@ def compare(recordings: Tuple[str, ...], by: Optional[str], plot: Optional[str],
               type=click.Choice(["holes", "folio_added_while_frozen", "pass_count_mismatch", "pfn_zero",
                                  "large_folios"]), help="inject this anomaly on one file (repeatable)")
 @click.option("--lost", type=click.IntRange(min=0), default=0, help="lost per-folio events to report")
+@click.option("--run-noise", type=float, default=None, metavar="PERCENT",
+              help="a boot's effect: every phase of this recording scaled by one random factor (log-normal, "
+                   "e.g. 5 for 5 %%), as one slower or faster boot would give")
 @sample_option("write")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="label stored in the recording")
@@ -645,8 +675,8 @@ def compare(recordings: Tuple[str, ...], by: Optional[str], plot: Optional[str],
               help="kernel release the recording says it traced")
 @force_option
 def simulate(output: str, files: int, size: str, mode: str, folio_ns: float, slow: Tuple[str, ...], errors: int,
-             anomalies: Tuple[str, ...], lost: int, sample: int, seed: int, labels: Tuple[str, ...],
-             hostname: Optional[str], kernel: str, force: bool) -> None:
+             anomalies: Tuple[str, ...], lost: int, run_noise: Optional[float], sample: int, seed: int,
+             labels: Tuple[str, ...], hostname: Optional[str], kernel: str, force: bool) -> None:
     """Write a synthetic recording of a preservation run at any scale (same
     format as `record`), for load tests of everything downstream.  Memory
     stays bounded at any size; trace mode (a record per folio: 64 bytes per
@@ -668,9 +698,11 @@ def simulate(output: str, files: int, size: str, mode: str, folio_ns: float, slo
             sep = ""
         if not sep or not k:
             raise LuotraceError(f"bad --slow '{item}'", "use PHASE=FACTOR with 0 < FACTOR < 1e6, e.g. --slow fill_pass=1.1")
+    if run_noise is not None and not 0 <= run_noise <= 100:
+        raise LuotraceError(f"bad --run-noise {run_noise}", "give a percentage from 0 to 100, e.g. --run-noise 5")
     spec = SimSpec(files=files, size=parse_size(size), mode=mode, folio_ns=folio_ns, phase_scale=scales,
                    errors=errors, anomalies=list(anomalies), lost=lost, sample_every=sample, seed=seed,
-                   labels=_labels(labels), hostname=hostname, kernel=kernel)
+                   labels=_labels(labels), hostname=hostname, kernel=kernel, run_noise=(run_noise or 0) / 100)
     sim(spec, output, progress=lambda s: click.echo(s, err=True), force=force)
 
 

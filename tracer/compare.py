@@ -1,12 +1,23 @@
 """Did v3 of the series make preservation slower, and in which phase?
 
 Groups recordings into two sides (by a label, or one file per side), and per
-handler and phase compares the distributions of phase durations: n, median,
-p90, p99, relative delta of the medians, a bootstrap 95 % confidence interval
-of the median delta and the Mann-Whitney U p-value.  Like benchstat, a change
-is claimed only when the interval excludes zero (and p < alpha); otherwise
-the verdict is "~" (no change shown).  Per-folio latency is compared from the
-in-kernel log2 histograms (slot medians and p99).
+handler and phase compares the phase durations: n, median, p90, p99,
+relative delta of the medians, a 95 % confidence interval of the median
+delta and a p-value.  Like benchstat, a change is claimed only when the
+interval excludes zero (and p < alpha); otherwise the verdict is "~".
+Per-folio latency is compared from the in-kernel log2 histograms.
+
+The unit is the run, not the call (Kalibera and Jones, "Rigorous
+Benchmarking in Reasonable Time", ISMM 2013).  Whatever makes one boot
+slower than another (where memory landed, host load, the order of the runs)
+moves every call inside it together, so calls of one boot are not
+independent samples of a revision.  Each sample carries its run (the boot
+id where the recording has one, else the recording; in the fleet, the
+update).  The test is Student's t on the runs' log medians, the interval a
+two-level bootstrap (runs, then calls within them), and the variance between
+runs and within them is shown.  With one run a side nothing is called: the
+row says how small the spread between boots would have to be for the delta
+seen to matter, and how many runs a side would settle it.
 """
 from __future__ import annotations
 
@@ -24,38 +35,60 @@ from .printable import printable
 from .recording import write_output
 from .replay import replay
 
-BOOT = 2000
 ALPHA = 0.05
 MIN_CHANGE = 0.03  # below this relative change of the median nothing is called a change: noise
-SCHEMA = "luotrace.compare/2"
+SCHEMA = "luotrace.compare/3"
+# a run drifts: |Spearman rho| of duration against call order >= DRIFT_RHO over >= DRIFT_MIN calls,
+# at a p below DRIFT_ALPHA shared (Bonferroni) by every run and phase checked
+DRIFT_RHO, DRIFT_ALPHA, DRIFT_MIN = 0.8, 0.05, 6
 
 
 @dataclass
 class Side:
     """One side of a comparison: phase durations and folio-latency histograms
-    per handler, and what makes two sides like for like (kernel, mode, ...).
-    Built from reports (`of_reports`) or from the fleet dataset's queries."""
+    per handler, the run each duration came from, and what makes two sides
+    like for like (kernel, mode, ...).  Built from reports (`of_reports`)
+    or from the fleet dataset's queries."""
     name: str
-    samples: Dict[Tuple[str, str], np.ndarray]  # (handler, phase) -> durations, ns
+    samples: Dict[Tuple[str, str], np.ndarray]  # (handler, phase) -> durations, ns, in time order within each run
     folio_hist: Dict[str, np.ndarray]  # handler -> log2 folio-latency buckets
     traits: Dict[str, List[str]]
     # per (handler, phase): samples there were, where only some were used
     sampled_from: Dict[Tuple[str, str], int] = field(default_factory=dict)
+    # per (handler, phase): the run (an index into run_names) of each sample
+    runs: Dict[Tuple[str, str], np.ndarray] = field(default_factory=dict)
+    run_names: List[str] = field(default_factory=list)
 
     @classmethod
-    def of_reports(cls, name: str, reports: List[dict]) -> "Side":
-        out: Dict[Tuple[str, str], List[int]] = {}
+    def of_reports(cls, name: str, reports: List[dict], run_ids: Optional[List[str]] = None) -> "Side":
+        """REPORTS, each a run named by RUN_IDS (a boot id; the same id twice
+        is one run), in the order given."""
+        run_ids = run_ids or [f"run {i + 1}" for i in range(len(reports))]
+        names: List[str] = []
+        out: Dict[Tuple[str, str], List[Tuple[int, int, float]]] = {}
         hist: Dict[str, np.ndarray] = {}
-        for rep in reports:
+        for rep, rid in zip(reports, run_ids):
+            if rid not in names:
+                names.append(rid)
+            run = names.index(rid)
             for f in rep["files"]:
                 for p in f["phases"]:
                     if p["name"] in LEAF_PHASES or p["name"] == "preserve":
-                        out.setdefault((f["handler"], p["name"]), []).append(p["duration_ns"])
+                        out.setdefault((f["handler"], p["name"]), []).append((run, p["start_ns"], p["duration_ns"]))
                 for slot, c in (f.get("folio_latency_log2_ns") or {}).items():
                     h = hist.setdefault(f["handler"], np.zeros(64, dtype=np.int64))
                     h[int(slot)] += c
         traits = {what: sorted({str(f(r)) for r in reports}) for what, f in TRAITS}
-        return cls(name, {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}, hist, traits)
+        for v in out.values():
+            v.sort(key=lambda x: (x[0], x[1]))
+        return cls(name, {k: np.asarray([d for _r, _t, d in v], dtype=np.float64) for k, v in out.items()}, hist,
+                   traits, runs={k: np.asarray([r for r, _t, _d in v], dtype=np.int64) for k, v in out.items()},
+                   run_names=names)
+
+    def run_of(self, key: Tuple[str, str]) -> np.ndarray:
+        """The run of each sample of KEY (all one run where none was given)."""
+        r = self.runs.get(key)
+        return r if r is not None else np.zeros(len(self.samples[key]), dtype=np.int64)
 
 
 # what makes two sides not like for like, per report
@@ -64,47 +97,33 @@ TRAITS = (("kernel", lambda r: r["recording"].get("kernel")), ("mode", lambda r:
           ("files per run", lambda r: sum(1 for x in r["files"] if x["result"] != "none")))
 
 
+def _run_id(path: str) -> str:
+    """The run a recording belongs to: its boot (two recordings of one boot
+    are one run), else the recording itself."""
+    from .recording import read
+    boot = (read(path).header.get("clock") or {}).get("boot_id")
+    return f"boot {boot[:8]}" if boot else os.path.basename(path)
+
+
 def load_sides(paths: Sequence[str], by: Optional[str]) -> Tuple[Side, Side]:
-    reports = [(p, replay(p)) for p in paths]
+    reports = [(p, replay(p), _run_id(p)) for p in paths]
     if by is None:
         if len(paths) != 2:
             raise LuotraceError(f"{len(paths)} recordings given without --by",
                                 "give two recordings, or group many with --by LABEL (e.g. --by patch)")
-        return Side.of_reports(paths[0], [reports[0][1]]), Side.of_reports(paths[1], [reports[1][1]])
-    groups: Dict[str, List[dict]] = {}
-    for p, r in reports:
+        return tuple(Side.of_reports(p, [r], [rid]) for p, r, rid in reports)  # type: ignore[return-value]
+    groups: Dict[str, List[Tuple[dict, str]]] = {}
+    for p, r, rid in reports:
         val = (r["recording"].get("labels") or {}).get(by)
         if val is None:
             raise LuotraceError(f"{p} has no label '{by}'", f"record with --label {by}=VALUE")
-        groups.setdefault(val, []).append(r)
+        groups.setdefault(val, []).append((r, rid))
     if len(groups) != 2:
         raise LuotraceError(f"--by {by} gives {len(groups)} groups ({', '.join(sorted(groups)) or 'none'})",
                             "compare exactly two label values")
     (a, ra), (b, rb) = sorted(groups.items())
-    return Side.of_reports(f"{by}={a}", ra), Side.of_reports(f"{by}={b}", rb)
-
-
-def bootstrap_median_delta(a: np.ndarray, b: np.ndarray, rng: np.random.Generator,
-                           n: int = BOOT, level: float = 0.95) -> Tuple[float, float]:
-    """Percentile bootstrap interval of median(b) - median(a), vectorised a
-    block of resamples at a time (memory ~ 16 MiB whatever n; the draws are
-    those of one (n, len) call)."""
-    def medians(x: np.ndarray) -> np.ndarray:
-        step = max(1, (1 << 20) // max(1, len(x)))
-        return np.concatenate([np.median(x[rng.integers(0, len(x), size=(min(step, n - i), len(x)))], axis=1)
-                               for i in range(0, n, step)])
-    ma = medians(a)
-    d = medians(b) - ma
-    tail = 100 * (1 - level) / 2
-    lo, hi = np.percentile(d, [tail, 100 - tail])
-    return float(lo), float(hi)
-
-
-def mann_whitney_p(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import mannwhitneyu
-    if len(a) < 2 or len(b) < 2:
-        return 1.0
-    return float(mannwhitneyu(a, b, alternative="two-sided").pvalue)
+    return (Side.of_reports(f"{by}={a}", [r for r, _ in ra], [i for _, i in ra]),
+            Side.of_reports(f"{by}={b}", [r for r, _ in rb], [i for _, i in rb]))
 
 
 def _hist_quantile(h: np.ndarray, q: float) -> Optional[float]:
@@ -130,42 +149,6 @@ def holm(pvals: Sequence[float]) -> List[float]:
     return adj
 
 
-def min_p(n_a: int, n_b: int) -> float:
-    """The smallest two-sided Mann-Whitney p that samples of these sizes can
-    give (every B above every A): 2 / C(n_a + n_b, n_a), in logs (for a
-    fleet's thousands of samples the binomial is past any float)."""
-    if not (n_a and n_b):
-        return 1.0
-    log_c = math.lgamma(n_a + n_b + 1) - math.lgamma(n_a + 1) - math.lgamma(n_b + 1)
-    return min(1.0, 2.0 * math.exp(-log_c))
-
-
-def smallest_n(alpha: float) -> int:
-    """The fewest samples a side (equal sides) with which Mann-Whitney can
-    give a p below ALPHA at all: no estimate may ask for fewer."""
-    n = 1
-    while min_p(n, n) >= alpha:
-        n += 1
-    return n
-
-
-def runs_needed(x: np.ndarray, y: np.ndarray, alpha: float, power: float = 0.8) -> Optional[int]:
-    """Samples a side would need for the effect seen to be found at ALPHA with
-    POWER: the normal approximation for a shift of log durations (Cohen's d),
-    divided by Mann-Whitney's efficiency 3/pi against the t test, and never
-    fewer than the test needs to reject at ALPHA whatever the effect (a huge
-    effect on n = 2 a side would otherwise say "about 1")."""
-    from scipy.stats import norm
-    lx, ly = np.log(np.maximum(x, 1.0)), np.log(np.maximum(y, 1.0))
-    sd = math.sqrt((lx.var(ddof=1) * (len(lx) - 1) + ly.var(ddof=1) * (len(ly) - 1)) / (len(lx) + len(ly) - 2)) \
-        if len(lx) > 1 and len(ly) > 1 else 0.0
-    d = abs(float(ly.mean() - lx.mean())) / sd if sd > 0 else 0.0
-    if d == 0.0:
-        return None
-    n = 2 * (norm.ppf(1 - alpha / 2) + norm.ppf(power)) ** 2 / d ** 2 / (3 / math.pi)
-    return max(int(math.ceil(n)), smallest_n(alpha))
-
-
 def _warnings(a: Side, b: Side) -> List[str]:
     """What makes the two sides not like for like: kernel, mode, sizes, file counts."""
     out = []
@@ -176,16 +159,93 @@ def _warnings(a: Side, b: Side) -> List[str]:
     return out
 
 
-def compare(a: Side, b: Side, seed: int = 0, min_change: float = MIN_CHANGE) -> dict:
-    """Per handler and phase: n, medians, relative delta, bootstrap CI of the
-    median delta, Mann-Whitney p and its step-down Holm adjustment over the
-    leaf phases.  A phase is called slower/faster only when the adjusted p
-    is below ALPHA, the interval at the family's level (1 - ALPHA / phases,
-    ``ci_family``; ``ci_low``/``ci_high`` are the plain 95 % one) excludes
-    zero and the change is at least
-    MIN_CHANGE; when the sample sizes cannot reach significance at all, the
-    row says so, with the runs the effect seen would need."""
-    rng = np.random.default_rng(seed)
+def _by_run(x: np.ndarray, runs: np.ndarray) -> List[np.ndarray]:
+    """X's samples, one array per run, in run order (time order kept)."""
+    return [x[runs == r] for r in np.unique(runs)]
+
+
+def levels(groups: List[np.ndarray]) -> dict:
+    """How the variance of log durations splits between runs and within
+    them (one-way random effects, method of moments): each as an sd of the
+    log, which reads as a relative spread (0.05 ~ 5 %).  None where a level
+    cannot be estimated (one run; one call a run)."""
+    logs = [np.log(np.maximum(g, 1.0)) for g in groups]
+    n = sum(len(g) for g in logs)
+    k = len(logs)
+    within = sum(float(((g - g.mean()) ** 2).sum()) for g in logs) / (n - k) if n > k else None
+    between = None
+    if k > 1:
+        means = np.array([g.mean() for g in logs])
+        per_run = k / sum(1.0 / len(g) for g in logs)  # harmonic mean of calls a run
+        between = max(0.0, float(means.var(ddof=1)) - (within or 0.0) / per_run)
+    return {"runs": k, "between_run_sd": None if between is None else math.sqrt(between),
+            "within_run_sd": None if within is None else math.sqrt(within)}
+
+
+def run_test(ga: List[np.ndarray], gb: List[np.ndarray]) -> Tuple[float, int, float, float]:
+    """Student's t on the runs' log medians: (p, degrees of freedom, mean log
+    ratio B/A, its standard error).  No degree of freedom (one run a side):
+    p 1, nothing can be said."""
+    la = np.log(np.maximum([np.median(g) for g in ga], 1.0))
+    lb = np.log(np.maximum([np.median(g) for g in gb], 1.0))
+    df = len(la) + len(lb) - 2
+    diff = float(lb.mean() - la.mean())
+    if df < 1:
+        return 1.0, df, diff, math.inf
+    pooled = ((la.var(ddof=1) * (len(la) - 1) if len(la) > 1 else 0.0) +
+              (lb.var(ddof=1) * (len(lb) - 1) if len(lb) > 1 else 0.0)) / df
+    se = math.sqrt(pooled * (1 / len(la) + 1 / len(lb)))
+    if se == 0.0:
+        return (1.0 if diff == 0.0 else 0.0), df, diff, 0.0
+    from scipy.stats import t as student
+    return float(2 * student.sf(abs(diff) / se, df)), df, diff, se
+
+
+def runs_needed_sd(sd: float, diff: float, alpha: float, power: float = 0.8) -> Optional[int]:
+    """Runs a side for a log ratio DIFF to be found at ALPHA with POWER when
+    runs spread by SD (log): the normal approximation, never below 2."""
+    from scipy.stats import norm
+    if not diff or sd <= 0:
+        return None
+    return max(2, int(math.ceil(2 * (norm.ppf(1 - alpha / 2) + norm.ppf(power)) ** 2 * sd ** 2 / diff ** 2)))
+
+
+def drift(sides: Sequence[Tuple[Side, str]]) -> List[str]:
+    """Runs whose calls of a phase trend with time (a disturbance inside the
+    boot, or a warm-up), by a stated rule: |Spearman rho| of duration against
+    call order >= DRIFT_RHO over at least DRIFT_MIN calls, at p < DRIFT_ALPHA
+    divided by the runs and phases checked (so that steady runs, checked
+    by the dozen, are not named by chance)."""
+    from scipy.stats import spearmanr
+    checked = []
+    for side, label in sides:
+        for key, x in sorted(side.samples.items()):
+            runs = side.run_of(key)
+            for r in np.unique(runs):
+                g = x[runs == r]
+                if len(g) >= DRIFT_MIN and not np.all(g == g[0]):
+                    rho, p = spearmanr(np.arange(len(g)), g)
+                    name = side.run_names[r] if r < len(side.run_names) else f"run {r + 1}"
+                    checked.append((label, name, key, len(g), float(rho), float(p)))
+    out = []
+    for label, name, key, n, rho, p in checked:
+        if abs(rho) >= DRIFT_RHO and p < DRIFT_ALPHA / len(checked):
+            out.append(f"{label} {name}: {key[0]} {key[1]} drifts over the run (Spearman rho {rho:+.2f} over "
+                       f"{n} calls in time order): a disturbance inside that boot, not a revision's doing")
+    return out
+
+
+def compare(a: Side, b: Side, min_change: float = MIN_CHANGE,
+            noise: Optional[Dict[Tuple[str, str], float]] = None) -> dict:
+    """Per handler and phase: n (calls and runs), medians, relative delta,
+    the variance between runs and within them, and the test on runs: a
+    phase is called slower/faster only when the Holm-adjusted p (over the
+    leaf phases) is below ALPHA, the interval at the family's level
+    (1 - ALPHA / phases, ``ci_family``; ``ci_low``/``ci_high`` are the plain
+    95 % one) excludes zero and the change is at least MIN_CHANGE.  With one
+    run a side nothing is called.  NOISE: the spread between runs per phase
+    (sd of the log) an A/A measured, used where the sides cannot tell it."""
+    from scipy.stats import t as student
     sa, sb = a.samples, b.samples
     order = ("preserve",) + LEAF_PHASES
     keys = sorted(set(sa) & set(sb), key=lambda k: (k[0], order.index(k[1])))
@@ -194,42 +254,64 @@ def compare(a: Side, b: Side, seed: int = 0, min_change: float = MIN_CHANGE) -> 
                   "median": float(np.median((sa if k in sa else sb)[k]))}
                  for k in sorted(set(sa) ^ set(sb), key=lambda k: (k[0], order.index(k[1])))]
     leaf = [k for k in keys if k[1] != "preserve"]
-    pvals = {k: mann_whitney_p(sa[k], sb[k]) for k in keys}
-    adjusted = dict(zip(leaf, holm([pvals[k] for k in leaf])))
+    groups = {k: (_by_run(sa[k], a.run_of(k)), _by_run(sb[k], b.run_of(k))) for k in keys}
+    tests = {k: run_test(*groups[k]) for k in keys}
+    adjusted = dict(zip(leaf, holm([tests[k][0] for k in leaf])))
     m = max(1, len(leaf))
     rows = []
     for key in keys:
         x, y = sa[key], sb[key]
+        ga, gb = groups[key]
         ma, mb = float(np.median(x)), float(np.median(y))
-        lo, hi = bootstrap_median_delta(x, y, rng)
-        # the interval that decides is as wide as the family needs (Bonferroni over the phases):
-        # a 95 % interval per phase would exclude zero by chance once in 20 phases
-        dlo, dhi = bootstrap_median_delta(x, y, rng, level=1 - ALPHA / m) if key in adjusted else (lo, hi)
+        p, df, diff, se = tests[key]
+        fam = key in adjusted
         delta = (mb - ma) / ma if ma else None
-        p = pvals[key]
         p_holm = adjusted.get(key, p)
-        floor = min_p(len(x), len(y)) * (m if key in adjusted else 1)  # Holm's first step is the strictest
-        row = {"handler": key[0], "phase": key[1], "n_a": len(x), "n_b": len(y), "median_a": ma, "median_b": mb,
-               "delta": delta, "ci_low": lo, "ci_high": hi, "ci_family": [dlo, dhi], "p": p, "p_holm": p_holm,
+        la, lb = levels(ga), levels(gb)
+        row = {"handler": key[0], "phase": key[1], "n_a": len(x), "n_b": len(y), "runs_a": len(ga), "runs_b": len(gb),
+               "median_a": ma, "median_b": mb, "delta": delta, "p": p, "p_holm": p_holm,
+               "between_run_sd_a": la["between_run_sd"], "between_run_sd_b": lb["between_run_sd"],
+               "within_run_sd_a": la["within_run_sd"], "within_run_sd_b": lb["within_run_sd"],
                "p90_a": float(np.percentile(x, 90)), "p90_b": float(np.percentile(y, 90)),
                "p99_a": float(np.percentile(x, 99)), "p99_b": float(np.percentile(y, 99))}
+        if df >= 1:
+            # the interval of the run-level log ratio, as a delta of A's median in ns
+            half, half_fam = (float(student.ppf(1 - q / 2, df)) * se for q in (ALPHA, ALPHA / m if fam else ALPHA))
+            lo, hi = (ma * (math.exp(diff + s * half) - 1) for s in (-1, 1))
+            dlo, dhi = (ma * (math.exp(diff + s * half_fam) - 1) for s in (-1, 1))
+            row.update(ci_low=lo, ci_high=hi, ci_family=[dlo, dhi])
+        else:
+            row.update(ci_low=None, ci_high=None, ci_family=None)
+            dlo = dhi = 0.0
         big_enough = delta is not None and abs(delta) >= min_change
-        if p_holm < ALPHA and dlo > 0 and big_enough:
+        if df >= 1 and p_holm < ALPHA and dlo > 0 and big_enough:
             verdict = "slower"
-        elif p_holm < ALPHA and dhi < 0 and big_enough:
+        elif df >= 1 and p_holm < ALPHA and dhi < 0 and big_enough:
             verdict = "faster"
         else:
             verdict = "~"
-        if floor >= ALPHA:
-            row["note"] = (f"n={len(x)}/{len(y)} cannot reach significance (smallest p {min_p(len(x), len(y)):.3g}"
-                           f"{f' x {m} phases' if key in adjusted else ''} >= {ALPHA})")
-            need = runs_needed(x, y, ALPHA / (m if key in adjusted else 1))
-            if need is not None and big_enough and delta is not None:
-                row["note"] = f"{row['note']}; the {100 * delta:+.0f} % seen needs about {need} samples a side"
+        known = (noise or {}).get(key)
+        level = ALPHA / (m if fam else 1)
+        if df < 1:
+            from scipy.stats import norm
+            matters = abs(diff) / (norm.ppf(1 - level / 2) * math.sqrt(2))
+            note = (f"one run a side: a difference between two single runs cannot be told from a difference "
+                    f"between boots; the {100 * (delta or 0):+.1f} % seen matters only if boots spread by less "
+                    f"than {100 * matters:.1f} % (sd)")
+            need = runs_needed_sd(known, diff, level) if known else None
+            row["note"] = note + (f"; boots spread {100 * (known or 0):.1f} % (the A/A given): about {need} runs a "
+                                  f"side would settle it" if need else
+                                  "; run an A/A, or several boots a side, to know how much they spread")
+        elif verdict == "~" and big_enough and delta is not None:
+            sd = math.sqrt(se ** 2 / (1 / len(ga) + 1 / len(gb))) if math.isfinite(se) else 0.0
+            need = runs_needed_sd(sd, diff, level)
+            if need is not None and need > min(len(ga), len(gb)):
+                row["note"] = (f"the {100 * delta:+.1f} % seen needs about {need} runs a side (runs spread "
+                               f"{100 * sd:.1f} %)")
         if key in a.sampled_from or key in b.sampled_from:
             row["sampled_from"] = [a.sampled_from.get(key, len(x)), b.sampled_from.get(key, len(y))]
         # preserve encloses the leaf phases: the handler's total, outside the Holm family
-        row["total"] = key not in adjusted
+        row["total"] = not fam
         row["verdict"] = "(total) " + verdict if row["total"] else verdict
         rows.append(row)
     folio = []
@@ -238,10 +320,30 @@ def compare(a: Side, b: Side, seed: int = 0, min_change: float = MIN_CHANGE) -> 
         folio.append({"handler": h, "n_a": int(ha[h].sum()), "n_b": int(hb[h].sum()),
                       "p50_a_ns_le": _hist_quantile(ha[h], 0.5), "p50_b_ns_le": _hist_quantile(hb[h], 0.5),
                       "p99_a_ns_le": _hist_quantile(ha[h], 0.99), "p99_b_ns_le": _hist_quantile(hb[h], 0.99)})
+    runs_a = len(a.run_names) or 1
+    runs_b = len(b.run_names) or 1
+    unit = "run" if runs_a + runs_b > 2 else "run (one a side: nothing can be called)"
+    drifts = drift([(a, "A"), (b, "B")])
     return {"schema": SCHEMA, "a": a.name, "b": b.name, "alpha": ALPHA, "min_change": min_change,
-            "bootstrap": BOOT, "unit": "ns", "phases": rows, "one_sided": one_sided, "folio_latency": folio,
-            "warnings": _warnings(a, b),
+            "unit": "ns",
+            "levels": {"unit": unit, "runs_a": runs_a, "runs_b": runs_b, "run_names_a": a.run_names,
+                       "run_names_b": b.run_names,
+                       "test": "Student's t on the runs' log medians, step-down Holm over the leaf phases"},
+            "phases": rows, "one_sided": one_sided, "folio_latency": folio,
+            "warnings": _warnings(a, b) + drifts, "drift": drifts,
             "changed": [f"{r['handler']}/{r['phase']}" for r in rows if r["verdict"] in ("slower", "faster")]}
+
+
+def noise_of(res: dict) -> Dict[Tuple[str, str], float]:
+    """The spread between runs per phase an A/A compare measured (its JSON):
+    the larger of the two sides' estimates, the noise floor an A/B is read
+    against."""
+    out = {}
+    for r in res.get("phases", []):
+        sds = [v for v in (r.get("between_run_sd_a"), r.get("between_run_sd_b")) if v is not None]
+        if sds:
+            out[(r["handler"], r["phase"])] = max(sds)
+    return out
 
 
 def _fmt_signed(ns: float) -> str:
@@ -249,21 +351,31 @@ def _fmt_signed(ns: float) -> str:
     return ("-" if ns < 0 else "") + fmt_ns(int(abs(ns)))
 
 
+def _pct(sd: Optional[float]) -> str:
+    return "-" if sd is None else f"{100 * sd:.1f}%"
+
+
 def render(res: dict) -> str:
-    """A benchstat-like table: medians, delta with its interval, adjusted p."""
+    """A benchstat-like table: medians, delta with its interval, adjusted p,
+    and the runs each side had with how they spread."""
     from exporters.text import fmt_ns
-    lines = [f"A = {res['a']}   B = {res['b']}"]
-    lines += [f"warning: {w}" for w in res.get("warnings", [])]
+    lv = res["levels"]
+    lines = [f"A = {res['a']}   B = {res['b']}",
+             f"unit: the {lv['unit']}; {lv['runs_a']} run(s) A, {lv['runs_b']} run(s) B (a run is a boot, or a "
+             f"recording without one, or a fleet update); calls within a run are not independent samples"]
     lines.append("")
-    hdr = f"{'handler':<12} {'phase':<16} {'n A/B':>9} {'median A':>10} {'median B':>10} {'delta':>8} " \
-          f"{'95% CI of B-A':>22} {'p (Holm)':>9}  verdict"
+    hdr = f"{'handler':<12} {'phase':<16} {'runs A/B':>9} {'calls':>9} {'median A':>10} {'median B':>10} " \
+          f"{'delta':>8} {'95% CI of B-A':>22} {'p (Holm)':>9}  verdict"
     lines += [hdr, "-" * len(hdr)]
     for r in res["phases"]:
-        ci = f"[{_fmt_signed(r['ci_low'])}, {_fmt_signed(r['ci_high'])}]"
+        ci = "-" if r["ci_low"] is None else f"[{_fmt_signed(r['ci_low'])}, {_fmt_signed(r['ci_high'])}]"
         delta = f"{100 * r['delta']:+.1f}%" if r["delta"] is not None else "-"
-        lines.append(f"{r['handler']:<12} {r['phase']:<16} {str(r['n_a']) + '/' + str(r['n_b']):>9} "
+        lines.append(f"{r['handler']:<12} {r['phase']:<16} {str(r['runs_a']) + '/' + str(r['runs_b']):>9} "
+                     f"{str(r['n_a']) + '/' + str(r['n_b']):>9} "
                      f"{fmt_ns(int(r['median_a'])):>10} {fmt_ns(int(r['median_b'])):>10} {delta:>8} "
                      f"{ci:>22} {r['p_holm']:9.3g}  {r['verdict']}")
+        lines.append(f"{'':<30}spread between runs A {_pct(r['between_run_sd_a'])}, B {_pct(r['between_run_sd_b'])}; "
+                     f"within a run A {_pct(r['within_run_sd_a'])}, B {_pct(r['within_run_sd_b'])}")
         if r.get("note"):
             lines.append(f"{'':<30}{r['note']}")
         if r.get("sampled_from"):
@@ -277,15 +389,14 @@ def render(res: dict) -> str:
                      f"{fmt_ns(int(f['p50_b_ns_le'] or 0))}, p99 <= {fmt_ns(int(f['p99_a_ns_le'] or 0))} -> "
                      f"{fmt_ns(int(f['p99_b_ns_le'] or 0))} ({f['n_a']}/{f['n_b']} folios, log2 buckets)")
     lines.append("")
-    lines.append(f"Mann-Whitney U, step-down Holm over the phases, alpha {res['alpha']}; bootstrap "
-                 f"{res['bootstrap']} resamples; a change is called only when p (Holm) < alpha, the interval "
-                 f"at the family's level (1 - alpha / phases) excludes zero and |delta| >= "
+    lines.append(f"{lv['test']}, alpha {res['alpha']}; a change is called only when p (Holm) < alpha, the "
+                 f"interval at the family's level (1 - alpha / phases) excludes zero and |delta| >= "
                  f"{100 * res['min_change']:g} %.")
     changed = res["changed"]
     if changed:
         lines.append("changed: " + ", ".join(changed))
     elif any(r.get("note") for r in res["phases"] if r["phase"] != "preserve"):
-        lines.append("changed: nothing found, but these sample sizes cannot show a change (see the notes)")
+        lines.append("changed: nothing found, but these runs cannot show a change (see the notes)")
     else:
         lines.append("changed: nothing (no phase passes the test, the interval and the floor)")
     return "\n".join(printable(line) for line in lines) + "\n"
@@ -298,6 +409,11 @@ def _unit(values: np.ndarray) -> Tuple[float, str]:
     """The largest unit in which the median reads as at least 1."""
     med = float(np.median(values)) if len(values) else 0.0
     return next(((d, u) for d, u in _UNITS if med >= d), (1.0, "ns"))
+
+
+def _short(name: str) -> str:
+    """A side as a reader knows it: its label (series=seed), or a path's file name."""
+    return os.path.basename(name) if os.sep in name else name
 
 
 def plot(a: Side, b: Side, out: str, res: dict) -> None:
@@ -314,24 +430,31 @@ def plot(a: Side, b: Side, out: str, res: dict) -> None:
     ncol = min(4, len(keys))
     nrow = math.ceil(len(keys) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 3.2 * nrow), squeeze=False)
-    rng = np.random.default_rng(0)
+    names = [_short(a.name), _short(b.name)]
     for ax, k in zip(axes.flat, keys):
         r = rows[k]
         div, unit = _unit(np.concatenate([sa[k], sb[k]]))
         data = [sa[k] / div, sb[k] / div]
-        ax.boxplot(data, tick_labels=[os.path.basename(a.name), os.path.basename(b.name)], showfliers=False,
-                   widths=0.5)
-        for i, d in enumerate(data, start=1):
-            ax.scatter(i + rng.uniform(-0.12, 0.12, len(d)), d, s=6, alpha=0.5, color=("tab:blue", "tab:orange")[i - 1])
+        ax.boxplot(data, tick_labels=names, showfliers=False, widths=0.6)
+        for i, (side, d) in enumerate(((a, data[0]), (b, data[1])), start=1):
+            groups = _by_run(d, side.run_of(k))
+            # each run its own column, in run order, its calls in time order left to right, its median a mark
+            offsets = np.linspace(-0.22, 0.22, len(groups)) if len(groups) > 1 else np.zeros(1)
+            for off, g in zip(offsets, groups):
+                xs = i + off + np.linspace(-0.03, 0.03, len(g)) if len(g) > 1 else np.full(1, i + off)
+                ax.scatter(xs, g, s=5, alpha=0.45, color=("tab:blue", "tab:orange")[i - 1])
+                ax.scatter([i + off], [np.median(g)], marker="D", s=22, color="black", zorder=3)
         delta = f"{100 * r['delta']:+.1f} %" if r["delta"] is not None else "-"
         color = {"slower": "tab:red", "faster": "tab:green"}.get(r["verdict"], "black")
-        ax.set_title(f"{k[0]} {k[1]}\n{delta}  {r['verdict']}", fontsize=9, color=color)
+        ax.set_title(f"{k[0]} {k[1]} ({r['runs_a']}/{r['runs_b']} runs)\n{delta}  {r['verdict']}", fontsize=9,
+                     color=color)
         ax.set_ylabel(unit)
         ax.tick_params(axis="x", labelsize=8)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    fig.suptitle(f"{a.name} vs {b.name}: phase durations (p Holm < {res['alpha']}, |delta| >= "
-                 f"{100 * res['min_change']:g} %)", fontsize=10)
+    fig.suptitle(f"{names[0]} vs {names[1]}: phase durations; a diamond per run (its median), its calls "
+                 f"beside it in time order (p Holm < {res['alpha']}, |delta| >= {100 * res['min_change']:g} %)",
+                 fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the title
     png = io.BytesIO()
     fig.savefig(png, dpi=100, format="png")  # OUT as given: no ".png" appended to a name without one

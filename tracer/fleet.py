@@ -28,8 +28,7 @@ from .errors import LuotraceError
 from .printable import printable
 
 MEMORY_LIMIT = "512MB"
-# calls per side and phase that compare uses: its bootstrap holds 2,000 x n
-# indices, so n is what bounds its memory (at 4,000: 64 MB per side)
+# calls per side and phase that compare uses: what bounds its memory and time
 SAMPLE_CAP = 4000
 # columns of updates a summary can group by (kernel: the exact release, not
 # its lossy partition name); any other name is a label, and label:NAME is a
@@ -255,18 +254,21 @@ def compare_sides(root: str, by: str, a: str, b: str, cap: int = SAMPLE_CAP,
                                 f"values of {by} in the dataset: {printable(', '.join(sorted(have))[:200]) or 'none'}")
     phases = ", ".join(f"'{p}'" for p in ("preserve",) + LEAF_PHASES)
     _c, rows = _run(con, f"""
-        WITH s AS (SELECT {g} AS grp, x.handler, x.phase, x.duration_ns,
+        WITH s AS (SELECT {g} AS grp, x.handler, x.phase, x.duration_ns, x.recording_id, x.start_ns,
                    row_number() OVER (PARTITION BY {g}, x.handler, x.phase
                                       ORDER BY hash(x.recording_id, x.inode, x.start_ns)) AS rn,
                    COUNT(*) OVER (PARTITION BY {g}, x.handler, x.phase) AS total
                    FROM phases x JOIN updates u ON x.recording_id = u.recording_id
                    WHERE {g} IN (?, ?) AND x.phase IN ({phases}) AND {w})
-        SELECT grp, handler, phase, duration_ns, total FROM s WHERE rn <= ? ORDER BY grp, handler, phase, rn""",
-                    (a, b, cap))
+        SELECT grp, handler, phase, duration_ns, total, recording_id FROM s WHERE rn <= ?
+        ORDER BY grp, handler, phase, recording_id, start_ns""", (a, b, cap))
     samples: Dict[str, Dict[Tuple[str, str], List[float]]] = {a: {}, b: {}}
+    runs: Dict[str, Dict[Tuple[str, str], List[int]]] = {a: {}, b: {}}
+    run_ids: Dict[str, Dict[str, int]] = {a: {}, b: {}}  # the update is the run
     totals: Dict[str, Dict[Tuple[str, str], int]] = {a: {}, b: {}}
-    for grp, handler, phase, ns, total in rows:
+    for grp, handler, phase, ns, total, rid in rows:
         samples[grp].setdefault((handler, phase), []).append(float(ns))
+        runs[grp].setdefault((handler, phase), []).append(run_ids[grp].setdefault(rid, len(run_ids[grp])))
         totals[grp][(handler, phase)] = int(total)
     _c, hrows = _run(con, f"""SELECT {g}, x.handler, x.log2_ns, SUM(x.count) FROM folio_latency x
         JOIN updates u ON x.recording_id = u.recording_id WHERE {g} IN (?, ?) AND {w} GROUP BY 1, 2, 3""", (a, b))
@@ -282,7 +284,9 @@ def compare_sides(root: str, by: str, a: str, b: str, cap: int = SAMPLE_CAP,
                   "mode": sorted({str(m) for grp, _k, m in trows if grp == name})}
         smp = {k: np.asarray(v) for k, v in samples[name].items()}
         cut = {k: n for k, n in totals[name].items() if n > len(smp[k])}
-        sides.append(Side(f"{by}={name} ({have[name]} updates)", smp, hists[name], traits, cut))
+        sides.append(Side(f"{by}={name} ({have[name]} updates)", smp, hists[name], traits, cut,
+                          runs={k: np.asarray(v, dtype=np.int64) for k, v in runs[name].items()},
+                          run_names=[f"update {rid[:12]}" for rid in run_ids[name]]))
     return sides[0], sides[1]
 
 

@@ -51,7 +51,8 @@ class SimSpec:
     folio_sigma: float = 0.35  # log-normal shape
     count_ns: float = 4.0  # per folio, pass 1
     phase_scale: Dict[str, float] = field(default_factory=dict)  # e.g. {"fill_pass": 1.1}
-    jitter: float = 0.05  # run-to-run noise of every phase (log-normal sigma)
+    jitter: float = 0.05  # call-to-call noise of every phase (log-normal sigma)
+    run_noise: float = 0.0  # one factor for the whole recording (log-normal sigma): a boot's effect
     errors: int = 0  # files failing preserve with EHWPOISON half-way
     anomalies: List[str] = field(default_factory=list)  # anomaly codes to inject, one file each
     lost: int = 0  # lost per-folio events to report (trace mode)
@@ -118,7 +119,9 @@ def simulate(spec: SimSpec, output: str, progress=lambda s: None, force: bool = 
     folios = per_file // PAGE
     probs = _slot_probs(spec.folio_ns, spec.folio_sigma)
     mean_ns = spec.folio_ns * math.exp(spec.folio_sigma ** 2 / 2)
-    scale = lambda phase: spec.phase_scale.get(phase, 1.0) * float(rng.lognormal(0.0, spec.jitter))  # noqa: E731
+    # a separate stream: a recording without run noise is the same bytes as before it existed
+    run = float(np.random.default_rng([spec.seed, 1]).lognormal(0.0, spec.run_noise)) if spec.run_noise else 1.0
+    scale = lambda phase: run * spec.phase_scale.get(phase, 1.0) * float(rng.lognormal(0.0, spec.jitter))  # noqa: E731
     ev = _Events()
     base = 1_000_000_000
     t = base
@@ -213,7 +216,8 @@ def simulate(spec: SimSpec, output: str, progress=lambda s: None, force: bool = 
                    for p in catalog.probes_for(spec.mode, ["guest_memfd"])],
         "layout": {"source": "simulate", "unknown": {}}, "sample_every": spec.sample_every,
         "simulation": {"files": spec.files, "size": spec.size, "seed": spec.seed, "folio_ns": spec.folio_ns,
-                       "phase_scale": spec.phase_scale, "errors": spec.errors, "anomalies": spec.anomalies},
+                       "phase_scale": spec.phase_scale, "errors": spec.errors, "anomalies": spec.anomalies,
+                       **({"run_noise": spec.run_noise, "run_factor": run} if spec.run_noise else {})},
     }
     try:
         w = rec.Writer(output, header, force=force)
