@@ -122,9 +122,10 @@ vmbench-retrieve: vm-kernel
 
 # The same workload on two series' kernels, compared: make vmtest-ab A=seed B=latest
 A ?= seed
+BOOTS ?= 3
 B ?= latest
 vmtest-ab: vm-deps
-	A=$(A) B=$(B) bash workloads/vm/vmtest-ab.sh
+	A=$(A) B=$(B) BOOTS=$(BOOTS) bash workloads/vm/vmtest-ab.sh
 
 docs: venv
 	$(PY) -m tracer.docs
