@@ -12,7 +12,9 @@ untraced baseline measured in the same run, on the same machine.
 4. Offline: simulate and replay records/s; a 1 TiB / 64-file run summarised
    (time to report, peak RSS).
 5. Live ingest in trace mode (tests/bench_ingest.py): records/s from a real
-   ring buffer through the consumer, lost records, consumer CPU.
+   ring buffer through the consumer, lost records, consumer CPU, and where
+   it goes (records a batch, wakeups and system calls a second, us a record
+   per stage), the paced consumer against the consumer as it was.
 6. Time to ready, cold and warm, and serve's idle footprint (tests/bench_ready.py).
 2. Reference model, 64 MiB preserve (16,384 folios): untraced and traced in each
    mode through uprobes (folio: the folio arrays read a page per run;

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import List, Tuple
 
-from tracer import kernel
+from tracer import kernel, ringbuf
 from tracer import recording as rec
 from tracer.aggregator import Aggregator
 from tracer.events import EVENT_SIZE, decode
@@ -88,66 +88,132 @@ def folio_lost(b) -> int:
     return int(sum(t[t.Key(COUNTER_NAMES.index("folio_lost"))]))
 
 
+SYSCALLS = r"""
+BPF_ARRAY(n, u64, 1);
+TRACEPOINT_PROBE(raw_syscalls, sys_enter)
+{
+	int k = 0;
+	u64 *v;
+	if ((bpf_get_current_pid_tgid() >> 32) != CONSUMER)
+		return 0;
+	v = n.lookup(&k);
+	if (v)
+		__sync_fetch_and_add(v, 1);
+	return 0;
+}
+"""
+
+
+def ctx_switches() -> Tuple[int, int]:
+    """(voluntary, involuntary) context switches of this process: a
+    voluntary one is a sleep, and so one wakeup."""
+    vol = inv = 0
+    for line in open("/proc/self/status"):
+        if line.startswith("voluntary_ctxt_switches:"):
+            vol = int(line.split()[1])
+        elif line.startswith("nonvoluntary_ctxt_switches:"):
+            inv = int(line.split()[1])
+    return vol, inv
+
+
 def run_once(tmp: str, total: int, rate: float, producers: int = 1,
-             ring_pages: int = Options.folio_ringbuf_pages) -> Tuple[int, int, float, float]:
-    """(records received, records lost, producers' seconds, consumer CPU seconds)."""
+             ring_pages: int = Options.folio_ringbuf_pages, batch_s: float = ringbuf.BATCH_S) -> dict:
+    """One run: records received and lost, the producers' seconds, the
+    consumer's CPU seconds, and where that CPU went: drains, decode,
+    aggregator, recording; wakeups (sleeps) and system calls."""
+    from bcc import BPF
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     procs = [subprocess.Popen([sys.executable, "-c", PRODUCER, str(total // producers), str(rate / producers)],
                               cwd=repo, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for _ in range(producers)]
+    old = ringbuf.BATCH_S
+    ringbuf.BATCH_S = batch_s
     try:
         for p in procs:
             p.stdout.readline()  # its guest_memfd exists
         b, ring = load_harness(ring_pages)
+        sc = BPF(text=SYSCALLS, cflags=[f"-DCONSUMER={os.getpid()}"])
         ep = select.epoll()
         ep.register(ring.fd, select.EPOLLIN)
         agg = Aggregator("trace")
         w = rec.Writer(os.path.join(tmp, "ingest.luo"), {"format": "luotrace.recording", "mode": "trace"}, force=True)
+        stage = {"drain": 0.0, "decode": 0.0, "aggregator": 0.0, "recording": 0.0}
+        batches = 0
+        clock = time.perf_counter
+        vol0, inv0 = ctx_switches()
+        sc0 = int(sc["n"][sc["n"].Key(0)].value)
         cpu0 = time.process_time()
         for p in procs:
             p.stdin.write("go\n")
             p.stdin.flush()
         while True:
+            t0 = clock()
             raw = ring.consume()
-            if not raw:
-                if all(p.poll() is not None for p in procs):
-                    raw = ring.consume()
-                    if not raw:
-                        break
-                else:
-                    ep.poll(0.05)
-                    continue
-            w.add(raw)
-            agg.feed(decode(raw))
+            t1 = clock()
+            stage["drain"] += t1 - t0
+            if raw:
+                batches += 1
+                w.add(raw)
+                t2 = clock()
+                ev = decode(raw)
+                t3 = clock()
+                agg.feed(ev)
+                t4 = clock()
+                stage["recording"] += t2 - t1
+                stage["decode"] += t3 - t2
+                stage["aggregator"] += t4 - t3
+            elif all(p.poll() is not None for p in procs):
+                if not ring.consume():  # the last records, then the end
+                    break
+                continue
+            ringbuf.wait(ep, bool(raw), 0.05)
         cpu = time.process_time() - cpu0
+        vol, inv = ctx_switches()
+        syscalls = int(sc["n"][sc["n"].Key(0)].value) - sc0
         seconds = max(float(p.stdout.read().strip() or 0) for p in procs)
         w.close({}, {})
         lost = folio_lost(b)
         ring.close()
         ep.close()
         b.cleanup()
-        return agg.per_folio_received, lost, seconds, cpu
+        sc.cleanup()
+        got = agg.per_folio_received
+        return {"got": got, "lost": lost, "seconds": seconds, "cpu": cpu, "batches": batches, "stage": stage,
+                "wakeups": vol - vol0, "preempted": inv - inv0, "syscalls": syscalls}
     finally:
+        ringbuf.BATCH_S = old
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
 
 
+def _row(label: str, r: dict) -> List[str]:
+    got, secs, cpu = r["got"], r["seconds"], r["cpu"]
+    achieved = got / secs if secs else 0.0
+    per = {k: v / got * 1e6 if got else 0.0 for k, v in r["stage"].items()}
+    rest = cpu / got * 1e6 - sum(per.values()) if got else 0.0
+    return [f"  {label:<30} {got:>9,} received, {r['lost']:>7,} lost: {achieved / 1e6:5.2f} M records/s over "
+            f"{secs:5.2f} s; consumer {cpu / secs * 100 if secs else 0:.0f} % of a core = capacity "
+            f"{got / cpu / 1e6 if cpu else 0:.2f} M records/s per core",
+            f"  {'':<30} {got / max(1, r['batches']):,.0f} records a batch, {r['wakeups'] / secs if secs else 0:,.0f} "
+            f"wakeups/s, {r['syscalls'] / secs if secs else 0:,.0f} system calls/s; us a record: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in per.items()) + f", loop and kernel {rest:.3f}"]
+
+
 def ingest(tmp: str) -> List[str]:
     total = 4096 * 1024  # 4.2 M records
     rows = ["live ingest, trace mode (ring buffer -> decode -> aggregator -> recording; bench-only source on the "
-            f"page-cache tracepoint; per-folio ring {Options.folio_ringbuf_pages} pages unless said):"]
+            f"page-cache tracepoint; per-folio ring {Options.folio_ringbuf_pages} pages unless said); baseline: "
+            "the consumer as it was (no pause between drains):"]
     default = Options.folio_ringbuf_pages
     for rate, producers, pages, label in ((1.0e6, 1, default, "offered 1 M/s"), (0.0, 1, default, "unpaced, 1 writer"),
-                                          (0.0, 2, default, "unpaced, 2 writers"),
-                                          (0.0, 2, 8 * default, "same, ring x8")):
-        got, lost, secs, cpu = run_once(tmp, total, rate, producers, pages)
-        achieved = got / secs if secs else 0.0
-        rows.append(f"  {label:<18} {got:>9,} received, {lost:>7,} lost: {achieved / 1e6:5.2f} M records/s over "
-                    f"{secs:5.2f} s (ratio to the 1 M/s target {achieved / 1e6:.2f}); consumer "
-                    f"{cpu / secs * 100 if secs else 0:.0f} % of a core = capacity {got / cpu / 1e6 if cpu else 0:.1f}"
-                    f" M records/s per core")
+                                          (0.0, 2, default, "unpaced, 2 writers")):
+        base = run_once(tmp, total, rate, producers, pages, batch_s=0.0)
+        new = run_once(tmp, total, rate, producers, pages)
+        rows += _row(f"{label}, baseline", base) + _row(f"{label}, paced {ringbuf.BATCH_S * 1e3:g} ms", new)
+        cap = [r["got"] / r["cpu"] if r["cpu"] else 0.0 for r in (base, new)]
+        rows.append(f"  {'':<30} capacity per core paced / baseline: {cap[1] / cap[0] if cap[0] else 0:.2f}x")
         print(f"  ingest {label} done", file=sys.stderr, flush=True)
     return rows
 

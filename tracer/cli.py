@@ -156,7 +156,7 @@ def doctor(model: Optional[str], as_json: bool) -> None:
         click.echo(json.dumps([c.to_json() for c in checks], indent=2))
     else:
         for c in checks:
-            click.echo(f"{'ok  ' if c.ok else ('FAIL' if c.essential else 'no  ')} {c.name}: {c.detail}")
+            click.echo(printable(f"{'ok  ' if c.ok else ('FAIL' if c.essential else 'no  ')} {c.name}: {c.detail}"))
     if not doc.essential_ok(checks):
         raise LuotraceError("essential checks failed (marked FAIL above)", "fix those, then run doctor again")
 

@@ -595,9 +595,9 @@ class Tracer:
             self._epoll.register(r.fd, select.EPOLLIN)
 
     def poll(self, timeout_ms: int = 100) -> None:
-        if not self.drain() and self._epoll is not None:
-            self._epoll.poll(timeout_ms / 1000.0)
-            self.drain()
+        from .ringbuf import wait
+        wait(self._epoll, bool(self.drain()), timeout_ms / 1000.0)
+        self.drain()
 
     def drain(self) -> int:
         """Hand every record now in the ring buffers to the consumer; how many bytes."""
