@@ -21,7 +21,6 @@ from .events import EV_ENTRY, EV_INSTANT, EV_RETURN, EVF_A0_UNKNOWN, EVF_A1_UNKN
 
 Key = Tuple[int, int, int]  # (handler, dev, ino)
 
-_PROBE_ROLE = [p.role for p in catalog.PROBES]
 _PER_FOLIO = np.array([p.per_folio and p.kind != "tracepoint" for p in catalog.PROBES], dtype=bool)
 # a walk probe -> its phase names for pass 1 and pass 2 (the catalog's handlers)
 _WALK_PHASE = {h.walk_probe: h.walk for h in HANDLER_LIST if h.walk_probe}

@@ -72,22 +72,14 @@ def enabled() -> bool:
 
 
 def _bpf(cmd: int, path: str, fd: int = 0) -> int:
-    libc = ct.CDLL(None, use_errno=True)
     name = ct.create_string_buffer(path.encode())
     attr = ct.create_string_buffer(struct.pack("<QII", ct.addressof(name), fd, 0), 16)
-    r = libc.syscall(kernel.SYS_BPF_X86_64, cmd, attr, 16)
-    if r < 0:
-        e = ct.get_errno()
-        raise OSError(e, f"bpf({'OBJ_PIN' if cmd == BPF_OBJ_PIN else 'OBJ_GET'}) {path}: {os.strerror(e)}")
-    return r
+    return kernel.bpf(cmd, attr, f"{'OBJ_PIN' if cmd == BPF_OBJ_PIN else 'OBJ_GET'} {path}")
 
 
 def _info(fd: int, buf) -> None:
-    libc = ct.CDLL(None, use_errno=True)
-    attr = ct.create_string_buffer(struct.pack("<IIQ", fd, len(buf), ct.addressof(buf)), 16)
-    if libc.syscall(kernel.SYS_BPF_X86_64, BPF_OBJ_GET_INFO_BY_FD, attr, 16) < 0:
-        e = ct.get_errno()
-        raise OSError(e, f"bpf(OBJ_GET_INFO_BY_FD): {os.strerror(e)}")
+    kernel.bpf(BPF_OBJ_GET_INFO_BY_FD, ct.create_string_buffer(struct.pack("<IIQ", fd, len(buf), ct.addressof(buf)), 16),
+               "OBJ_GET_INFO_BY_FD")
 
 
 def map_info(fd: int) -> Dict[str, int]:

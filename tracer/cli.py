@@ -72,6 +72,7 @@ def finite(lo: float, hi: float) -> click.FloatRange:
 
 # A seed must fit numpy's generator (non-negative, 64-bit).
 SEED = click.IntRange(min=0, max=2**63 - 1)
+DEFAULT_LISTEN = "127.0.0.1:9477"  # serve's address: localhost unless asked
 
 
 def population_option(default: str):
@@ -322,7 +323,7 @@ def demo(mode: str, output: Optional[str], gmem: Optional[str], as_json: bool) -
 
 
 @cli.command()
-@click.option("--listen", default="127.0.0.1:9477", show_default=True,
+@click.option("--listen", default=DEFAULT_LISTEN, show_default=True,
               help="HOST:PORT for /metrics; localhost unless you say otherwise")
 @click.option("--replay", "replay_path", type=click.Path(dir_okay=False), default=None,
               help="serve the final state of this recording instead of tracing")

@@ -118,14 +118,25 @@ BPF_ENABLE_STATS = 32
 BPF_STATS_RUN_TIME = 0
 
 
+def bpf(cmd: int, attr, what: str = "") -> int:
+    """The bpf(2) system call with ATTR (a ctypes buffer, its size the
+    attr's): its result, or OSError naming WHAT."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    r = libc.syscall(SYS_BPF_X86_64, cmd, attr, ctypes.sizeof(attr))
+    if r < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"bpf({what or cmd}): {os.strerror(e)}")
+    return r
+
+
 def enable_bpf_stats() -> Optional[int]:
     """An fd that keeps BPF run-time statistics on for as long as this
     process holds it (never the global sysctl, which another recorder or a
     SIGKILL would leave wrong); None where the kernel refuses."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    attr = ctypes.create_string_buffer(struct.pack("<I", BPF_STATS_RUN_TIME), 8)
-    fd = libc.syscall(SYS_BPF_X86_64, BPF_ENABLE_STATS, attr, ctypes.sizeof(attr))
-    return fd if fd >= 0 else None
+    try:
+        return bpf(BPF_ENABLE_STATS, ctypes.create_string_buffer(struct.pack("<I", BPF_STATS_RUN_TIME), 8))
+    except OSError:
+        return None
 
 
 def bpf_stats_on() -> bool:

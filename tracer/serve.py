@@ -26,7 +26,6 @@ from .live import LiveRun, RunResult, run
 from .stop import StopSignals
 from .state import StateDir
 
-DEFAULT_LISTEN = "127.0.0.1:9477"
 KEEP_FILES = 64  # finished files a live serve keeps in detail; older ones live on in the counters
 SNAPSHOT_TTL_S = 0.5  # scrapes within this share one exposition: concurrent scrapers cost one
 
