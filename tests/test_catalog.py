@@ -1,4 +1,4 @@
-"""The catalog and the BPF sources agree; the README's probe table is the
+"""The catalog and the BPF sources agree; the docs' probe table is the
 catalog's."""
 from __future__ import annotations
 
@@ -70,10 +70,10 @@ def test_probe_selection_by_handler():
     assert memfd == {"memfd", "kho", "luo"}
 
 
-def test_readme_tables_are_generated_from_the_catalog_and_the_fleet_schema():
-    readme = open(os.path.join(REPO, "README.md")).read()
-    for begin, end, make in GENERATED:
-        assert generated(readme, begin, end) == make(), f"{begin}: run python -m tracer.docs"
+def test_docs_tables_are_generated_from_the_catalog_and_the_fleet_schema():
+    for page, begin, end, make in GENERATED:
+        text = open(os.path.join(REPO, "docs", page)).read()
+        assert generated(text, begin, end) == make(), f"docs/{page} {begin}: run python -m tracer.docs"
 
 
 def test_which_handlers_come_together_is_one_rule():

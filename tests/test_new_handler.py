@@ -27,7 +27,7 @@ def _copy_tree(dst: str) -> None:
 
 
 def _add_handler(tree: str) -> None:
-    """The three parts of the README's recipe; the test's own data besides."""
+    """The three parts of the recipe in docs/developers.md; the test's own data besides."""
     handler, probes = open(os.path.join(DATA, "catalog.py.in")).read().split("# --- probes ---\n")
     path = os.path.join(tree, "tracer", "catalog.py")
     src = open(path).read()

@@ -2,7 +2,7 @@
 
 The loader reads it to decide what to compile and attach, the decoder to name
 event fields, the aggregator to know what a probe means (its role), ``doctor``
-and the README's probe table to explain it.  Adding a probe point is one entry
+and the probe table of docs/developers.md to explain it.  Adding a probe point is one entry
 here plus its handler in ``bpf/`` (functions ``<name>_entry`` / ``<name>_return``,
 or a ``TRACEPOINT_PROBE``); ``tests/test_catalog.py`` checks the two agree.
 
@@ -24,7 +24,7 @@ MODES = ("light", "folio", "trace")
 class Handler:
     """Something luotrace traces as a unit, declared once: the loader's
     selection, the aggregator's file test and walk phases, the exporter's
-    series, the docs and the README's handler table all derive from it.
+    series, the docs and the handler table of docs/developers.md all derive from it.
 
     ``kind``: ``file`` (a LUO file handler: its files are followed and
     reported), ``core`` (KHO, LUO: traced with any file handler),

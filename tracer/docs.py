@@ -1,8 +1,9 @@
-"""Generated documentation: the README's handler and probe tables come from
-the catalog.
+"""Generated documentation: the handler and probe tables (docs/developers.md)
+come from the catalog, the fleet schema's (docs/fleet.md) from
+tracer/fleet_schema.py.
 
 ``python -m tracer.docs`` rewrites them in place; tests/test_catalog.py fails
-when the README and the catalog disagree.
+when a page and its source disagree.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import re
 from . import catalog
 from . import fleet_schema as fs
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 BEGIN, END = "<!-- probe-table:begin -->", "<!-- probe-table:end -->"
 H_BEGIN, H_END = "<!-- handler-table:begin -->", "<!-- handler-table:end -->"
 F_BEGIN, F_END = "<!-- fleet-schema:begin -->", "<!-- fleet-schema:end -->"
@@ -58,26 +59,35 @@ def fleet_schema_table() -> str:
     return "\n".join(rows)
 
 
-GENERATED = ((BEGIN, END, probe_table), (H_BEGIN, H_END, handler_table), (F_BEGIN, F_END, fleet_schema_table))
+# (page under docs/, begin marker, end marker, what makes the table)
+GENERATED = (("developers.md", BEGIN, END, probe_table), ("developers.md", H_BEGIN, H_END, handler_table),
+             ("fleet.md", F_BEGIN, F_END, fleet_schema_table))
 
 
-def generated(readme: str, begin: str, end: str) -> str:
-    """The text between a pair of markers in the README."""
-    return readme.split(begin + "\n")[1].split("\n" + end)[0]
+def generated(page: str, begin: str, end: str) -> str:
+    """The text between a pair of markers in a page."""
+    return page.split(begin + "\n")[1].split("\n" + end)[0]
 
 
-def update_readme(path: str = README) -> bool:
-    with open(path) as f:
-        text = f.read()
-    new = text
-    for begin, end, make in GENERATED:
-        new = re.sub(re.escape(begin) + ".*" + re.escape(end), lambda _m: f"{begin}\n{make()}\n{end}", new,
-                     flags=re.S)
-    if new != text:
-        with open(path, "w") as f:
-            f.write(new)
-    return new != text
+def update_docs(root: str = DOCS) -> list:
+    """Rewrite the generated tables; the pages that changed."""
+    changed = []
+    for name in sorted({g[0] for g in GENERATED}):
+        path = os.path.join(root, name)
+        with open(path) as f:
+            text = f.read()
+        new = text
+        for page, begin, end, make in GENERATED:
+            if page == name:
+                new = re.sub(re.escape(begin) + ".*" + re.escape(end), lambda _m: f"{begin}\n{make()}\n{end}", new,
+                             flags=re.S)
+        if new != text:
+            with open(path, "w") as f:
+                f.write(new)
+            changed.append(name)
+    return changed
 
 
 if __name__ == "__main__":
-    print("README.md updated" if update_readme() else "README.md already up to date")
+    done = update_docs()
+    print(f"docs updated: {', '.join(done)}" if done else "docs already up to date")

@@ -2,7 +2,7 @@
 by the update's date and kernel, read as they are by DuckDB, Spark and Trino.
 
 Kept here alone, like a schema file, so that writers, readers and the docs
-(README "fleet") name one source.  Integers stay integers (times in ns, counts
+(docs/fleet.md) name one source.  Integers stay integers (times in ns, counts
 as int64), strings are strings, labels are a map on ``updates``.  A column
 added later is appended (readers union by name); a change of meaning bumps
 VERSION, which every row carries in ``updates.schema``."""

@@ -12,7 +12,7 @@ from .catalog import FILE_HANDLERS, HANDLER_BY_NAME
 
 # Histogram bounds: every other power of two nanoseconds, 2^11 ns (~2 us) ..
 # 2^37 ns (~137 s), 14 buckets: a factor of 4 per bucket keeps a host's
-# series within budget (README) and still places a latency within 2x.  The
+# series within budget (docs/operators.md) and still places a latency within 2x.  The
 # in-kernel log2 slot s holds values in [2^(s-1), 2^s - 1] ns (bcc's
 # bpf_log2l), so it lands in the first bucket le >= 2^s ns.
 LOG2_MIN, LOG2_MAX, LOG2_STEP = 11, 37, 2

@@ -9,7 +9,7 @@ reports side by side: phases, counts, results, errnos, anomalies.
 Writes OUT/model-vs-kernel.json ({scenario: {"kernel": view, "model": view,
 "differences": [...]}}) and prints a table.  Where the two disagree the
 kernel is right: a difference is either fixed in the model or recognised
-by EXPLAINED (and the README says why); tests/vm_lane.py fails on any other.
+by EXPLAINED (and docs/lane.md says why); tests/vm_lane.py fails on any other.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ AB = (("single kernel", "scenarios-report.json", "scenarios.json", SINGLE),
 EXPLAINED = {
     "luo_freeze cut by the jump": (
         "the kernel's LUO freeze runs after kernel_kexec, racing the CPUs being stopped: its luo_freeze "
-        "phase is recorded only when the recorder wins (README: the old kernel's end); the model has no "
+        "phase is recorded only when the recorder wins (docs/lane.md: the old kernel's end); the model has no "
         "jump and always records it",
         lambda k, m: k == [p for p in m if p != "luo_freeze"] and "luo_freeze" in m),
 }
