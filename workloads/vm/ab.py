@@ -106,6 +106,10 @@ def after_kexec(side_dir: str, labels: List[str], log: Dict[str, int]) -> None:
 
 def main(argv: List[str]) -> int:
     root, side, series, boot = argv[1], argv[2], argv[3], int(argv[4])
+    # Every recorder compiles its programs, as in `make vmtest` (workloads/vm/inside.py): the one
+    # A/B run whose recorders reused the programs the benchmark's had kept saw no kexec (update-1
+    # ended "cut short" on both sides); reuse across a kexec is not what this lane checks.
+    os.environ["LUOTRACE_BPF_CACHE"] = "0"
     side_dir = os.path.join(root, side)
     boot_dir = os.path.join(side_dir, f"boot-{boot}")
     os.makedirs(boot_dir, exist_ok=True)
