@@ -185,7 +185,13 @@ def levels(groups: List[np.ndarray]) -> dict:
 def run_test(ga: List[np.ndarray], gb: List[np.ndarray]) -> Tuple[float, int, float, float]:
     """Student's t on the runs' log medians: (p, degrees of freedom, mean log
     ratio B/A, its standard error).  No degree of freedom (one run a side):
-    p 1, nothing can be said."""
+    p 1, nothing can be said.
+
+    The variance of a run's median is at least what its own calls' spread
+    gives it (pi/2 x the within-run variance / calls, for a median): with
+    three runs a side, their medians can agree by chance far better than
+    that, and an A/A then calls a change (it did, in the lane); the spread
+    within runs, estimated from every call, bounds it from below."""
     la = np.log(np.maximum([np.median(g) for g in ga], 1.0))
     lb = np.log(np.maximum([np.median(g) for g in gb], 1.0))
     df = len(la) + len(lb) - 2
@@ -194,6 +200,10 @@ def run_test(ga: List[np.ndarray], gb: List[np.ndarray]) -> Tuple[float, int, fl
         return 1.0, df, diff, math.inf
     pooled = ((la.var(ddof=1) * (len(la) - 1) if len(la) > 1 else 0.0) +
               (lb.var(ddof=1) * (len(lb) - 1) if len(lb) > 1 else 0.0)) / df
+    within = levels(list(ga) + list(gb))["within_run_sd"]
+    if within is not None:
+        calls = len(ga + gb) / sum(1.0 / len(g) for g in list(ga) + list(gb))  # harmonic mean of calls a run
+        pooled = max(pooled, math.pi / 2 * within ** 2 / calls)
     se = math.sqrt(pooled * (1 / len(la) + 1 / len(lb)))
     if se == 0.0:
         return (1.0 if diff == 0.0 else 0.0), df, diff, 0.0
