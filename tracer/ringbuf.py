@@ -69,9 +69,13 @@ class RingReader:
         records (``record_size`` each); None when there is none.  Frees the
         space in the ring for the producer."""
         out = []
+        # One look at the producer: what is committed up to here is this call's, what it writes
+        # meanwhile the next call's.  Chasing it instead (a fresh look each time round) took a few
+        # records a turn at a few microseconds of numpy each while a writer kept pace: 350,000
+        # turns for a million records in the ingest benchmark, most of the consumer's time.
+        prod = int(self._prod[0])  # x86 and arm64 loads of an aligned u64 are atomic
         while True:
             cons = int(self._cons[0])
-            prod = int(self._prod[0])  # x86 and arm64 loads of an aligned u64 are atomic
             if prod <= cons:
                 break
             start = cons & self.mask
