@@ -265,18 +265,12 @@ def _write_part(root: str, rel: str, table: pa.Table) -> None:
     os.rename(tmp, final)
 
 
-class _Batch:
-    """Recordings waiting to be written: at most one copy of each, the
-    largest seen."""
-
-    def __init__(self) -> None:
-        self.by_id: Dict[str, Tuple[Part, Rows, bool]] = {}  # id -> partition, rows, replaces a committed copy
-
-    def __len__(self) -> int:
-        return len(self.by_id)
+# recordings waiting to be written, at most one copy of each (the largest seen):
+# id -> partition, rows, whether it replaces a committed copy
+Batch = Dict[str, Tuple[Part, Rows, bool]]
 
 
-def _commit(root: str, manifest: Dict[str, List[str]], batch: _Batch, res: ExportResult) -> None:
+def _commit(root: str, manifest: Dict[str, List[str]], batch: Batch, res: ExportResult) -> None:
     """The batch's parts written, then the manifest naming them: the commit.
     A committed copy that a larger one replaces goes by rewriting the parts
     that hold its rows in the same commit."""
@@ -284,7 +278,7 @@ def _commit(root: str, manifest: Dict[str, List[str]], batch: _Batch, res: Expor
         return
     name = uuid.uuid4().hex[:16]
     pending: Dict[Tuple[str, Part], List[dict]] = {}
-    for part, rows, _r in batch.by_id.values():
+    for part, rows, _r in batch.values():
         for t, rs in rows.items():
             if rs:
                 pending.setdefault((t, part), []).extend(rs)
@@ -292,9 +286,9 @@ def _commit(root: str, manifest: Dict[str, List[str]], batch: _Batch, res: Expor
         (f"{_part_dir(t, part)}/{fs.PART_PREFIX}{name}{fs.PART_SUFFIX}", pa.Table.from_pylist(rs, schema=fs.SCHEMAS[t]))
         for (t, part), rs in sorted(pending.items())]
     drops: List[str] = []
-    replaced = {rid for rid, (_p, _r, again) in batch.by_id.items() if again}
+    replaced = {rid for rid, (_p, _r, again) in batch.items() if again}
     if replaced:
-        dirs = {_part_dir(t, p) + "/" for t in fs.TABLES for p, _r, again in batch.by_id.values() if again}
+        dirs = {_part_dir(t, p) + "/" for t in fs.TABLES for p, _r, again in batch.values() if again}
         gone = pa.array(sorted(replaced), type=pa.string())
         for t in fs.TABLES:
             for rel in manifest[t]:
@@ -321,12 +315,12 @@ def _commit(root: str, manifest: Dict[str, List[str]], batch: _Batch, res: Expor
     for rel in drops:
         os.unlink(os.path.join(root, rel))
     os.unlink(intent)
-    for _p, rows, again in batch.by_id.values():
+    for _p, rows, again in batch.values():
         for t, rs in rows.items():
             res.rows[t] += len(rs)
         res.replaced += again
         res.added += not again
-    batch.by_id.clear()
+    batch.clear()
 
 
 class _Lock:
@@ -365,7 +359,7 @@ def export(root: str, paths: Sequence[str], jobs: int = 1, batch: int = BATCH,
         if res.removed_orphans:
             res.warnings.append(f"{root}: removed {res.removed_orphans} file(s) of an export that was cut short")
         seen = known_ids(root)
-        pending = _Batch()
+        pending: Batch = {}
         for i, (path, (part, rows, warns)) in enumerate(_each(paths, jobs, res.warnings)):
             res.warnings.extend(warns)
             if progress:
@@ -385,9 +379,9 @@ def export(root: str, paths: Sequence[str], jobs: int = 1, batch: int = BATCH,
             if held is not None:
                 res.warnings.append(f"{path}: larger than the copy of this recording in the dataset "
                                     f"({size} > {held} bytes): its rows replace that copy's")
-            again = held is not None and (rid not in pending.by_id or pending.by_id[rid][2])
+            again = pending[rid][2] if rid in pending else held is not None  # a committed copy goes
             seen[rid] = size
-            pending.by_id[rid] = (part, rows, again)
+            pending[rid] = (part, rows, again)
             if len(pending) >= batch:
                 _commit(root, manifest, pending, res)
         _commit(root, manifest, pending, res)
