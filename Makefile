@@ -128,7 +128,7 @@ vmtest-ab: vm-deps
 	A=$(A) B=$(B) BOOTS=$(BOOTS) bash workloads/vm/vmtest-ab.sh
 
 docs: venv
-	$(PY) -m tracer.docs
+	$(PY) -m tracer.cli.docs
 
 clean:
 	rm -rf $(VENV) $(MODEL) *.egg-info

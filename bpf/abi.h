@@ -1,4 +1,4 @@
-/* Generated from tracer/abi.py: do not edit (python -m tracer.abi > bpf/abi.h). */
+/* Generated from tracer/kernel/abi.py: do not edit (python -m tracer.kernel.abi > bpf/abi.h). */
 #ifndef LUOTRACE_ABI_H
 #define LUOTRACE_ABI_H
 
@@ -27,7 +27,7 @@ struct luo_event {
 	u64 ts;	/* CLOCK_MONOTONIC ns (bpf_ktime_get_ns) */
 	u32 tgid;
 	u32 tid;
-	u16 probe;	/* PROBE_<name>: index in tracer/catalog.py PROBES */
+	u16 probe;	/* PROBE_<name>: index in tracer/probes/catalog.py PROBES */
 	u8 kind;	/* EV_* */
 	u8 flags;	/* EVF_* */
 	s32 ret;	/* return value (EV_RETURN) */

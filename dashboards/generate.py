@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
-from tracer.catalog import FILE_HANDLERS
+from tracer.probes.catalog import FILE_HANDLERS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "luotrace.json")

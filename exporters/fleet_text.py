@@ -1,11 +1,11 @@
-"""Terminal rendering of the fleet view (tracer/fleet.py): the summary's
+"""Terminal rendering of the fleet view (tracer/fleet/query.py): the summary's
 groups with their errors, anomalies and phase percentiles, and a query's rows."""
 from __future__ import annotations
 
 from typing import List, Optional
 
 from exporters.text import fmt_ns
-from tracer.printable import printable
+from tracer.base.printable import printable
 
 
 def _fmt_ns(ns) -> str:

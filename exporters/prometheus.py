@@ -18,9 +18,9 @@ from prometheus_client.core import Metric, CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from tracer import __version__
-from tracer.aggregator import FINAL_RESULTS
-from tracer.catalog import BY_NAME
-from tracer.totals import BUCKETS_S, HANDLERS, NBUCKETS, OUTCOMES, PHASES, Totals
+from tracer.analysis.aggregator import FINAL_RESULTS
+from tracer.probes.catalog import BY_NAME
+from tracer.analysis.totals import BUCKETS_S, HANDLERS, NBUCKETS, OUTCOMES, PHASES, Totals
 
 TOP_FILES = 16  # per-file series only for the largest files
 # Series a host exports with the defaults, whatever the number of files (every

@@ -1,11 +1,11 @@
-"""Terminal rendering of a report (tracer/report.py): one table row per file,
+"""Terminal rendering of a report (tracer/analysis/report.py): one table row per file,
 then sessions, anomalies with their evidence, probes and event accounting."""
 from __future__ import annotations
 
 from typing import Dict, List, Optional
 
-from tracer.catalog import LEAF_PHASES
-from tracer.printable import printable
+from tracer.probes.catalog import LEAF_PHASES
+from tracer.base.printable import printable
 
 PHASE_COLUMNS = [p for p in LEAF_PHASES if p != "can_preserve"]
 

@@ -7,7 +7,7 @@ and errors as instant events carrying their evidence, and per-file folio
 progress as a counter.  Downsampling keeps the file openable whatever the
 recording's size: a file's folio counter gets at most MAX_POINTS samples
 (per-folio records are binned over equal time steps, a batch at a time, by
-tracer/folio_progress.py); slices and instants are per phase and per anomaly,
+tracer/analysis/folio_progress.py); slices and instants are per phase and per anomaly,
 so they stay few.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 from typing import Dict, List
 
-from tracer import catalog
-from tracer.folio_progress import MAX_POINTS, FolioProgress
-from tracer.recording import write_output
+from tracer.probes import catalog
+from tracer.analysis.folio_progress import MAX_POINTS, FolioProgress
+from tracer.recording.format import write_output
 
 NO_SESSION = 0
 
@@ -31,7 +31,7 @@ LIVE_UPDATE_PID = 1 << 20  # the kernels and the jump between them, above every 
 
 def build(folios: FolioProgress, base: int, report: dict) -> dict:
     """``folios``: each file's folio progress on the report's clock (one
-    recording's, or several joined by tracer/join.py), ``base`` its zero."""
+    recording's, or several joined by tracer/analysis/join.py), ``base`` its zero."""
     ev: List[dict] = _live_update(report)
     sessions = {s["id"]: s for s in report.get("sessions", [])}
     tids: Dict[int, int] = {}

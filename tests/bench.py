@@ -39,10 +39,10 @@ import tempfile
 import time
 from typing import Dict, List, Tuple
 
-from tracer import kernel
-from tracer.loader import Options
-from tracer.live import run
-from tracer.kvm import gmem_superblock_dev
+from tracer.kernel import host as kernel
+from tracer.attach.loader import Options
+from tracer.live.runner import run
+from tracer.kernel.kvm import gmem_superblock_dev
 
 from .bench_ingest import ingest
 from .bench_soak import soak
@@ -198,9 +198,9 @@ def _peak_mib(args: List[str]) -> Tuple[float, int]:
 
 def offline(tmp: str) -> List[str]:
     """Replay and simulate throughput, and the 1 TiB / 64-file summary's time and memory."""
-    from tracer import recording as rec
-    from tracer.replay import report_of
-    from tracer.simulate import SimSpec, simulate
+    from tracer.recording import format as rec
+    from tracer.analysis.replay import report_of
+    from tracer.analysis.simulate import SimSpec, simulate
     rows = []
     path = os.path.join(tmp, "trace.luo")
     t0 = time.perf_counter()
@@ -230,7 +230,7 @@ def offline(tmp: str) -> List[str]:
     big = os.path.join(tmp, "1tib.luo")
     simulate(SimSpec(files=64, size=1 << 40, mode="folio"), big)
     # VmHWM, not ru_maxrss: the latter keeps the forking parent's peak across exec
-    code = ("import time,sys; t=time.perf_counter(); from tracer.replay import replay; "
+    code = ("import time,sys; t=time.perf_counter(); from tracer.analysis.replay import replay; "
             "r=replay(sys.argv[1]); el=time.perf_counter()-t; "
             "hwm=[l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]; "
             "print(el, r['totals']['folios_preserved'], hwm)")
@@ -245,9 +245,9 @@ def offline(tmp: str) -> List[str]:
 def detach() -> List[str]:
     """Detaching the model's probes (folio mode, every one a uprobe): all at
     once (luotrace's close) against BCC's cleanup one by one, same run."""
-    from tracer import loader
-    from tracer.layout import resolve_layout
-    from tracer.loader import Options, Tracer, detach_all
+    from tracer.attach import loader
+    from tracer.probes.layout import resolve_layout
+    from tracer.attach.loader import Options, Tracer, detach_all
     opts = Options(mode="folio", model=MODEL)
     times: Dict[str, List[float]] = {"parallel": [], "sequential": []}
     n = 0

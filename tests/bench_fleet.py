@@ -23,9 +23,9 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import List, Tuple
 
-from tracer import dataset
-from tracer.replay import replay
-from tracer.simulate import SimSpec, simulate
+from tracer.fleet import dataset
+from tracer.analysis.replay import replay
+from tracer.analysis.simulate import SimSpec, simulate
 
 from .bench import REPO, _peak_mib
 

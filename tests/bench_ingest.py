@@ -8,7 +8,7 @@ near 40 k calls a second, so the source here is a bench-only BPF program on
 the real page-cache tracepoint: one luotrace per-folio record (the kernel
 side's own struct, ring buffer and emit_folio from bpf/luotrace.h) per folio
 a tmpfs file gains, while another process fills and empties that file at a
-set rate.  The consumer side is luotrace's own: tracer/ringbuf.py, numpy
+set rate.  The consumer side is luotrace's own: tracer/attach/ringbuf.py, numpy
 decode, Aggregator.feed, recording Writer, as a live session runs them.
 """
 from __future__ import annotations
@@ -21,14 +21,15 @@ import sys
 import time
 from typing import List, Tuple
 
-from tracer import kernel, ringbuf
-from tracer import recording as rec
-from tracer.aggregator import Aggregator
-from tracer.events import EVENT_SIZE, decode
-from tracer.layout import kernel_layout
-from tracer.loader import COUNTER_NAMES, Options, bpf_source, cflags
-from tracer.ringbuf import RingReader
-from tracer.kvm import gmem_superblock_dev
+from tracer.kernel import host as kernel
+from tracer.attach import ringbuf
+from tracer.recording import format as rec
+from tracer.analysis.aggregator import Aggregator
+from tracer.probes.events import EVENT_SIZE, decode
+from tracer.probes.layout import kernel_layout
+from tracer.attach.loader import COUNTER_NAMES, Options, bpf_source, cflags
+from tracer.attach.ringbuf import RingReader
+from tracer.kernel.kvm import gmem_superblock_dev
 
 HARNESS = r"""
 /* bench only (tests/bench_ingest.py): a per-folio record for each folio added
@@ -51,7 +52,7 @@ TRACEPOINT_PROBE(filemap, mm_filemap_add_to_page_cache)
 
 PRODUCER = r"""
 import sys, time
-from tracer.kvm import VM
+from tracer.kernel.kvm import VM
 total, rate = int(sys.argv[1]), float(sys.argv[2])
 chunk = 4096 * 4096  # 16 MiB: 4096 folios per fill
 with VM() as vm:

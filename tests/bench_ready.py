@@ -4,7 +4,7 @@
   "tracing" (record's stderr line) or /-/ready 200 (serve): cold (no programs
   kept from an earlier start, page cache dropped: BCC, LLVM and the kernel
   headers read from disk), nothing changed since the last start (the
-  programs it kept are opened, tracer/bpf_cache.py), and compiling with the
+  programs it kept are opened, tracer/attach/bpf_cache.py), and compiling with the
   page cache warm (LUOTRACE_BPF_CACHE=0, what every start cost before);
   medians of REPS; the same run's baseline is the interpreter importing
   luotrace's CLI (`luotrace --version`);
@@ -25,8 +25,8 @@ import time
 import urllib.request
 from typing import Dict, List, Optional
 
-from tracer import bpf_cache
-from tracer.live import KEXEC_FAST_S
+from tracer.attach import bpf_cache
+from tracer.live.runner import KEXEC_FAST_S
 
 from .bench import MODEL, REPO, _cpu_s, _free_port
 
@@ -138,7 +138,7 @@ def footprint(tmp: str, idle_s: float = 30.0) -> List[str]:
 
 
 def _forget_kept() -> None:
-    """No programs kept from an earlier start (tracer/bpf_cache.py): as after a boot."""
+    """No programs kept from an earlier start (tracer/attach/bpf_cache.py): as after a boot."""
     shutil.rmtree(bpf_cache.PIN_ROOT, ignore_errors=True)
     shutil.rmtree(bpf_cache.META_DIR, ignore_errors=True)
 

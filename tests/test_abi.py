@@ -7,8 +7,8 @@ import os
 import re
 
 from tests.conftest import REPO
-from tracer import kvm_abi
-from tracer.kvm import VM, Backing
+from tracer.kernel import kvm_abi
+from tracer.kernel.kvm import VM, Backing
 
 
 def c_defines():
@@ -45,7 +45,7 @@ def test_the_model_and_luotrace_probe_the_host_alike(model, gmem, tmp_path):
     stand-in is said with who forced it."""
     import json
     import subprocess
-    from tracer.kvm import probe
+    from tracer.kernel.kvm import probe
     env = {k: v for k, v in os.environ.items() if k != "LUOTRACE_GMEM"}
     for force, want in ((None, "guest_memfd" if probe().ok else "standin"), ("standin", "standin")):
         out = tmp_path / "t.json"
@@ -62,10 +62,10 @@ def test_the_model_and_luotrace_probe_the_host_alike(model, gmem, tmp_path):
 
 def test_event_dtype_matches_the_compiled_struct(tmp_path):
     """The numpy dtype and struct luo_event come from one table
-    (tracer/abi.py); gcc lays the struct out and every offset must agree."""
+    (tracer/kernel/abi.py); gcc lays the struct out and every offset must agree."""
     import subprocess
 
-    from tracer import abi
+    from tracer.kernel import abi
     fields = [name for name, _ctype, _doc in abi.EVENT_FIELDS]
     prog = tmp_path / "layout.c"
     prog.write_text("#include <stdio.h>\n#include <stddef.h>\n#include <stdint.h>\n"
@@ -88,5 +88,5 @@ def test_event_dtype_matches_the_compiled_struct(tmp_path):
 
 
 def test_checked_in_abi_header_is_the_generated_one():
-    from tracer import abi
-    assert open(os.path.join(REPO, "bpf", "abi.h")).read() == abi.header(), "run: python -m tracer.abi > bpf/abi.h"
+    from tracer.kernel import abi
+    assert open(os.path.join(REPO, "bpf", "abi.h")).read() == abi.header(), "run: python -m tracer.kernel.abi > bpf/abi.h"

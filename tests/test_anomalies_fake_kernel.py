@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from tracer import catalog
-from tracer.aggregator import Aggregator
-from tracer.events import EV_ENTRY, EV_INSTANT, EV_RETURN, EVENT_DTYPE
-from tracer.report import build
+from tracer.probes import catalog
+from tracer.analysis.aggregator import Aggregator
+from tracer.probes.events import EV_ENTRY, EV_INSTANT, EV_RETURN, EVENT_DTYPE
+from tracer.analysis.report import build
 
 GMEM = catalog.HANDLERS["guest_memfd"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from tracer.loader import Options
-from tracer.live import run
+from tracer.attach.loader import Options
+from tracer.live.runner import run
 
 from .conftest import MODEL, load_json
 
@@ -26,9 +26,9 @@ def test_full_per_file_map_is_counted_and_shown(model, gmem, tmp_path):
 def test_a_frozen_guest_memfd_filled_late_is_counted_whole_and_kept_bounded(model, gmem, tmp_path):
     """2048 folios added to a frozen guest_memfd (the real tracepoint, the real
     inode): the anomaly counts all of them, the evidence kept is bounded."""
-    from tracer.aggregator import EVIDENCE_MAX
-    from tracer.loader import Options
-    from tracer.live import run
+    from tracer.analysis.aggregator import EVIDENCE_MAX
+    from tracer.attach.loader import Options
+    from tracer.live.runner import run
     truth_path = str(tmp_path / "t.json")
     res = run(Options(mode="folio", model=MODEL), str(tmp_path / "late.luo"),
               command=[MODEL, "--json", truth_path, "keep:gmem:16M:late_fallocate=2048"], progress=lambda s: None)
@@ -44,8 +44,8 @@ def test_a_frozen_guest_memfd_filled_late_is_counted_whole_and_kept_bounded(mode
     assert {"handler": "guest_memfd", "inode": t["inode"], **a} in res.report["anomalies"]
     assert f["folios_populated"] == t["folios_populated"] == 4096 + 2048
     assert res.report["events"]["lost"] == 0
-    from tracer import recording as rec
-    from tracer.aggregator import Aggregator
+    from tracer.recording import format as rec
+    from tracer.analysis.aggregator import Aggregator
     r = rec.read(str(tmp_path / "late.luo"))
     agg = Aggregator("folio")
     for batch in r.batches():
@@ -61,10 +61,10 @@ def test_a_recording_claiming_50000_files_is_followed_up_to_the_bound(tmp_path):
     import numpy as np
 
     from tests.conftest import run_cli
-    from tracer import catalog
-    from tracer import recording as rec
-    from tracer.aggregator import FILES_MAX
-    from tracer.events import EV_ENTRY, EVENT_DTYPE
+    from tracer.probes import catalog
+    from tracer.recording import format as rec
+    from tracer.analysis.aggregator import FILES_MAX
+    from tracer.probes.events import EV_ENTRY, EVENT_DTYPE
     n = 50_000
     ev = np.zeros(n, dtype=EVENT_DTYPE)
     ev["ts"] = np.arange(1, n + 1) * 1000

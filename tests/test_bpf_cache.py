@@ -1,4 +1,4 @@
-"""Programs kept loaded between starts (tracer/bpf_cache.py): the second of
+"""Programs kept loaded between starts (tracer/attach/bpf_cache.py): the second of
 two starts with nothing changed compiles nothing, counts exactly what its own
 run did (maps emptied, program runs from zero, nothing of the first run's
 ring buffer), and leaves nothing attached when it ends; with
@@ -12,7 +12,7 @@ import subprocess
 
 from tests.conftest import LUOTRACE, REPO, load_json, run_cli
 from tests.test_signals import attached_prog_ids, kept_prog_ids
-from tracer.bpf_cache import PIN_ROOT
+from tracer.attach.bpf_cache import PIN_ROOT
 
 UPDATE = ["kexec:gmem:1M,memfd:512K", "cancel:gmem:256K"]
 KEPT = "programs kept loaded by the last start"
@@ -109,7 +109,7 @@ BPFTOOL_MAP_TYPE = {1: "hash", 2: "array", 5: "percpu_hash", 6: "percpu_array", 
 
 def _kept() -> tuple:
     """(pin directory, metadata path, metadata) of the one kept set."""
-    from tracer.bpf_cache import META_DIR
+    from tracer.attach.bpf_cache import META_DIR
     (key,) = os.listdir(PIN_ROOT)
     meta = os.path.join(META_DIR, key + ".json")
     return os.path.join(PIN_ROOT, key), meta, load_json(meta)
@@ -162,7 +162,7 @@ def test_edited_metadata_is_dropped(model, gmem, tmp_path):
 
 
 def test_kept_state_is_roots_alone_whatever_the_umask(model, gmem, tmp_path):
-    from tracer.bpf_cache import META_DIR
+    from tracer.attach.bpf_cache import META_DIR
     subprocess.run(["rm", "-rf", PIN_ROOT, META_DIR], check=True)
     old = os.umask(0)
     try:
@@ -178,7 +178,7 @@ def test_kept_state_is_roots_alone_whatever_the_umask(model, gmem, tmp_path):
 
 
 def test_a_symlink_where_the_metadata_goes_is_refused_not_followed(model, gmem, tmp_path):
-    from tracer.bpf_cache import META_DIR
+    from tracer.attach.bpf_cache import META_DIR
     subprocess.run(["rm", "-rf", META_DIR], check=True)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tracer.btf import BTF, BTFError
+from tracer.kernel.btf import BTF, BTFError
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import os
 import re
 
 from tests.conftest import REPO
-from tracer import catalog
-from tracer.docs import GENERATED, generated
+from tracer.probes import catalog
+from tracer.cli.docs import GENERATED, generated
 
 BPF = {os.path.relpath(os.path.join(d, n), os.path.join(REPO, "bpf")): open(os.path.join(d, n)).read()
        for d, _dirs, names in os.walk(os.path.join(REPO, "bpf")) for n in names if n.endswith((".c", ".h"))}
@@ -43,7 +43,7 @@ def test_every_bpf_handler_belongs_to_a_probe():
 
 
 def test_generated_entry_points_for_each_attach_type():
-    from tracer.loader import wrappers
+    from tracer.attach.loader import wrappers
     probes = [catalog.BY_NAME["gmem_preserve"], catalog.BY_NAME["gmem_unpreserve"]]
     k = wrappers(probes, {}, {})
     assert "int gmem_preserve_entry(struct pt_regs *ctx)" in k and "PT_REGS_RC(ctx)" in k
@@ -73,13 +73,13 @@ def test_probe_selection_by_handler():
 def test_docs_tables_are_generated_from_the_catalog_and_the_fleet_schema():
     for page, begin, end, make in GENERATED:
         text = open(os.path.join(REPO, "docs", page)).read()
-        assert generated(text, begin, end) == make(), f"docs/{page} {begin}: run python -m tracer.docs"
+        assert generated(text, begin, end) == make(), f"docs/{page} {begin}: run python -m tracer.cli.docs"
 
 
 def test_which_handlers_come_together_is_one_rule():
     """probes_for (what --handler asks for) and the loader's selection (what
     the traced code has) both use catalog.handler_kept."""
-    from tracer.loader import Options, ProbeStatus, select_handlers
+    from tracer.attach.loader import Options, ProbeStatus, select_handlers
     st = [ProbeStatus(p.name, p.symbol, p.handler, p.required, "kprobe", "planned") for p in catalog.PROBES
           if p.name != "memfd_preserve"]  # memfd absent from the traced code
     chosen = {s.handler for s in select_handlers(st, Options())}

@@ -87,7 +87,7 @@ def test_bad_ringbuf_size(model, tmp_path):
 
 
 def test_doctor_as_root_passes_and_explains(gmem):
-    from tracer.kvm import probe
+    from tracer.kernel.kvm import probe
     r = run_cli("doctor", "--model", MODEL)
     assert r.returncode == 0, r.stderr
     # the capability probe's answer, in one line, whatever this host's KVM can do

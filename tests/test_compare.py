@@ -12,8 +12,8 @@ import pytest
 from scipy import stats
 
 from tests.conftest import run_cli
-from tracer import compare as cmp
-from tracer.simulate import SimSpec, simulate
+from tracer.analysis import compare as cmp
+from tracer.analysis.simulate import SimSpec, simulate
 
 
 def make_side(tmp_path, name, seeds, **kw):

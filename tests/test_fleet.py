@@ -14,13 +14,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import run_cli
-from tracer import dataset, fleet, schemas
-from tracer import fleet_schema as fs
-from tracer import recording as rec
-from tracer.demo import run_model
-from tracer.errors import LuotraceError
-from tracer.replay import replay
-from tracer.simulate import SimSpec, simulate
+from tracer import schemas
+from tracer.fleet import dataset
+from tracer.fleet import query as fleet
+from tracer.fleet import schema as fs
+from tracer.recording import format as rec
+from tracer.live.model import run_model
+from tracer.base.errors import LuotraceError
+from tracer.analysis.replay import replay
+from tracer.analysis.simulate import SimSpec, simulate
 
 DAY = 86400 * 10 ** 9
 T0 = 1_796_000_000 * 10 ** 9  # 2026-11-30 00:53 UTC
@@ -217,7 +219,7 @@ def test_fleet_compare_finds_a_slowed_phase(tmp_path):
                   phase_scale={"fill_pass": 1.3} if i % 2 == 0 else {}) for i in range(24)]
     root = str(tmp_path / "ds")
     dataset.export(root, paths)
-    from tracer.compare import compare
+    from tracer.analysis.compare import compare
     a, b = fleet.compare_sides(root, "patch", "v3", "v4")
     res = compare(a, b)
     assert res["changed"] == ["guest_memfd/fill_pass"], res["changed"]

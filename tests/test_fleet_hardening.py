@@ -17,11 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import REPO, run_cli
-from tracer import dataset, fleet
-from tracer import recording as rec
-from tracer import fleet_schema as fs
-from tracer.errors import LuotraceError
-from tracer.simulate import SimSpec, simulate
+from tracer.fleet import dataset
+from tracer.fleet import query as fleet
+from tracer.recording import format as rec
+from tracer.fleet import schema as fs
+from tracer.base.errors import LuotraceError
+from tracer.analysis.simulate import SimSpec, simulate
 
 T0 = 1_796_000_000 * 10 ** 9
 DAY = 86400 * 10 ** 9
@@ -64,7 +65,7 @@ def expected(five, tmp_path_factory):
 _CRASH = """
 import os, sys
 import pyarrow.parquet as pq
-from tracer import dataset
+from tracer.fleet import dataset
 n = int(sys.argv[1]); hit = [0]
 def point(f):
     def g(*a, **k):
@@ -162,7 +163,7 @@ def many(tmp_path_factory):
 
 def test_a_killed_export_leaves_no_worker_holding_the_lock(many, tmp_path):
     root = str(tmp_path / "ds")
-    code = f"from tracer import dataset; import sys; dataset.export({root!r}, sys.argv[1:], jobs=2)"
+    code = f"from tracer.fleet import dataset; import sys; dataset.export({root!r}, sys.argv[1:], jobs=2)"
     p = subprocess.Popen([sys.executable, "-c", code, *many], cwd=REPO)
     deadline = time.monotonic() + 60
     while len(_children(p.pid)) < 2 and time.monotonic() < deadline:

@@ -8,8 +8,9 @@ import shutil
 
 import pytest
 
-from tracer import dataset, fleet
-from tracer.simulate import SimSpec, simulate
+from tracer.fleet import dataset
+from tracer.fleet import query as fleet
+from tracer.analysis.simulate import SimSpec, simulate
 
 pytestmark = pytest.mark.spark
 

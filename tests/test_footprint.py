@@ -1,5 +1,5 @@
 """Once its programs are loaded, an agent gives the compiler's memory back
-(tracer/footprint.py), and nothing is lost by it: the compiler still works
+(tracer/attach/footprint.py), and nothing is lost by it: the compiler still works
 after, its pages fault back in from the file."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tests.conftest import REPO
 CHILD = r"""
 import json
 from bcc import BPF
-from tracer import footprint
+from tracer.attach import footprint
 PROG = "int hello(void *ctx) { return 0; }"
 BPF(text=PROG).load_func("hello", BPF.KPROBE)
 before = footprint.rss()

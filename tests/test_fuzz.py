@@ -18,10 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tracer import recording as rec
-from tracer.cli import main
-from tracer.demo import run_model
-from tracer.events import EVENT_DTYPE
+from tracer.recording import format as rec
+from tracer.cli.commands import main
+from tracer.live.model import run_model
+from tracer.probes.events import EVENT_DTYPE
 
 DEEP = "__luotrace_deep__"
 COMMANDS = (["report", "{a}"], ["report", "--json", "{a}"], ["report", "--events", "{a}"],

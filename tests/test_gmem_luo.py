@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import REPO
 from workloads import gmem_luo
-from tracer.kvm import VM
+from tracer.kernel.kvm import VM
 
 PAGE = 4096
 

@@ -11,9 +11,9 @@ import threading
 import time
 
 from tests.bench_ingest import load_harness
-from tracer import ringbuf
-from tracer.events import decode
-from tracer.kvm import VM
+from tracer.attach import ringbuf
+from tracer.probes.events import decode
+from tracer.kernel.kvm import VM
 
 
 def _latencies(gmem_pages: int, gap_s: float, burst: int) -> list:

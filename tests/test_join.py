@@ -16,10 +16,11 @@ import json
 import numpy as np
 import pytest
 
-from tracer import catalog, clock
-from tracer import recording as rec
-from tracer.join import join_report
-from tracer.replay import replay
+from tracer.probes import catalog
+from tracer.kernel import clock
+from tracer.recording import format as rec
+from tracer.analysis.join import join_report
+from tracer.analysis.replay import replay
 
 from .conftest import MODEL, load_json, run_cli
 
@@ -37,7 +38,7 @@ def update_run(model, gmem, tmp_path_factory):
 
 
 def _chunks(path: str):
-    """(type, offset, length) of every chunk: the file layout, as in tracer/recording.py."""
+    """(type, offset, length) of every chunk: the file layout, as in tracer/recording/format.py."""
     data = open(path, "rb").read()
     return data, [(kind, pos, length) for kind, pos, _start, length in rec.walk(data)]
 

@@ -9,9 +9,9 @@ import os
 import pytest
 
 from exporters.text import render
-from tracer.anomalies import NEEDS_FOLIO_MODE
-from tracer.demo import compare, run_model
-from tracer.replay import replay
+from tracer.analysis.anomalies import NEEDS_FOLIO_MODE
+from tracer.live.model import compare, run_model
+from tracer.analysis.replay import replay
 
 # One session per fault, so that each file's outcome is independent.
 SESSIONS = [

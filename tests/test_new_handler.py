@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 
-from tracer.demo import compare
+from tracer.live.model import compare
 
 from .conftest import REPO
 

@@ -7,7 +7,7 @@ import json
 
 from tests.conftest import run_cli
 from tracer import schemas
-from tracer.demo import run_model
+from tracer.live.model import run_model
 
 
 def test_report_compare_and_events_validate(model, gmem, tmp_path):

@@ -12,10 +12,10 @@ import time
 import pytest
 
 from tests.conftest import load_json
-from tracer.loader import Options
-from tracer.replay import replay
-from tracer.live import run
-from tracer.kvm import gmem_superblock_dev
+from tracer.attach.loader import Options
+from tracer.analysis.replay import replay
+from tracer.live.runner import run
+from tracer.kernel.kvm import gmem_superblock_dev
 
 MiB = 1 << 20
 
@@ -120,7 +120,7 @@ def test_update_policy_attaches_population_for_the_update_and_still_sees_the_rac
     """A file enters an update (its preserve starts): the population
     tracepoints are attached then, so a folio added to the frozen file later
     is still caught; what was populated before is not counted (unknown)."""
-    from tracer.demo import run_model
+    from tracer.live.model import run_model
     res, truth = run_model("folio", ["keep:gmem:1M:late_fallocate", "cancel:gmem:512K"], str(tmp_path / "m.luo"),
                            model=model, pause_ms=150, progress=lambda s: None, population="update")
     files = {f["inode"]: f for f in res.report["files"]}

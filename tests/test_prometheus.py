@@ -19,8 +19,8 @@ from dashboards import generate
 from exporters.prometheus import (EARLIER_BOOT_BUDGET, SERIES_BUDGET, LuotraceCollector, earlier_boot_families,
                                   exported_series_names, exposition, families)
 from tests.conftest import LUOTRACE, REPO
-from tracer import catalog
-from tracer.replay import replay
+from tracer.probes import catalog
+from tracer.analysis.replay import replay
 
 RULES = os.path.join(REPO, "dashboards", "luotrace.rules.yml")
 SESSIONS = ["kexec:gmem:4M,memfd:1M", "cancel:gmem:2M", "keep:gmem:1M:hwpoison=10", "keep:gmem:1M:pass_mismatch",

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tracer import recording as rec
-from tracer.demo import run_model
-from tracer.errors import LuotraceError
-from tracer.events import EVENT_SIZE
-from tracer.replay import replay, report_of
+from tracer.recording import format as rec
+from tracer.live.model import run_model
+from tracer.base.errors import LuotraceError
+from tracer.probes.events import EVENT_SIZE
+from tracer.analysis.replay import replay, report_of
 
 
 MIN_HEADER = json.dumps({"format": "luotrace.recording", "mode": "folio",

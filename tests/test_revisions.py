@@ -9,8 +9,8 @@ import os
 import pytest
 
 from tests.conftest import MODEL, run_cli
-from tracer import catalog
-from tracer.demo import compare, run_model
+from tracer.probes import catalog
+from tracer.live.model import compare, run_model
 
 LATEST = MODEL + "-latest"
 SESSIONS = ["kexec:gmem:1M,memfd:256K", "cancel:gmem:512K", "keep:gmem:512K:token_enoent",

@@ -1,4 +1,4 @@
-"""luotrace reads its BPF ring buffers itself (tracer/ringbuf.py).  Here a real
+"""luotrace reads its BPF ring buffers itself (tracer/attach/ringbuf.py).  Here a real
 ring buffer in the running kernel, made tiny (one page: 56 records) so that it
 wraps around many times, is fed by a real BPF program on the page-cache
 tracepoint while a real guest_memfd is populated (the harness of
@@ -11,9 +11,9 @@ import select
 import numpy as np
 import pytest
 
-from tracer import catalog
-from tracer.events import EVENT_SIZE, decode
-from tracer.kvm import VM
+from tracer.probes import catalog
+from tracer.probes.events import EVENT_SIZE, decode
+from tracer.kernel.kvm import VM
 
 from .bench_ingest import folio_lost, load_harness
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.conftest import LUOTRACE, REPO, need, run_cli, wait_tracing
-from tracer.replay import replay
+from tracer.analysis.replay import replay
 
 
 def bpf_prog_ids():
@@ -34,7 +34,7 @@ def attached_prog_ids():
 
 def kept_prog_ids():
     """Programs the BPF cache keeps loaded between starts (pinned under
-    /sys/fs/bpf/luotrace, tracer/bpf_cache.py)."""
+    /sys/fs/bpf/luotrace, tracer/attach/bpf_cache.py)."""
     out = subprocess.run(["bpftool", "-f", "prog", "show", "-j"], capture_output=True, text=True, check=True).stdout
     return {p["id"] for p in json.loads(out or "[]")
             if any(x.startswith("/sys/fs/bpf/luotrace/") for x in p.get("pinned", []))}
@@ -119,7 +119,7 @@ def test_sigkill_leaves_a_readable_recording(model, gmem, tmp_path):
     p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_tracing(p)
     # wait until blocks of events reached the file (flushed at least every second)
-    from tracer import recording as rec
+    from tracer.recording import format as rec
     end = time.monotonic() + 30
     while time.monotonic() < end:
         time.sleep(0.3)

@@ -7,10 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import run_cli
-from tracer import catalog
-from tracer import recording as rec
-from tracer.replay import replay
-from tracer.simulate import SimSpec, simulate
+from tracer.probes import catalog
+from tracer.recording import format as rec
+from tracer.analysis.replay import replay
+from tracer.analysis.simulate import SimSpec, simulate
 
 
 def test_one_tebibyte_over_64_files(tmp_path):
@@ -66,8 +66,8 @@ def _stable_sorted(lifecycle: np.ndarray, chunks) -> np.ndarray:
                                                             max_size=6))
 def test_streamed_merge_equals_one_stable_sort(life_ts, chunk_gaps):
     """What trace mode writes a chunk at a time is what sorting everything at once gave."""
-    from tracer.events import EVENT_DTYPE
-    from tracer.simulate import _merged
+    from tracer.probes.events import EVENT_DTYPE
+    from tracer.analysis.simulate import _merged
     lifecycle = np.zeros(len(life_ts), dtype=EVENT_DTYPE)
     lifecycle["ts"] = sorted(life_ts)
     lifecycle["probe"] = 1
@@ -87,7 +87,7 @@ def test_streamed_merge_equals_one_stable_sort(life_ts, chunk_gaps):
 def test_trace_mode_chunks_keep_every_folio_in_time_order(tmp_path, monkeypatch):
     """Chunked below one file's folio count: the per-folio records span chunks
     and files, and stay whole and ordered."""
-    import tracer.simulate as sim
+    import tracer.analysis.simulate as sim
     monkeypatch.setattr(sim, "CHUNK", 1000)
     out = str(tmp_path / "t.luo")
     info = simulate(SimSpec(files=3, size=3 * (10 << 20), mode="trace", sample_every=3), out)

@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from tracer import kvm
-from tracer import kvm_abi as abi
+from tracer.kernel import kvm
+from tracer.kernel import kvm_abi as abi
 
 
 def test_a_standin_larger_than_memory_is_refused_in_one_line(model):

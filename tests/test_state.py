@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from tracer import recording as rec
-from tracer.errors import LuotraceError
-from tracer.state import StateDir
+from tracer.recording import format as rec
+from tracer.base.errors import LuotraceError
+from tracer.live.state import StateDir
 
 
 def _put(d, name: str, size: int, mtime: int) -> str:

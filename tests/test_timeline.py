@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import run_cli
-from tracer.demo import DEFAULT_SESSIONS, run_model
-from tracer.simulate import SimSpec, simulate
+from tracer.live.model import DEFAULT_SESSIONS, run_model
+from tracer.analysis.simulate import SimSpec, simulate
 
 ORDER = ["can_preserve", "preserve", "count_pass", "fill_pass", "preserve_folios", "vmalloc", "luo_freeze",
          "unpreserve", "retrieve", "finish"]
@@ -92,9 +92,9 @@ def test_single_recording_draws_its_kexec_and_puts_instants_at_their_evidence(mo
 def test_folio_progress_in_batches_equals_binning_everything_at_once(rows, batch, max_points):
     """The streamed two-pass binning (bounded memory) gives the counter the
     timeline drew from all of a file's sorted timestamps at once."""
-    from tracer import catalog
-    from tracer.events import EVENT_DTYPE
-    from tracer.folio_progress import FolioProgress
+    from tracer.probes import catalog
+    from tracer.probes.events import EVENT_DTYPE
+    from tracer.analysis.folio_progress import FolioProgress
     e = np.zeros(len(rows) + 5, dtype=EVENT_DTYPE)
     e["probe"] = catalog.PROBE_IDS["kho_preserve_folio"]
     e["ino"][:len(rows)] = [r[0] for r in rows]

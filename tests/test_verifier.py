@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from tracer import catalog
-from tracer.btf import BTF
-from tracer.layout import LOGICAL, Layout, kernel_layout
-from tracer.loader import verify_kernel_programs
+from tracer.probes import catalog
+from tracer.kernel.btf import BTF
+from tracer.probes.layout import LOGICAL, Layout, kernel_layout
+from tracer.attach.loader import verify_kernel_programs
 
 # Offsets as a patched x86_64 kernel would give them (values only need to be
 # plausible: the verifier checks the reads, not what they find).

@@ -124,7 +124,7 @@ def test_a_phase_one_revision_dropped_is_listed_one_sided():
 def test_boots_alternate_and_every_boot_is_labelled():
     """A B A B ...: each boot's line in boots.txt in that order, and each
     boot's recordings carry the side, the series and the boot."""
-    from tracer import recording as rec
+    from tracer.recording import format as rec
     lines = [ln.split() for ln in open(os.path.join(OUT, "boots.txt")) if " boot " in ln and "attempt" in ln]
     ok = [(ln[0], int(ln[3])) for ln in lines if ln[6] == "ok"]
     assert [side for side, _b in ok] == ["A", "B"] * (len(ok) // 2), ok

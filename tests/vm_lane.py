@@ -405,7 +405,7 @@ def test_gmem_vmbench_cancels_run_no_program_per_folio():
     folio mode counts each from its array in the one kho_unpreserve_vmalloc
     run, --folio-latency runs a program per folio.  Printed: the unpreserve
     phase's median and the BPF time the cancels' folio probes took."""
-    from tracer.replay import replay
+    from tracer.analysis.replay import replay
     for cfg in ("folio", "folio-latency"):
         rep = replay(os.path.join(OUT, f"bench-guest_memfd-{cfg}.luo"))
         files = [f for f in rep["files"] if f["result"] == "cancelled" and f["size_bytes"] == 256 << 20]

@@ -1,10 +1,10 @@
 """guest_memfd workload driver: a VM and guest_memfds populated for real
-(the VM and file handling itself is the tracer's, tracer/kvm.py)."""
+(the VM and file handling itself is the tracer's, tracer/kernel/kvm.py)."""
 from __future__ import annotations
 
 from typing import List
 
-from tracer.kvm import VM, GmemError, GmemFile, fallocate, gmem_superblock_dev, kernel_dev
+from tracer.kernel.kvm import VM, GmemError, GmemFile, fallocate, gmem_superblock_dev, kernel_dev
 
 __all__ = ["VM", "GmemError", "GmemFile", "fallocate", "gmem_superblock_dev", "kernel_dev", "populate"]
 

@@ -47,9 +47,9 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from tracer.events import errno_name  # names Linux errnos Python's errno module lacks (EHWPOISON)
+from tracer.probes.events import errno_name  # names Linux errnos Python's errno module lacks (EHWPOISON)
 
-from tracer import kvm_abi as kabi
+from tracer.kernel import kvm_abi as kabi
 from .gmem import VM, GmemError, GmemFile
 from .liveupdate import (_pattern, create_session, finish_session, hold, open_dev, preserve_fd, retrieve_fd,
                          retrieve_from, retrieve_session)

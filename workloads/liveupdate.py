@@ -25,7 +25,7 @@ import tempfile
 import time
 from typing import Dict, List
 
-from tracer.events import errno_name  # names Linux errnos Python's errno module lacks
+from tracer.probes.events import errno_name  # names Linux errnos Python's errno module lacks
 
 from . import liveupdate_abi as abi
 from .truth import parse_size, write_truth

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from tracer.units import UNITS, size_bytes
+from tracer.base.units import UNITS, size_bytes
 
 PAGE_SIZE = 4096
 

@@ -294,7 +294,7 @@ def hold_a_vm() -> None:
     lane runs in a row, each right after a driver's VMs went away).  With one
     VM held the key is flipped once, at boot, and never again."""
     global _HELD_VM
-    from tracer.kvm import GmemError, VM
+    from tracer.kernel.kvm import GmemError, VM
     try:
         _HELD_VM = VM()
     except GmemError as e:
@@ -303,7 +303,7 @@ def hold_a_vm() -> None:
 
 def main() -> None:
     # Every recorder here compiles its programs, as before they could be kept
-    # between starts (tracer/bpf_cache.py): the lane checks what it checked
+    # between starts (tracer/attach/bpf_cache.py): the lane checks what it checked
     # before; the warm starts at the end of stage 3 keep and reuse them.
     os.environ["LUOTRACE_BPF_CACHE"] = "0"
     hold_a_vm()

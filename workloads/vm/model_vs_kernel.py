@@ -19,7 +19,7 @@ import sys
 import tempfile
 from typing import Dict, List, Optional
 
-from tracer.demo import run_model
+from tracer.live.model import run_model
 
 # kernel scenario (workloads/gmem_luo.py) -> the model session doing the same.
 # Single kernel (report-gmem-folio.json): every session is closed at the end,

@@ -1,0 +1,150 @@
+"""One report from recordings made on either side of a live update: the old
+kernel's (preserve, freeze, cut short by the kexec) and the new kernel's
+(retrieve, finish).
+
+A file is the same file across the reboot through its serialized-data handle:
+the old kernel's preserve returns it, the new kernel's retrieve and finish are
+keyed by it (see Aggregator.ser_map).  Later recordings' timestamps are moved
+onto the first one's clock (tracer/kernel/clock.py), so every phase of a file sits on
+one axis: preserve, luo_freeze, the kexec, retrieve, finish; the blackout is
+measured from the freeze (or the kexec when the freeze was not captured) to
+the retrieve.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from tracer.kernel import clock
+from tracer.recording import format as rec
+from tracer.analysis.aggregator import Aggregator
+from tracer.base.errors import LuotraceError, corrupt_content
+from tracer.analysis.folio_progress import FolioProgress
+from tracer.analysis.report import build, probe_row
+
+
+def merge_maps(dumps: List[Optional[dict]]) -> dict:
+    """Map dumps of several boots: rows side by side, counters summed."""
+    out: dict = {"counters": {}, "folio_stats": [], "folio_hist": [], "population": [],
+                 "population_attached": False}
+    for d in dumps:
+        if not d:
+            continue
+        for k, v in d.get("counters", {}).items():
+            out["counters"][k] = out["counters"].get(k, 0) + int(v)
+        for key in ("folio_stats", "folio_hist", "population"):
+            out[key].extend(d.get(key, []))
+        out["population_attached"] = out["population_attached"] or bool(d.get("population_attached"))
+        if d.get("folio_source") and out.get("folio_source") != "array":
+            # any boot that read folio arrays: its failed memfd preserves are
+            # unknown, and unknown is said rather than a wrong 0
+            out["folio_source"] = d["folio_source"]
+    return out
+
+
+def _boot_row(path: str, r: rec.Recording, shift: int, how: str, kexec: bool) -> dict:
+    ck = r.header.get("clock", {})
+    return {"recording": path, "kernel": r.header.get("kernel"), "boot_id": ck.get("boot_id") or None,
+            "started": r.header.get("started"), "clock_offset_ns": shift, "joined_by": how,
+            "ended_by": "kexec" if kexec and r.end is None else ("closed" if r.end else "cut short"),
+            "truncated_reason": r.truncated_reason or None}
+
+
+def join_report(paths: List[str]) -> dict:
+    """The report of several recordings of one live update, oldest first."""
+    return join_with_progress(paths, progress=False)[0]
+
+
+def join_with_progress(paths: List[str], progress: bool = True) -> Tuple[dict, FolioProgress, int]:
+    """The joined report; with PROGRESS, each file's folio progress on the
+    first recording's clock (for a timeline: a second pass over the records);
+    and that clock's zero.  Records are read a batch at a time: memory does
+    not grow with the recordings."""
+    with corrupt_content():
+        return _join(paths, progress)
+
+
+def _join(paths: List[str], progress: bool) -> Tuple[dict, FolioProgress, int]:
+    recs = [(p, rec.read(p)) for p in paths]
+    for p, r in recs:
+        if "clock" not in r.header or "base_monotonic_ns" not in r.header["clock"]:
+            raise LuotraceError(f"{p}: recording has no clock anchors", "record it again with this luotrace")
+    seen: Dict[Tuple[str, int], str] = {}
+    for p, r in recs:
+        ident = (r.header["clock"].get("boot_id", ""), r.header["clock"]["base_monotonic_ns"])
+        if ident in seen:
+            raise LuotraceError(f"{p} and {seen[ident]} are the same recording",
+                                "give each side of the update once: the old kernel's recording, then the new one's")
+        seen[ident] = p
+    recs.sort(key=lambda pr: pr[1].header["clock"]["base_realtime_ns"])
+    modes = {r.header.get("mode") for _, r in recs}
+    mode = "light" if "light" in modes else str(next(iter(modes)) or "folio")
+    first = recs[0][1]
+    agg = Aggregator(mode, first.header["clock"]["base_monotonic_ns"])
+    boots, ends_ns, shifts = [], [], []
+    folios = FolioProgress()
+    for p, r in recs:
+        shift, how = clock.offset(first.header["clock"], r.header["clock"])
+        shifts.append(shift)
+        kexec_before = len(agg.kexec_ts)
+        last = 0
+        for batch in _shifted(r, shift):
+            last = max(last, agg.feed(batch))
+            if progress:
+                folios.scan(batch)
+        if last and r.end is None:
+            ends_ns.append(last)
+        boots.append(_boot_row(p, r, shift, how, len(agg.kexec_ts) > kexec_before))
+    agg.finish(merge_maps([r.maps for _, r in recs]))
+    end = {"duration_ns": agg.last_ts - agg.base,
+           "bpf": {"run_time_ns": sum((r.end or {}).get("bpf", {}).get("run_time_ns", 0) for _, r in recs),
+                   "run_cnt": sum((r.end or {}).get("bpf", {}).get("run_cnt", 0) for _, r in recs),
+                   "stats_enabled": any((r.end or {}).get("bpf", {}).get("stats_enabled") for _, r in recs)}}
+    cut = [b for b in boots if b["ended_by"] == "cut short"]
+    report = build(agg, first.header, end, bool(cut), "; ".join(f"{b['recording']}: {b['truncated_reason']}"
+                                                               for b in cut),
+                   [f"{p}: {d}" for p, r in recs for d in r.damaged], sum(r.damaged_records for _, r in recs))
+    probes: Dict[Tuple[str, str], dict] = {}
+    for _, r in recs:  # a probe missing on one side and attached on the other: attached
+        for pr in r.header.get("probes", []):
+            key = (pr["symbol"], pr["name"])
+            if key not in probes or pr.get("status") == "attached":
+                probes[key] = pr
+    report["probes"] = [probe_row(pr) for pr in probes.values()]
+    report["boots"] = boots
+    report["kexec_ns"] = [t - agg.base for t in agg.kexec_ts]
+    ends = [e - agg.base for e in ends_ns]
+    for f in report["files"]:
+        f["blackout_ns"], f["blackout_from"] = blackout(f, report["kexec_ns"], ends)
+    if progress:
+        for (_, r), shift in zip(recs, shifts):
+            for batch in _shifted(r, shift):
+                folios.count(batch)
+    return report, folios, agg.base
+
+
+def _shifted(r: rec.Recording, shift: int):
+    """R's batches moved by SHIFT ns onto the first recording's clock."""
+    for batch in r.batches():
+        if shift:
+            batch = batch.copy()
+            batch["ts"] = (batch["ts"].astype(np.int64) + shift).astype(np.uint64)
+        yield batch
+
+
+def blackout(f: dict, kexec_ns: List[int], boot_ends_ns: List[int]) -> Tuple[Optional[int], Optional[str]]:
+    """From the file's freeze to the start of its retrieve, and what the start
+    is: ``luo_freeze``; else ``kexec`` (the freeze was not captured: the CPUs
+    stopped before the recorder wrote it); else ``recording end`` (not even the
+    kexec was captured: the old kernel's last record, so an upper bound)."""
+    retrieve = next((p for p in f["phases"] if p["name"] == "retrieve"), None)
+    if retrieve is None:
+        return None, None
+    at = retrieve["start_ns"]
+    for what, starts in (("luo_freeze", [p["start_ns"] for p in f["phases"] if p["name"] == "luo_freeze"]),
+                         ("kexec", kexec_ns), ("recording end", boot_ends_ns)):
+        before = [t for t in starts if t <= at]
+        if before:
+            return at - max(before), what
+    return None, None
