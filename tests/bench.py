@@ -40,7 +40,7 @@ import time
 from typing import Dict, List, Tuple
 
 from tracer.kernel import host as kernel
-from tracer.attach.loader import Options
+from tracer.probes.plan import Options
 from tracer.live.runner import run
 from tracer.kernel.kvm import gmem_superblock_dev
 
@@ -245,9 +245,10 @@ def offline(tmp: str) -> List[str]:
 def detach() -> List[str]:
     """Detaching the model's probes (folio mode, every one a uprobe): all at
     once (luotrace's close) against BCC's cleanup one by one, same run."""
-    from tracer.attach import loader
+    from tracer.attach import tracer as loader
     from tracer.probes.layout import resolve_layout
-    from tracer.attach.loader import Options, Tracer, detach_all
+    from tracer.probes.plan import Options
+    from tracer.attach.tracer import Tracer, detach_all
     opts = Options(mode="folio", model=MODEL)
     times: Dict[str, List[float]] = {"parallel": [], "sequential": []}
     n = 0

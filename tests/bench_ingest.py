@@ -27,7 +27,8 @@ from tracer.recording import format as rec
 from tracer.analysis.aggregator import Aggregator
 from tracer.probes.events import EVENT_SIZE, decode
 from tracer.probes.layout import kernel_layout
-from tracer.attach.loader import COUNTER_NAMES, Options, bpf_source, cflags
+from tracer.probes.program import COUNTER_NAMES, bpf_source, cflags
+from tracer.probes.plan import Options
 from tracer.attach.ringbuf import RingReader
 from tracer.kernel.kvm import gmem_superblock_dev
 

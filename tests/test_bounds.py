@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tracer.attach.loader import Options
+from tracer.probes.plan import Options
 from tracer.live.runner import run
 
 from .conftest import MODEL, load_json
@@ -27,7 +27,7 @@ def test_a_frozen_guest_memfd_filled_late_is_counted_whole_and_kept_bounded(mode
     """2048 folios added to a frozen guest_memfd (the real tracepoint, the real
     inode): the anomaly counts all of them, the evidence kept is bounded."""
     from tracer.analysis.aggregator import EVIDENCE_MAX
-    from tracer.attach.loader import Options
+    from tracer.probes.plan import Options
     from tracer.live.runner import run
     truth_path = str(tmp_path / "t.json")
     res = run(Options(mode="folio", model=MODEL), str(tmp_path / "late.luo"),

@@ -43,7 +43,7 @@ def test_every_bpf_handler_belongs_to_a_probe():
 
 
 def test_generated_entry_points_for_each_attach_type():
-    from tracer.attach.loader import wrappers
+    from tracer.probes.program import wrappers
     probes = [catalog.BY_NAME["gmem_preserve"], catalog.BY_NAME["gmem_unpreserve"]]
     k = wrappers(probes, {}, {})
     assert "int gmem_preserve_entry(struct pt_regs *ctx)" in k and "PT_REGS_RC(ctx)" in k
@@ -79,7 +79,7 @@ def test_docs_tables_are_generated_from_the_catalog_and_the_fleet_schema():
 def test_which_handlers_come_together_is_one_rule():
     """probes_for (what --handler asks for) and the loader's selection (what
     the traced code has) both use catalog.handler_kept."""
-    from tracer.attach.loader import Options, ProbeStatus, select_handlers
+    from tracer.probes.plan import Options, ProbeStatus, select_handlers
     st = [ProbeStatus(p.name, p.symbol, p.handler, p.required, "kprobe", "planned") for p in catalog.PROBES
           if p.name != "memfd_preserve"]  # memfd absent from the traced code
     chosen = {s.handler for s in select_handlers(st, Options())}

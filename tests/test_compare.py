@@ -12,6 +12,7 @@ import pytest
 from scipy import stats
 
 from tests.conftest import run_cli
+from exporters.compare_text import render
 from tracer.analysis import compare as cmp
 from tracer.analysis.simulate import SimSpec, simulate
 
@@ -91,7 +92,7 @@ def test_one_run_a_side_calls_nothing_and_says_why(tmp_path):
     aa = {k: 0.05 for k in x.samples}
     row = next(r for r in cmp.compare(x, y, noise=aa)["phases"] if r["phase"] == "fill_pass")
     assert "boots spread 5.0 % (the A/A given): about" in row["note"]
-    text = cmp.render(res)
+    text = render(res)
     assert "unit: the run (one a side" in text and "cannot show a change" in text
 
 
@@ -239,7 +240,7 @@ def test_a_phase_only_one_side_ran_is_listed_not_compared(tmp_path):
     totals = [r for r in res["phases"] if r["total"]]
     assert [(r["handler"], r["phase"]) for r in totals] == [("guest_memfd", "preserve")]
     assert totals[0]["verdict"].startswith("(total) ")
-    assert "luo_freeze       A only (n=32" in cmp.render(res)
+    assert "luo_freeze       A only (n=32" in render(res)
 
 
 def test_a_run_that_drifts_is_named_and_steady_runs_are_not(tmp_path):

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.conftest import load_json
-from tracer.attach.loader import Options
+from tracer.probes.plan import Options
 from tracer.analysis.replay import replay
 from tracer.live.runner import run
 from tracer.kernel.kvm import gmem_superblock_dev

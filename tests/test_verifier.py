@@ -10,7 +10,7 @@ import pytest
 from tracer.probes import catalog
 from tracer.kernel.btf import BTF
 from tracer.probes.layout import LOGICAL, Layout, kernel_layout
-from tracer.attach.loader import verify_kernel_programs
+from tracer.attach.tracer import verify_kernel_programs
 
 # Offsets as a patched x86_64 kernel would give them (values only need to be
 # plausible: the verifier checks the reads, not what they find).

@@ -21,7 +21,6 @@ seen to matter, and how many runs a side would settle it.
 """
 from __future__ import annotations
 
-import io
 import math
 import os
 from dataclasses import dataclass, field
@@ -31,8 +30,6 @@ import numpy as np
 
 from tracer.probes.catalog import LEAF_PHASES
 from tracer.base.errors import LuotraceError
-from tracer.base.printable import printable
-from tracer.recording.format import write_output
 from tracer.analysis.replay import replay
 
 ALPHA = 0.05
@@ -159,7 +156,7 @@ def _warnings(a: Side, b: Side) -> List[str]:
     return out
 
 
-def _by_run(x: np.ndarray, runs: np.ndarray) -> List[np.ndarray]:
+def by_run(x: np.ndarray, runs: np.ndarray) -> List[np.ndarray]:
     """X's samples, one array per run, in run order (time order kept)."""
     return [x[runs == r] for r in np.unique(runs)]
 
@@ -264,7 +261,7 @@ def compare(a: Side, b: Side, min_change: float = MIN_CHANGE,
                   "median": float(np.median((sa if k in sa else sb)[k]))}
                  for k in sorted(set(sa) ^ set(sb), key=lambda k: (k[0], order.index(k[1])))]
     leaf = [k for k in keys if k[1] != "preserve"]
-    groups = {k: (_by_run(sa[k], a.run_of(k)), _by_run(sb[k], b.run_of(k))) for k in keys}
+    groups = {k: (by_run(sa[k], a.run_of(k)), by_run(sb[k], b.run_of(k))) for k in keys}
     tests = {k: run_test(*groups[k]) for k in keys}
     adjusted = dict(zip(leaf, holm([tests[k][0] for k in leaf])))
     m = max(1, len(leaf))
@@ -356,117 +353,3 @@ def noise_of(res: dict) -> Dict[Tuple[str, str], float]:
     return out
 
 
-def _fmt_signed(ns: float) -> str:
-    from exporters.text import fmt_ns
-    return ("-" if ns < 0 else "") + fmt_ns(int(abs(ns)))
-
-
-def _pct(sd: Optional[float]) -> str:
-    return "-" if sd is None else f"{100 * sd:.1f}%"
-
-
-def render(res: dict) -> str:
-    """A benchstat-like table: medians, delta with its interval, adjusted p,
-    and the runs each side had with how they spread."""
-    from exporters.text import fmt_ns
-    lv = res["levels"]
-    lines = [f"A = {res['a']}   B = {res['b']}",
-             f"unit: the {lv['unit']}; {lv['runs_a']} run(s) A, {lv['runs_b']} run(s) B (a run is a boot, or a "
-             f"recording without one, or a fleet update); calls within a run are not independent samples"]
-    lines.append("")
-    hdr = f"{'handler':<12} {'phase':<16} {'runs A/B':>9} {'calls':>9} {'median A':>10} {'median B':>10} " \
-          f"{'delta':>8} {'95% CI of B-A':>22} {'p (Holm)':>9}  verdict"
-    lines += [hdr, "-" * len(hdr)]
-    for r in res["phases"]:
-        ci = "-" if r["ci_low"] is None else f"[{_fmt_signed(r['ci_low'])}, {_fmt_signed(r['ci_high'])}]"
-        delta = f"{100 * r['delta']:+.1f}%" if r["delta"] is not None else "-"
-        lines.append(f"{r['handler']:<12} {r['phase']:<16} {str(r['runs_a']) + '/' + str(r['runs_b']):>9} "
-                     f"{str(r['n_a']) + '/' + str(r['n_b']):>9} "
-                     f"{fmt_ns(int(r['median_a'])):>10} {fmt_ns(int(r['median_b'])):>10} {delta:>8} "
-                     f"{ci:>22} {r['p_holm']:9.3g}  {r['verdict']}")
-        lines.append(f"{'':<30}spread between runs A {_pct(r['between_run_sd_a'])}, B {_pct(r['between_run_sd_b'])}; "
-                     f"within a run A {_pct(r['within_run_sd_a'])}, B {_pct(r['within_run_sd_b'])}")
-        if r.get("note"):
-            lines.append(f"{'':<30}{r['note']}")
-        if r.get("sampled_from"):
-            lines.append(f"{'':<30}a sample of {r['sampled_from'][0]}/{r['sampled_from'][1]} calls "
-                         "(drawn the same way every run)")
-    for r in res.get("one_sided", []):
-        lines.append(f"{r['handler']:<12} {r['phase']:<16} {r['side']} only (n={r['n']}, median "
-                     f"{fmt_ns(int(r['median']))}): the other side never ran it, not compared")
-    for f in res["folio_latency"]:
-        lines.append(f"folio latency {f['handler']}: p50 <= {fmt_ns(int(f['p50_a_ns_le'] or 0))} -> "
-                     f"{fmt_ns(int(f['p50_b_ns_le'] or 0))}, p99 <= {fmt_ns(int(f['p99_a_ns_le'] or 0))} -> "
-                     f"{fmt_ns(int(f['p99_b_ns_le'] or 0))} ({f['n_a']}/{f['n_b']} folios, log2 buckets)")
-    lines.append("")
-    lines.append(f"{lv['test']}, alpha {res['alpha']}; a change is called only when p (Holm) < alpha, the "
-                 f"interval at the family's level (1 - alpha / phases) excludes zero and |delta| >= "
-                 f"{100 * res['min_change']:g} %.")
-    changed = res["changed"]
-    if changed:
-        lines.append("changed: " + ", ".join(changed))
-    elif any(r.get("note") for r in res["phases"] if r["phase"] != "preserve"):
-        lines.append("changed: nothing found, but these runs cannot show a change (see the notes)")
-    else:
-        lines.append("changed: nothing (no phase passes the test, the interval and the floor)")
-    return "\n".join(printable(line) for line in lines) + "\n"
-
-
-_UNITS = ((1e9, "s"), (1e6, "ms"), (1e3, "µs"), (1.0, "ns"))
-
-
-def _unit(values: np.ndarray) -> Tuple[float, str]:
-    """The largest unit in which the median reads as at least 1."""
-    med = float(np.median(values)) if len(values) else 0.0
-    return next(((d, u) for d, u in _UNITS if med >= d), (1.0, "ns"))
-
-
-def _short(name: str) -> str:
-    """A side as a reader knows it: its label (series=seed), or a path's file name."""
-    return os.path.basename(name) if os.sep in name else name
-
-
-def plot(a: Side, b: Side, out: str, res: dict) -> None:
-    """Small multiples, one per phase: both sides by name, every sample as a
-    point over its box, the unit chosen per phase, delta and verdict on top."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    sa, sb = a.samples, b.samples
-    rows = {(r["handler"], r["phase"]): r for r in res["phases"]}
-    keys = [k for k in rows if k in sa and k in sb]
-    if not keys:
-        raise LuotraceError("no phase is present on both sides", "check the recordings")
-    ncol = min(4, len(keys))
-    nrow = math.ceil(len(keys) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 3.2 * nrow), squeeze=False)
-    names = [_short(a.name), _short(b.name)]
-    for ax, k in zip(axes.flat, keys):
-        r = rows[k]
-        div, unit = _unit(np.concatenate([sa[k], sb[k]]))
-        data = [sa[k] / div, sb[k] / div]
-        ax.boxplot(data, tick_labels=names, showfliers=False, widths=0.6)
-        for i, (side, d) in enumerate(((a, data[0]), (b, data[1])), start=1):
-            groups = _by_run(d, side.run_of(k))
-            # each run its own column, in run order, its calls in time order left to right, its median a mark
-            offsets = np.linspace(-0.22, 0.22, len(groups)) if len(groups) > 1 else np.zeros(1)
-            for off, g in zip(offsets, groups):
-                xs = i + off + np.linspace(-0.03, 0.03, len(g)) if len(g) > 1 else np.full(1, i + off)
-                ax.scatter(xs, g, s=5, alpha=0.45, color=("tab:blue", "tab:orange")[i - 1])
-                ax.scatter([i + off], [np.median(g)], marker="D", s=22, color="black", zorder=3)
-        delta = f"{100 * r['delta']:+.1f} %" if r["delta"] is not None else "-"
-        color = {"slower": "tab:red", "faster": "tab:green"}.get(r["verdict"], "black")
-        ax.set_title(f"{k[0]} {k[1]} ({r['runs_a']}/{r['runs_b']} runs)\n{delta}  {r['verdict']}", fontsize=9,
-                     color=color)
-        ax.set_ylabel(unit)
-        ax.tick_params(axis="x", labelsize=8)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
-    fig.suptitle(f"{names[0]} vs {names[1]}: phase durations; a diamond per run (its median), its calls "
-                 f"beside it in time order (p Holm < {res['alpha']}, |delta| >= {100 * res['min_change']:g} %)",
-                 fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the title
-    png = io.BytesIO()
-    fig.savefig(png, dpi=100, format="png")  # OUT as given: no ".png" appended to a name without one
-    plt.close(fig)
-    write_output(out, png.getvalue(), "plot")

@@ -215,13 +215,13 @@ def record(output: str, mode: str, model: Optional[str], handlers: Tuple[str, ..
       luotrace record -o m.luo --model workloads/model/luo_model -- \\
           workloads/model/luo_model kexec:gmem:64M cancel:gmem:8M
     """
-    from tracer.attach.loader import Options
+    from tracer.probes.plan import Options
     from tracer.live.runner import run
     opts = Options(mode=mode, model=model, handlers=list(handlers) or None, sample_every=sample,
                    folio_ringbuf_pages=folio_ringbuf_pages, lifecycle_ringbuf_pages=lifecycle_ringbuf_pages,
                    strategy=strategy, population=population, folio_latency=folio_latency, gmem=gmem)
     if print_bpf:
-        from tracer.attach.loader import final_source
+        from tracer.probes.program import final_source
         click.echo(final_source(opts), nl=False)
         return
     from tracer.service.serve import UpdateExport
@@ -376,7 +376,7 @@ def serve(listen: str, replay_path: Optional[str], output: Optional[str], mode: 
     if replay_path:
         serve_replay(replay_path, listen, per_program=bpf_stats)
         return
-    from tracer.attach.loader import Options
+    from tracer.probes.plan import Options
     from tracer.analysis.simulate import parse_size
     from tracer.live.state import StateDir
     state = StateDir(state_dir, state_keep, parse_size(state_max_bytes)) if state_dir else None
@@ -618,7 +618,8 @@ def compare(recordings: Tuple[str, ...], by: Optional[str], plot: Optional[str],
     res = cmp.compare(a, b, min_change=min_change, noise=_noise(noise))
     _compare_out(res, as_json, fail_on_change)
     if plot:
-        cmp.plot(a, b, plot, res)
+        from exporters.compare_plot import plot as draw
+        draw(a, b, plot, res)
         click.echo(f"luotrace: plot written to {plot}", err=True)
     if fail_on_change and res["changed"]:
         sys.exit(FAIL_EXIT)
@@ -644,8 +645,8 @@ def _noise(path: Optional[str]):
 def _compare_out(res: dict, as_json: bool, fail_on_change: bool) -> None:
     """compare's and fleet compare's output: the result on stdout, warnings
     and the gate's verdict on stderr (one place, so the two never differ)."""
-    from tracer.analysis import compare as cmp
-    click.echo(json.dumps(res, indent=2) if as_json else cmp.render(res), nl=not as_json)
+    from exporters.compare_text import render
+    click.echo(json.dumps(res, indent=2) if as_json else render(res), nl=not as_json)
     _warn(res["warnings"])
     if fail_on_change and res["changed"]:
         click.echo(f"luotrace: failing (--fail-on-change): {', '.join(res['changed'])} changed", err=True)

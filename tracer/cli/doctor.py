@@ -9,7 +9,7 @@ from typing import List, Optional
 from tracer.kernel import host as kernel
 from tracer.probes.catalog import BY_NAME, DROPPED_BY, FILE_HANDLERS, HANDLER_BY_NAME, REVISIONS, revision_of
 from tracer.base.errors import LuotraceError
-from tracer.attach.loader import Options, ProbeStatus, plan, select_handlers
+from tracer.probes.plan import Options, ProbeStatus, plan, select_handlers
 
 
 @dataclass

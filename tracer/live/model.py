@@ -14,7 +14,7 @@ import tempfile
 from typing import List, Optional, Tuple
 
 from tracer.base.errors import LuotraceError
-from tracer.attach.loader import Options
+from tracer.probes.plan import Options
 from tracer.live.runner import RunResult, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

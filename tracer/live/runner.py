@@ -29,7 +29,8 @@ from tracer.base.errors import LuotraceError
 from tracer.probes.events import EVENT_SIZE, decode
 from tracer.kernel.kvm import BACKING_ENV
 from tracer.probes.layout import resolve_layout
-from tracer.attach.loader import Options, Tracer
+from tracer.probes.plan import Options
+from tracer.attach.tracer import Tracer
 from tracer.analysis.report import build, file_rows, retire
 from tracer.live.stop import StopSignals
 

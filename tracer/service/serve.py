@@ -19,7 +19,7 @@ from exporters.prometheus import LuotraceCollector, earlier_boot_families, push,
 
 from tracer.service import sdnotify
 from tracer.base.errors import LuotraceError
-from tracer.attach.loader import Options
+from tracer.probes.plan import Options
 from tracer.recording.format import check_output
 from tracer.analysis.replay import replay
 from tracer.live.runner import LiveRun, RunResult, run
