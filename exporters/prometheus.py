@@ -20,7 +20,10 @@ from prometheus_client.registry import Collector
 from tracer import __version__
 from tracer.analysis.aggregator import FINAL_RESULTS
 from tracer.probes.catalog import BY_NAME
+from tracer.analysis.replay import replay
 from tracer.analysis.totals import BUCKETS_S, HANDLERS, NBUCKETS, OUTCOMES, PHASES, Totals
+from tracer.base.errors import LuotraceError
+from tracer.recording.format import check_output
 
 TOP_FILES = 16  # per-file series only for the largest files
 # Series a host exports with the defaults, whatever the number of files (every
@@ -393,3 +396,15 @@ def summary(rep: dict) -> str:
             continue
         lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def export_textfile(path: str, out: str, per_program: bool = False) -> None:
+    """node_exporter textfile-collector format, written atomically (a
+    temporary file renamed over OUT): so OUT must be a regular file or none,
+    never a device or FIFO a rename would replace."""
+    check_output(out, force=True, what="textfile")
+    report = replay(path)
+    try:
+        write_textfile_at(out, report, per_program)
+    except OSError as e:
+        raise LuotraceError(f"cannot write {out}: {e.strerror}", "choose a writable path") from None

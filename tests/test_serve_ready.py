@@ -218,7 +218,7 @@ def test_only_get_and_head_and_head_has_no_body(model, gmem, tmp_path):
 
 
 def test_the_metrics_url_is_one_a_browser_takes():
-    from tracer.service.serve import MetricsServer
+    from tracer.service.http import MetricsServer
     for host, want in (("", "127.0.0.1"), ("[::1]", "[::1]")):
         port = free_port()
         srv = MetricsServer(f"{host}:{port}", lambda: {"recording": {}, "files": []})

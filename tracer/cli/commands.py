@@ -224,7 +224,7 @@ def record(output: str, mode: str, model: Optional[str], handlers: Tuple[str, ..
         from tracer.probes.program import final_source
         click.echo(final_source(opts), nl=False)
         return
-    from tracer.service.serve import UpdateExport
+    from tracer.service.update_export import UpdateExport
     export = UpdateExport(textfile_dir, pushgateway)
     res = run(opts, output, command=list(command) or None, duration=duration, labels=_labels(labels), force=force,
               command_stdout=sys.stderr if as_json else None,  # stdout carries the JSON report alone
@@ -372,7 +372,8 @@ def serve(listen: str, replay_path: Optional[str], output: Optional[str], mode: 
       luotrace serve --state-dir /var/lib/luotrace    # as the service: survives the kexec
       luotrace serve --model workloads/model/luo_model -- workloads/model/luo_model kexec:gmem:64M
     """
-    from tracer.service.serve import UpdateExport, serve_live, serve_replay
+    from tracer.service.update_export import UpdateExport
+    from tracer.service.serve import serve_live, serve_replay
     if replay_path:
         serve_replay(replay_path, listen, per_program=bpf_stats)
         return
@@ -420,7 +421,7 @@ def export(recordings: Tuple[str, ...], textfile: Optional[str], parquet: Option
     if textfile is not None:
         if len(recordings) != 1:
             raise click.UsageError(f"--textfile takes one recording ({len(recordings)} given)")
-        from tracer.service.serve import export_textfile
+        from exporters.prometheus import export_textfile
         export_textfile(recordings[0], textfile, per_program=bpf_stats)
         click.echo(f"luotrace: metrics written to {textfile}", err=True)
         return
