@@ -42,7 +42,7 @@ from typing import Dict, List, Tuple
 from tracer.kernel import host as kernel
 from tracer.probes.plan import Options
 from tracer.live.runner import run
-from tracer.kernel.kvm import gmem_superblock_dev
+from tracer.kernel.backing import gmem_superblock_dev
 
 from .bench_ingest import ingest
 from .bench_soak import soak

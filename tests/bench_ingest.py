@@ -30,7 +30,7 @@ from tracer.probes.layout import kernel_layout
 from tracer.probes.program import COUNTER_NAMES, bpf_source, cflags
 from tracer.probes.plan import Options
 from tracer.attach.ringbuf import RingReader
-from tracer.kernel.kvm import gmem_superblock_dev
+from tracer.kernel.backing import gmem_superblock_dev
 
 HARNESS = r"""
 /* bench only (tests/bench_ingest.py): a per-folio record for each folio added
@@ -53,7 +53,7 @@ TRACEPOINT_PROBE(filemap, mm_filemap_add_to_page_cache)
 
 PRODUCER = r"""
 import sys, time
-from tracer.kernel.kvm import VM
+from tracer.kernel.backing import VM
 total, rate = int(sys.argv[1]), float(sys.argv[2])
 chunk = 4096 * 4096  # 16 MiB: 4096 folios per fill
 with VM() as vm:

@@ -5,7 +5,7 @@ want of set-up; outside them they fail with the reason (LUOTRACE_ALLOW_SKIP=1
 turns those failures into skips for a developer's laptop).
 
 guest_memfd files are real where the host's KVM makes them and stand-ins
-(tracer/kernel/kvm.py) where it does not: a test that needs no real guest_memfd
+(tracer/kernel/backing.py) where it does not: a test that needs no real guest_memfd
 inode runs on either (fixture ``gmem``); the few that do (``real_gmem``) are
 skipped with the capability probe's reason, the one skip a host may cause."""
 from __future__ import annotations
@@ -58,7 +58,7 @@ def model(root) -> str:
 @pytest.fixture(scope="session")
 def gmem(root):
     """What this host's guest_memfd files are (real, or stand-ins and why)."""
-    from tracer.kernel.kvm import choose
+    from tracer.kernel.backing import choose
     return choose()
 
 

@@ -8,7 +8,7 @@ import re
 
 from tests.conftest import REPO
 from tracer.kernel import kvm_abi
-from tracer.kernel.kvm import VM, Backing
+from tracer.kernel.backing import VM, Backing
 
 
 def c_defines():

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import REPO
 from workloads import gmem_luo
-from tracer.kernel.kvm import VM
+from tracer.kernel.backing import VM
 
 PAGE = 4096
 

@@ -13,7 +13,7 @@ import time
 from tests.bench_ingest import load_harness
 from tracer.attach import ringbuf
 from tracer.probes.events import decode
-from tracer.kernel.kvm import VM
+from tracer.kernel.backing import VM
 
 
 def _latencies(gmem_pages: int, gap_s: float, burst: int) -> list:

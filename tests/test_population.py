@@ -15,7 +15,7 @@ from tests.conftest import load_json
 from tracer.probes.plan import Options
 from tracer.analysis.replay import replay
 from tracer.live.runner import run
-from tracer.kernel.kvm import gmem_superblock_dev
+from tracer.kernel.backing import gmem_superblock_dev
 
 MiB = 1 << 20
 

@@ -13,7 +13,7 @@ import pytest
 
 from tracer.probes import catalog
 from tracer.probes.events import EVENT_SIZE, decode
-from tracer.kernel.kvm import VM
+from tracer.kernel.backing import VM
 
 from .bench_ingest import folio_lost, load_harness
 

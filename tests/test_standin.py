@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tracer.kernel import kvm
+from tracer.kernel import kvm, standin
 from tracer.kernel import kvm_abi as abi
 
 
@@ -16,7 +16,7 @@ def test_a_standin_larger_than_memory_is_refused_in_one_line(model):
     r = subprocess.run([model, "--gmem", "standin", "kexec:gmem:1024G"], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "does not fit this host's memory" in r.stderr and _errors(r.stderr) == 1, r.stderr
     with pytest.raises(kvm.GmemError, match="does not fit this host's memory"):
-        kvm.create_standin(1 << 40)
+        standin.create_standin(1 << 40)
 
 
 def _errors(stderr: str) -> int:
@@ -49,12 +49,12 @@ def test_a_symlink_or_file_at_the_mount_point_is_refused_not_mounted_through(mod
     assert r.returncode != 0 and ("a symlink" if what == "symlink" else "not a directory") in r.stderr, r.stderr
     assert _errors(r.stderr) == 1
     with pytest.raises(kvm.GmemError, match="symlink" if what == "symlink" else "not a directory"):
-        kvm.create_standin(1 << 20)
+        standin.create_standin(1 << 20)
     assert not os.path.ismount(str(target)) and not os.listdir(target)
 
 
 def test_standins_work_again_after_the_mount_point_is_made_anew(model, no_standin_mount):
-    f = kvm.create_standin(1 << 20)
+    f = standin.create_standin(1 << 20)
     try:
         assert os.path.ismount(abi.STANDIN_DIR) and os.stat(abi.STANDIN_DIR).st_mode & 0o777 == 0o700
     finally:

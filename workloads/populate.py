@@ -4,7 +4,7 @@ Creates one VM and one guest_memfd (MMAP | INIT_SHARED) per size, pre-allocates
 each with fallocate(KEEP_SIZE), and prints what it made as JSON (inode, kernel
 dev, size, folios) so that tests and benchmarks know the ground truth.  Where
 the host's KVM makes no guest_memfd (or $LUOTRACE_GMEM says so) the files are
-stand-ins (tracer/kernel/kvm.py), and "gmem" in the JSON says which.
+stand-ins (tracer/kernel/standin.py), and "gmem" in the JSON says which.
 Options: ``--json FILE`` writes it to a file; ``--hold S`` keeps the files open
 for S seconds after populating; ``--punch`` punches a hole in the last page of
 each file and allocates it again (page-cache churn on a live inode).

@@ -91,7 +91,7 @@ class Tracer:
             why = kernel.ensure_tracefs()
             if why:
                 raise LuotraceError(f"tracefs is not usable: {why}", "mount debugfs and tracefs (run `make setup`)")
-        from tracer.kernel.kvm import choose
+        from tracer.kernel.backing import choose
         self.backing = choose(opts.gmem)
         self.gmem_dev = self._gmem_dev(statuses) if self.population else None
         self._on_bytes = on_bytes
@@ -200,7 +200,8 @@ class Tracer:
         population filter; found by creating a file there."""
         if self.opts.gmem_dev is not None:
             return self.opts.gmem_dev
-        from tracer.kernel.kvm import GmemError, gmem_superblock_dev
+        from tracer.kernel.kvm import GmemError
+        from tracer.kernel.backing import gmem_superblock_dev
         try:
             return gmem_superblock_dev(self.backing)
         except (GmemError, OSError) as e:

@@ -62,7 +62,7 @@ def run_model(mode: str, sessions: List[str], output: str, model: Optional[str] 
               pause_ms: float = 0.0, population: str = "always", folio_latency: bool = False,
               gmem: Optional[str] = None, **kw) -> Tuple[RunResult, dict]:
     """Trace one model run; returns the run and the model's ground truth.
-    GMEM: the backing of its guest_memfd files (tracer/kernel/kvm.py choose())."""
+    GMEM: the backing of its guest_memfd files (tracer/kernel/backing.py choose())."""
     model = model or default_model()
     if not os.path.exists(model):
         raise LuotraceError(f"reference model {model} not built", "run `make model` (or `make setup`)")

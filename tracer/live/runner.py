@@ -27,7 +27,7 @@ from tracer.analysis.aggregator import Aggregator
 from tracer.probes.catalog import PROBE_IDS
 from tracer.base.errors import LuotraceError
 from tracer.probes.events import EVENT_SIZE, decode
-from tracer.kernel.kvm import BACKING_ENV
+from tracer.kernel.backing import BACKING_ENV
 from tracer.probes.layout import resolve_layout
 from tracer.probes.plan import Options
 from tracer.attach.tracer import Tracer

@@ -36,7 +36,7 @@ class Options:
     max_files: int = 4096
     max_inflight: int = 16384
     gmem_dev: Optional[int] = None  # population filter; None = the superblock of the backing's files
-    # The backing of guest_memfd files (tracer/kernel/kvm.py choose()): auto | real |
+    # The backing of guest_memfd files (tracer/kernel/backing.py choose()): auto | real |
     # standin; None = $LUOTRACE_GMEM, else auto.  Commands run under the
     # trace are told the answer through $LUOTRACE_GMEM.
     gmem: Optional[str] = None

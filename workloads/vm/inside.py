@@ -294,7 +294,8 @@ def hold_a_vm() -> None:
     lane runs in a row, each right after a driver's VMs went away).  With one
     VM held the key is flipped once, at boot, and never again."""
     global _HELD_VM
-    from tracer.kernel.kvm import GmemError, VM
+    from tracer.kernel.kvm import GmemError
+    from tracer.kernel.backing import VM
     try:
         _HELD_VM = VM()
     except GmemError as e:
