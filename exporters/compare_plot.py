@@ -11,7 +11,7 @@ import numpy as np
 
 from tracer.analysis.compare import Side, by_run
 from tracer.base.errors import LuotraceError
-from tracer.recording.format import write_output
+from tracer.base.output import write_output
 
 
 _UNITS = ((1e9, "s"), (1e6, "ms"), (1e3, "µs"), (1.0, "ns"))

@@ -23,7 +23,7 @@ from tracer.probes.catalog import BY_NAME
 from tracer.analysis.replay import replay
 from tracer.analysis.totals import BUCKETS_S, HANDLERS, NBUCKETS, OUTCOMES, PHASES, Totals
 from tracer.base.errors import LuotraceError
-from tracer.recording.format import check_output
+from tracer.base.output import check_output
 
 TOP_FILES = 16  # per-file series only for the largest files
 # Series a host exports with the defaults, whatever the number of files (every

@@ -17,7 +17,7 @@ from typing import Dict, List
 
 from tracer.probes import catalog
 from tracer.analysis.folio_progress import MAX_POINTS, FolioProgress
-from tracer.recording.format import write_output
+from tracer.base.output import write_output
 
 NO_SESSION = 0
 

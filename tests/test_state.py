@@ -64,8 +64,8 @@ def test_map_dumps_merge_per_file_so_retired_rows_survive():
     first = {"counters": {"a": 1}, "folio_stats": [row(1, 10), row(2, 20)],
              "folio_hist": [{"handler": 1, "dev": 5, "ino": 1, "slot": 3, "count": 7}]}
     later = {"counters": {"a": 2}, "folio_stats": [row(2, 25), row(3, 30)], "folio_hist": []}
-    m = rec.merge_maps(first, later)
+    m = rec.newer_maps(first, later)
     assert m["counters"] == {"a": 2}
     assert sorted((r["ino"], r["preserved"]) for r in m["folio_stats"]) == [(1, 10), (2, 25), (3, 30)]
     assert m["folio_hist"] == first["folio_hist"]
-    assert rec.merge_maps(None, later) is later
+    assert rec.newer_maps(None, later) is later

@@ -24,7 +24,7 @@ from tracer.analysis.folio_progress import FolioProgress
 from tracer.analysis.report import build, probe_row
 
 
-def merge_maps(dumps: List[Optional[dict]]) -> dict:
+def boots_maps(dumps: List[Optional[dict]]) -> dict:
     """Map dumps of several boots: rows side by side, counters summed."""
     out: dict = {"counters": {}, "folio_stats": [], "folio_hist": [], "population": [],
                  "population_attached": False}
@@ -96,7 +96,7 @@ def _join(paths: List[str], progress: bool) -> Tuple[dict, FolioProgress, int]:
         if last and r.end is None:
             ends_ns.append(last)
         boots.append(_boot_row(p, r, shift, how, len(agg.kexec_ts) > kexec_before))
-    agg.finish(merge_maps([r.maps for _, r in recs]))
+    agg.finish(boots_maps([r.maps for _, r in recs]))
     end = {"duration_ns": agg.last_ts - agg.base,
            "bpf": {"run_time_ns": sum((r.end or {}).get("bpf", {}).get("run_time_ns", 0) for _, r in recs),
                    "run_cnt": sum((r.end or {}).get("bpf", {}).get("run_cnt", 0) for _, r in recs),

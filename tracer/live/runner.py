@@ -26,6 +26,7 @@ from tracer.recording import format as rec
 from tracer.analysis.aggregator import Aggregator
 from tracer.probes.catalog import PROBE_IDS
 from tracer.base.errors import LuotraceError
+from tracer.base.output import check_output
 from tracer.probes.events import EVENT_SIZE, decode
 from tracer.kernel.backing import BACKING_ENV
 from tracer.probes.layout import resolve_layout
@@ -363,7 +364,7 @@ def run(opts: Options, output: Optional[str], command: Optional[List[str]] = Non
         if arg := uses_path(command, output):
             raise LuotraceError(f"the recording {output} is {arg}, which the traced command uses",
                                 "write the recording somewhere else")
-        rec.check_output(output, force, "recording")
+        check_output(output, force, "recording")
     child: Optional[subprocess.Popen] = None
     stopped_by = ""
     with StopSignals() as stop:

@@ -20,7 +20,6 @@ Every JSON part is checked against its schema (tracer/schemas/) before use.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import mmap
 import os
@@ -36,6 +35,7 @@ from crc32c import crc32c
 
 from tracer import schemas
 from tracer.base.errors import LuotraceError
+from tracer.base.output import open_output
 from tracer.probes.events import EVENT_DTYPE, EVENT_SIZE
 
 MAGIC = b"LUOTRACE"
@@ -49,62 +49,6 @@ CH_EVENTS, CH_MAPS, CH_END = 1, 2, 3
 MAX_HEADER = 16 << 20
 FLUSH_BYTES = 256 << 10
 FLUSH_SECONDS = 1.0  # a crash loses at most this much of a quiet stream
-
-
-def check_output(path: str, force: bool = False, what: str = "output") -> None:
-    """Refuse, before any work, an output luotrace must not write: anything
-    but a regular file (a device, FIFO or directory), or an existing file
-    without FORCE."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        raise LuotraceError(f"cannot write {what} {path}: {e.strerror}", "choose another path") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise LuotraceError(f"{what} {path} is not a regular file", "luotrace writes regular files only: choose another path")
-    if not force:
-        raise LuotraceError(f"{what} {path} already exists", "pass --force to overwrite it, or choose another path")
-
-
-def open_output(path: str, force: bool = False, what: str = "output") -> BinaryIO:
-    """An output file luotrace may write (see check_output), locked
-    exclusively while open so that two luotraces never write one file."""
-    check_output(path, force, what)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (0 if force else os.O_EXCL), 0o644)
-    except FileExistsError:
-        raise LuotraceError(f"{what} {path} already exists", "pass --force to overwrite it, or choose another path") from None
-    except OSError as e:
-        raise LuotraceError(f"cannot write {what} {path}: {e.strerror}", "choose a writable path") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise LuotraceError(f"another luotrace is writing {path}", "choose another path") from None
-    except OSError:
-        pass  # a filesystem without locks (some 9p mounts): written unlocked
-    os.ftruncate(fd, 0)
-    return os.fdopen(fd, "wb")
-
-
-def write_output(path: str, data: bytes, what: str = "output") -> None:
-    """A whole output file (a timeline, a plot) written at once: a regular
-    file or none before (an existing one is replaced, a device or FIFO never
-    is), through a temporary file renamed over it, so a failed write leaves
-    no partial file."""
-    check_output(path, force=True, what=what)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "xb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise LuotraceError(f"cannot write {what} {path}: {e.strerror}", "choose a writable path") from None
 
 
 def frame(kind: int, payload: bytes) -> bytes:
@@ -225,7 +169,7 @@ ROW_KEYS = {"folio_stats": ("handler", "dev", "ino"), "population": ("handler", 
             "folio_hist": ("handler", "dev", "ino", "slot")}
 
 
-def merge_maps(old: Optional[dict], new: dict) -> dict:
+def newer_maps(old: Optional[dict], new: dict) -> dict:
     """Two map dumps as one: NEW's counters, and per file NEW's row or, for a
     file NEW no longer holds (a serve retired it and deleted its rows), OLD's
     last one.  Rows are never deleted otherwise, so for any other recording
@@ -428,7 +372,7 @@ def parse(data, path: str = "<recording>") -> Recording:
                 break
             obj = _json(body, path, name)
             if kind == CH_MAPS:
-                rec.maps = merge_maps(rec.maps, obj)
+                rec.maps = newer_maps(rec.maps, obj)
             else:
                 rec.end = obj
         else:
