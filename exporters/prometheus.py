@@ -186,17 +186,6 @@ def _phase_family(t: Totals, rep: dict) -> SummaryMetricFamily:
     return fam
 
 
-def totals_of(rep: dict) -> Totals:
-    """What the metrics count: the totals folded in by a long-running serve
-    (files it no longer keeps), plus every file and session of the report."""
-    t = Totals.from_json((rep.get("retired") or {}).get("totals") or {})
-    for f in rep.get("files", []):
-        t.add_file(f)
-    for s in rep.get("sessions", []):
-        t.add_session(s)
-    return t
-
-
 IDENTITY = ("kernel", "boot_id", "host")
 
 
@@ -238,7 +227,7 @@ def families(rep: dict, per_program: bool = False) -> List:
     out.append(info)
     out += _identity(rep)
 
-    t = totals_of(rep)
+    t = Totals.of_report(rep)
     for k, doc in (
         ("folios_preserved", "Folios preserved (successful kho_preserve_folio)"),
         ("folios_unpreserved", "Folios released again by unwind or cancel (kho_unpreserve_folio)"),

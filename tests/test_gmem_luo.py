@@ -14,7 +14,7 @@ from tests.conftest import REPO
 from workloads import gmem_luo
 from tracer.kernel.backing import VM
 
-PAGE = 4096
+from tracer.base.units import PAGE_SIZE as PAGE
 
 
 def driver(*args):

@@ -49,13 +49,14 @@ from typing import Dict, List, Optional
 
 from tracer.probes.events import errno_name  # names Linux errnos Python's errno module lacks (EHWPOISON)
 
+from tracer.base.units import PAGE_SIZE
 from tracer.kernel import kvm_abi as kabi
 from .gmem import VM, GmemError, GmemFile
 from .liveupdate import (_pattern, create_session, finish_session, hold, open_dev, preserve_fd, retrieve_fd,
                          retrieve_from, retrieve_session)
 from .truth import parse_size, write_truth
 
-PAGE = kabi.PAGE_SIZE
+
 SCENARIOS = ("keep", "discard", "cancel", "rejected", "hwpoison", "race", "bench", "novm", "hold")
 HELD = ("keep", "discard", "hold")  # what --hold carries across the kexec
 RACE_PAGES, RACE_POPULATED = 4096, 4000
@@ -71,7 +72,7 @@ def write_pattern(f: GmemFile, seed: int, pages: int) -> None:
     allocates each page that is not there yet)."""
     with mmap.mmap(f.fd, f.size) as m:
         for p in range(pages):
-            m[p * PAGE:p * PAGE + 8] = _pattern(seed, p * PAGE)
+            m[p * PAGE_SIZE:p * PAGE_SIZE + 8] = _pattern(seed, p * PAGE_SIZE)
 
 
 def check_pattern(fd: int, size: int, seed: int, pages: int) -> int:
@@ -79,7 +80,7 @@ def check_pattern(fd: int, size: int, seed: int, pages: int) -> int:
     if os.fstat(fd).st_size != size:
         return pages
     with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m:
-        return sum(m[p * PAGE:p * PAGE + 8] != _pattern(seed, p * PAGE) for p in range(pages))
+        return sum(m[p * PAGE_SIZE:p * PAGE_SIZE + 8] != _pattern(seed, p * PAGE_SIZE) for p in range(pages))
 
 
 def poison_page(f: GmemFile, page: int) -> Optional[str]:
@@ -92,7 +93,7 @@ def poison_page(f: GmemFile, page: int) -> Optional[str]:
         msg = b""
         try:
             with mmap.mmap(f.fd, f.size) as m:
-                m.madvise(kabi.MADV_HWPOISON, page * PAGE, PAGE)
+                m.madvise(kabi.MADV_HWPOISON, page * PAGE_SIZE, PAGE_SIZE)
         except OSError as e:
             msg = f"madvise(MADV_HWPOISON): {e.strerror}".encode()
         os.write(w, msg)
@@ -126,7 +127,7 @@ def start_racer(f: GmemFile, first: int, pages: int):
         while not poll.poll(0):
             for call, what in ((f.punch, "punched"), (f.populate, "added")):
                 try:
-                    call(first * PAGE, pages * PAGE)
+                    call(first * PAGE_SIZE, pages * PAGE_SIZE)
                     counts[what] += 1
                     if what == "added":
                         adds_ns = (adds_ns + [time.monotonic_ns()])[-8:]
@@ -216,10 +217,10 @@ class Run:
             if how == "fallocate":
                 f.populate()
             if scenario not in ("bench", "hold"):
-                write_pattern(f, seed, sz // PAGE)
-            rec = {**base, "seed": seed, "populate": how, "pages": sz // PAGE}
+                write_pattern(f, seed, sz // PAGE_SIZE)
+            rec = {**base, "seed": seed, "populate": how, "pages": sz // PAGE_SIZE}
             if scenario == "hwpoison":
-                page = sz // PAGE // 2
+                page = sz // PAGE_SIZE // 2
                 why = poison_page(f, page)
                 rec.update({"poisoned_page": page, "poison_error": why})
             self.preserve(sfd, f, vm_token + 1 + i, rec)
@@ -239,12 +240,12 @@ class Run:
         f.populate()
         self.preserve(sfd, f, vm_token + 1, {"session": n, "scenario": "rejected", "vm_token": vm_token,
                                               "outcome": "rejected", "populate": "fallocate",
-                                              "pages": size // PAGE, "seed": None})
+                                              "pages": size // PAGE_SIZE, "seed": None})
         os.close(sfd)
 
     def race(self, n: int, sfd: int, vm: VM, base: dict) -> None:
-        f = vm.create_gmem(RACE_PAGES * PAGE)
-        f.populate(0, RACE_POPULATED * PAGE)
+        f = vm.create_gmem(RACE_PAGES * PAGE_SIZE)
+        f.populate(0, RACE_POPULATED * PAGE_SIZE)
         racer = start_racer(f, RACE_POPULATED, RACE_PAGES - RACE_POPULATED)
         time.sleep(0.2)  # the racer is in its loop
         rec = {**base, "seed": None, "populate": "fallocate", "pages": RACE_POPULATED,

@@ -28,9 +28,11 @@ from typing import Dict, List
 from tracer.probes.events import errno_name  # names Linux errnos Python's errno module lacks
 
 from . import liveupdate_abi as abi
+from tracer.base.units import PAGE_SIZE
+
 from .truth import parse_size, write_truth
 
-PAGE = 4096
+
 MFD_HUGETLB = 0x0004
 
 
@@ -91,7 +93,7 @@ def make_memfd(size: int, sparse: bool, seed: int) -> int:
     fd = os.memfd_create(f"luotrace-{seed}", 0)
     os.ftruncate(fd, size)
     with mmap.mmap(fd, size) as m:
-        step = 2 * PAGE if sparse else PAGE  # sparse: every other page is a hole
+        step = 2 * PAGE_SIZE if sparse else PAGE_SIZE  # sparse: every other page is a hole
         for off in range(0, size, step):
             m[off:off + 8] = _pattern(seed, off)
     return fd
@@ -100,11 +102,11 @@ def make_memfd(size: int, sparse: bool, seed: int) -> int:
 def check_memfd(fd: int, size: int, sparse: bool, seed: int) -> int:
     """Pages whose content differs from what make_memfd wrote (holes read as zeros)."""
     if os.fstat(fd).st_size != size:
-        return size // PAGE
+        return size // PAGE_SIZE
     bad = 0
     with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m:
-        for off in range(0, size, PAGE):
-            hole = sparse and (off // PAGE) % 2 == 1
+        for off in range(0, size, PAGE_SIZE):
+            hole = sparse and (off // PAGE_SIZE) % 2 == 1
             if m[off:off + 8] != (bytes(8) if hole else _pattern(seed, off)):
                 bad += 1
     return bad
@@ -198,7 +200,7 @@ def main(argv=None) -> int:
             took = time.monotonic_ns() - t0
             truth["files"].append({"session": n, "outcome": outcome, "token": token, "inode": os.fstat(fd).st_ino,
                                    "seed": n * 100 + i,
-                                   "size_bytes": size, "pages": size // PAGE, "sparse": flag == "sparse",
+                                   "size_bytes": size, "pages": size // PAGE_SIZE, "sparse": flag == "sparse",
                                    "preserve_ns": took})
             kept.append(fd)
         truth["sessions"].append({"index": n, "outcome": outcome})

@@ -17,20 +17,20 @@ import time
 
 from .gmem import VM, GmemError
 from tracer.base.errors import LuotraceError
-from tracer.kernel.kvm_abi import PAGE_SIZE
-from .truth import parse_size as truth_size, write_truth
+from tracer.base.units import PAGE_SIZE
+from .truth import parse_size, write_truth
 
 
-def parse_size(s: str) -> int:
+def _size_arg(s: str) -> int:
     try:
-        return truth_size(s)
+        return parse_size(s)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m workloads.populate", description=__doc__.splitlines()[0])
-    ap.add_argument("sizes", nargs="+", type=parse_size, help="guest_memfd sizes, e.g. 64M 1G")
+    ap.add_argument("sizes", nargs="+", type=_size_arg, help="guest_memfd sizes, e.g. 64M 1G")
     ap.add_argument("--json", dest="json_path", help="write the ground truth here")
     ap.add_argument("--hold", type=float, default=0.0, help="seconds to keep the files open afterwards")
     ap.add_argument("--punch", action="store_true", help="punch and re-allocate the last page of each file")

@@ -4,9 +4,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from tracer.base.units import UNITS, size_bytes
-
-PAGE_SIZE = 4096
+from tracer.base import units
 
 
 def write_truth(truth: dict, path: Optional[str]) -> None:
@@ -20,11 +18,5 @@ def write_truth(truth: dict, path: Optional[str]) -> None:
 
 
 def parse_size(s: str) -> int:
-    """'64M', '1G', '4096' -> bytes; a positive multiple of 4 KiB."""
-    try:
-        n = size_bytes(s, {k: UNITS[k] for k in "KMG"})
-    except ValueError:
-        raise ValueError(f"bad size '{s}' (want e.g. 64M, 1G)") from None
-    if n <= 0 or n % PAGE_SIZE:
-        raise ValueError(f"size {s} is not a positive multiple of 4 KiB")
-    return n
+    """A driver's file size: whole 4 KiB pages (ValueError says why not)."""
+    return units.parse_size(s, whole_pages=True)

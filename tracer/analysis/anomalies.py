@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
 
 from tracer.analysis.aggregator import FileState
+from tracer.base.units import PAGE_SIZE
 
-PAGE_SIZE = 4096
 
 
 @dataclass

@@ -30,9 +30,9 @@ from tracer.probes import catalog
 from tracer.recording import format as rec
 from tracer.kernel.abi import SER_DEV
 from tracer.base.errors import LuotraceError
+from tracer.base.units import PAGE_SIZE
 from tracer.probes.events import EV_ENTRY, EV_INSTANT, EV_RETURN, EVENT_DTYPE, EVENT_SIZE
 
-PAGE = 4096
 GMEM_DEV = 16
 SLOTS = np.arange(0, 64)
 CHUNK = 1 << 16  # records drawn, merged and written at a time (4 MiB)
@@ -65,17 +65,6 @@ class SimSpec:
     hostname: Optional[str] = None  # None: this host's name
     kernel: str = "simulated"
     started_ns: Optional[int] = None  # wall clock of the recording's start; None: now
-
-
-def parse_size(s: str) -> int:
-    from tracer.base.units import size_bytes
-    try:
-        n = size_bytes(s)
-    except ValueError:
-        raise LuotraceError(f"bad size '{s}'", "use e.g. 64M, 1G, 1TiB") from None
-    if n < PAGE:
-        raise LuotraceError(f"size '{s}' is smaller than one 4 KiB page", "use e.g. 64M, 1G, 1TiB")
-    return n
 
 
 class _Events:
@@ -116,8 +105,8 @@ def simulate(spec: SimSpec, output: str, progress=lambda s: None, force: bool = 
         raise LuotraceError(f"unknown mode '{spec.mode}'", f"choose one of {', '.join(catalog.MODES)}")
     rng = np.random.default_rng(spec.seed)
     handler = catalog.HANDLERS[spec.handler]
-    per_file = max(PAGE, spec.size // spec.files // PAGE * PAGE)
-    folios = per_file // PAGE
+    per_file = max(PAGE_SIZE, spec.size // spec.files // PAGE_SIZE * PAGE_SIZE)
+    folios = per_file // PAGE_SIZE
     probs = _slot_probs(spec.folio_ns, spec.folio_sigma)
     mean_ns = spec.folio_ns * math.exp(spec.folio_sigma ** 2 / 2)
     # a separate stream: a recording without run noise is the same bytes as before it existed

@@ -127,6 +127,18 @@ class Totals:
                 t.hists.setdefault(name, {})[tuple(labels)] = (list(counts), s)
         return t
 
+    @classmethod
+    def of_report(cls, rep: dict) -> "Totals":
+        """What a report counts, folded: the totals a long-running serve
+        retired (files it no longer keeps), plus every file and session the
+        report still holds.  The metrics are this; no exporter folds again."""
+        t = cls.from_json((rep.get("retired") or {}).get("totals") or {})
+        for f in rep.get("files", []):
+            t.add_file(f)
+        for s in rep.get("sessions", []):
+            t.add_session(s)
+        return t
+
 
 def _inc(d: Dict[Tuple[str, str], int], key: Tuple[str, str]) -> None:
     d[key] = d.get(key, 0) + 1

@@ -378,9 +378,8 @@ def serve(listen: str, replay_path: Optional[str], output: Optional[str], mode: 
         serve_replay(replay_path, listen, per_program=bpf_stats)
         return
     from tracer.probes.plan import Options
-    from tracer.analysis.simulate import parse_size
     from tracer.live.state import StateDir
-    state = StateDir(state_dir, state_keep, parse_size(state_max_bytes)) if state_dir else None
+    state = StateDir(state_dir, state_keep, _size(state_max_bytes, "--state-max-bytes")) if state_dir else None
     opts = Options(mode=mode, model=model, handlers=list(handlers) or None, population=population,
                    folio_latency=folio_latency, gmem=gmem)
     serve_live(opts, listen, output, list(command) or None, duration, _labels(labels), keep_files=keep_files,
@@ -626,6 +625,15 @@ def compare(recordings: Tuple[str, ...], by: Optional[str], plot: Optional[str],
         sys.exit(FAIL_EXIT)
 
 
+def _size(s: str, flag: str) -> int:
+    """A size option (64M, 1G, 1TiB) in bytes, or the one-line error saying why not."""
+    from tracer.base.units import parse_size
+    try:
+        return parse_size(s)
+    except ValueError as e:
+        raise LuotraceError(f"{flag}: {e}", "use e.g. 64M, 1G, 1TiB") from None
+
+
 def _noise(path: Optional[str]):
     """The between-run spread an A/A's compare --json measured."""
     if path is None:
@@ -687,7 +695,7 @@ def simulate(output: str, files: int, size: str, mode: str, folio_ns: float, slo
 
     Example: luotrace simulate --files 64 --size 1TiB -o big.luo && luotrace report big.luo
     """
-    from tracer.analysis.simulate import SCALABLE, SimSpec, parse_size, simulate as sim
+    from tracer.analysis.simulate import SCALABLE, SimSpec, simulate as sim
     scales = {}
     for item in slow:
         k, sep, v = item.partition("=")
@@ -703,7 +711,7 @@ def simulate(output: str, files: int, size: str, mode: str, folio_ns: float, slo
             raise LuotraceError(f"bad --slow '{item}'", "use PHASE=FACTOR with 0 < FACTOR < 1e6, e.g. --slow fill_pass=1.1")
     if run_noise is not None and not 0 <= run_noise <= 100:
         raise LuotraceError(f"bad --run-noise {run_noise}", "give a percentage from 0 to 100, e.g. --run-noise 5")
-    spec = SimSpec(files=files, size=parse_size(size), mode=mode, folio_ns=folio_ns, phase_scale=scales,
+    spec = SimSpec(files=files, size=_size(size, "--size"), mode=mode, folio_ns=folio_ns, phase_scale=scales,
                    errors=errors, anomalies=list(anomalies), lost=lost, sample_every=sample, seed=seed,
                    labels=_labels(labels), hostname=hostname, kernel=kernel, run_noise=(run_noise or 0) / 100)
     sim(spec, output, progress=lambda s: click.echo(s, err=True), force=force)

@@ -28,7 +28,7 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 
 MADV_HWPOISON = 100  # poison a page (CAP_SYS_ADMIN, CONFIG_MEMORY_FAILURE)
 
-PAGE_SIZE = 4096
+from tracer.base.units import PAGE_SIZE  # noqa: E402,F401 - the one page size, named here with the ABI it is part of
 
 RAMFS_MAGIC = 0x858458F6  # include/uapi/linux/magic.h
 
