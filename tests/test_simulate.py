@@ -118,3 +118,21 @@ def test_trace_mode_bigger_than_the_disk_is_refused_before_writing(root, tmp_pat
         run_cli("simulate", "-o", str(small / "f.luo"), "--size", "1TiB", "--files", "64", check=True)
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_a_simulated_header_says_what_a_live_one_says(tmp_path):
+    """One header builder (tracer/recording/header.py) for record and
+    simulate: a simulation carries the keys a live recording has but its ring
+    sizes, says its files are simulated, and validates."""
+    from tracer import schemas
+    from tracer.recording import format as rec
+    from tracer.recording.header import build
+    out = str(tmp_path / "s.luo")
+    simulate(SimSpec(files=2, size=8 << 20, seed=3), out)
+    head = rec.read(out).header
+    live_keys = set(build(kernel="k", hostname="h", mode="folio", target="kernel", labels={}, base_ns=1, real_ns=1,
+                          clock_source="CLOCK_MONOTONIC", probes=[], gmem={"backing": "standin"}, layout={},
+                          sample_every=1, ringbuf_pages=1024, folio_ringbuf_pages=1024))
+    assert live_keys - set(head) == {"ringbuf_pages", "folio_ringbuf_pages"}
+    assert head["gmem"]["backing"] == "simulated" and head["event_size"] == 64
+    assert schemas.problem("header", head) is None

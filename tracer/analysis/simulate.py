@@ -25,9 +25,9 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from tracer import __version__
 from tracer.probes import catalog
 from tracer.recording import format as rec
+from tracer.recording import header
 from tracer.kernel.abi import SER_DEV
 from tracer.base.errors import LuotraceError
 from tracer.base.units import PAGE_SIZE
@@ -196,21 +196,19 @@ def simulate(spec: SimSpec, output: str, progress=lambda s: None, force: bool = 
     records = len(lifecycle) + sum(-(-n // step) for *_, n in fills)
     _check_room(output, records, spec)
     real_ns = time.time_ns() if spec.started_ns is None else spec.started_ns
-    header = {
-        "format": "luotrace.recording", "luotrace_version": __version__, "kernel": spec.kernel,
-        "hostname": spec.hostname or socket.gethostname(), "mode": spec.mode, "target": "simulate",
-        "labels": spec.labels, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(real_ns / 1e9)),
-        "clock": {"base_monotonic_ns": base, "base_realtime_ns": real_ns, "source": "simulated"},
-        "probes": [{"name": p.name, "symbol": p.symbol, "handler": p.handler, "required": p.required,
-                    "strategy": "simulated", "status": "attached", "reason": ""}
-                   for p in catalog.probes_for(spec.mode, ["guest_memfd"])],
-        "layout": {"source": "simulate", "unknown": {}}, "sample_every": spec.sample_every,
-        "simulation": {"files": spec.files, "size": spec.size, "seed": spec.seed, "folio_ns": spec.folio_ns,
-                       "phase_scale": spec.phase_scale, "errors": spec.errors, "anomalies": spec.anomalies,
-                       **({"run_noise": spec.run_noise, "run_factor": run} if spec.run_noise else {})},
-    }
+    head = header.build(
+        kernel=spec.kernel, hostname=spec.hostname or socket.gethostname(), mode=spec.mode, target="simulate",
+        labels=spec.labels, base_ns=base, real_ns=real_ns, clock_source="simulated",
+        probes=[{"name": p.name, "symbol": p.symbol, "handler": p.handler, "required": p.required,
+                 "strategy": "simulated", "status": "attached", "reason": ""}
+                for p in catalog.probes_for(spec.mode, ["guest_memfd"])],
+        gmem={"backing": "simulated", "why": "luotrace simulate: no file was made", "dev": GMEM_DEV},
+        layout={"source": "simulate", "unknown": {}}, sample_every=spec.sample_every,
+        simulation={"files": spec.files, "size": spec.size, "seed": spec.seed, "folio_ns": spec.folio_ns,
+                    "phase_scale": spec.phase_scale, "errors": spec.errors, "anomalies": spec.anomalies,
+                    **({"run_noise": spec.run_noise, "run_factor": run} if spec.run_noise else {})})
     try:
-        w = rec.Writer(output, header, force=force)
+        w = rec.Writer(output, head, force=force)
     except OSError as e:
         raise LuotraceError(f"cannot write {output}: {e.strerror}", "choose a writable path") from None
     maps = {"counters": {"lost": 0, "folio_lost": spec.lost, "emitted": records}, "folio_stats": folio_stats,

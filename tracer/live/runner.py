@@ -18,16 +18,16 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, TypeVar
 
-from tracer import __version__
 from tracer.kernel import clock
 from tracer.attach import footprint
 from tracer.kernel import host as kernel
 from tracer.recording import format as rec
+from tracer.recording import header
 from tracer.analysis.aggregator import Aggregator
 from tracer.probes.catalog import PROBE_IDS
 from tracer.base.errors import LuotraceError
 from tracer.base.output import check_output
-from tracer.probes.events import EVENT_SIZE, decode
+from tracer.probes.events import decode
 from tracer.kernel.backing import BACKING_ENV
 from tracer.probes.layout import resolve_layout
 from tracer.probes.plan import Options
@@ -71,35 +71,24 @@ def check_environment(opts: Options) -> None:
 
 
 def make_header(opts: Options, tracer: Tracer, labels: Dict[str, str], base_ns: int, real_ns: int) -> dict:
-    return {
-        "format": "luotrace.recording",
-        "luotrace_version": __version__,
-        "kernel": kernel.release(),
-        "hostname": socket.gethostname(),
-        "mode": opts.mode,
-        "target": f"model:{os.path.abspath(opts.model)}" if opts.model else "kernel",
-        "labels": labels,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(real_ns / 1e9)),
-        "clock": {"base_monotonic_ns": base_ns, "base_realtime_ns": real_ns, "source": "CLOCK_MONOTONIC"},
-        "probes": [s.to_json() for s in tracer.statuses],
+    return header.build(
+        kernel=kernel.release(), hostname=socket.gethostname(), mode=opts.mode,
+        target=f"model:{os.path.abspath(opts.model)}" if opts.model else "kernel", labels=labels,
+        base_ns=base_ns, real_ns=real_ns, clock_source="CLOCK_MONOTONIC",
+        probes=[s.to_json() for s in tracer.statuses],
         # what the guest_memfd files are (real, or stand-ins and why) and the
         # superblock the population probes watch
-        "gmem": {**tracer.backing.to_json(), "dev": tracer.gmem_dev},
-        "layout": tracer.layout.to_json(),
-        "sample_every": opts.sample_every,
-        "ringbuf_pages": opts.lifecycle_ringbuf_pages,  # the lifecycle ring (recordings keep this key)
-        "folio_ringbuf_pages": opts.folio_ringbuf_pages,
-        "event_size": EVENT_SIZE,
-    }
+        gmem={**tracer.backing.to_json(), "dev": tracer.gmem_dev},
+        layout=tracer.layout.to_json(), sample_every=opts.sample_every,
+        ringbuf_pages=opts.lifecycle_ringbuf_pages, folio_ringbuf_pages=opts.folio_ringbuf_pages)
 
 
 KEXEC_FAST_S = 10.0
 # The TSC rate a join needs comes from two clock anchors at least 0.1 s apart
-# (clock.tsc_per_ns): the first is taken when this module is imported (by
-# the command, before it plans and loads anything), the second once the
+# (clock.tsc_per_ns): the first is taken when a LiveRun is made (before it
+# resolves the layout, plans and loads anything), the second once the
 # programs are attached; a start that compiles nothing may wait out the rest.
 ANCHOR_GAP_S = 0.15
-_FIRST_ANCHOR = clock.anchor()
 
 
 class LiveRun:
@@ -108,6 +97,7 @@ class LiveRun:
 
     def __init__(self, opts: Options, output: Optional[str], labels: Optional[Dict[str, str]] = None,
                  force: bool = False):
+        self._anchor0 = clock.anchor()  # first: see ANCHOR_GAP_S
         check_environment(opts)
         self.opts = opts
         self.output = output
@@ -205,7 +195,7 @@ class LiveRun:
         self._write(lambda w: w.write_maps(maps, sync=sync))
 
     def start(self, before_compile: Callable[[], None] = lambda: None) -> None:
-        anchor0 = _FIRST_ANCHOR
+        anchor0 = self._anchor0
         base_ns, real_ns = time.monotonic_ns(), time.time_ns()
         self.agg.base = base_ns
         self.stats = kernel.BpfStats()
