@@ -36,7 +36,7 @@ def test_a_wheel_installed_in_a_fresh_venv_records_reports_and_serves(root, gmem
         return r
 
     where = subprocess.run([str(venv / "bin" / "python"), "-c", "import tracer, tracer.probes.program as l; "
-                            "print(tracer.__file__); print(l.BPF_DIR)"], cwd=work, capture_output=True, text=True,
+                            "print(tracer.__file__); print(l.bpf_dir())"], cwd=work, capture_output=True, text=True,
                            check=True).stdout.split()
     assert all(p.startswith(str(venv)) for p in where), where  # the installed package, its own BPF
 

@@ -9,24 +9,14 @@ a later call faults them back in from the file, nothing is lost) and the
 heap's free memory is returned to the kernel (glibc's malloc_trim)."""
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import re
 from typing import Dict, List, Tuple
+
+from tracer.kernel import host
 
 MADV_DONTNEED = 4  # include/uapi/asm-generic/mman-common.h
 # the compiler BCC loads: its code and read-only data, nothing of BCC's own
 COMPILER = re.compile(r"/lib(LLVM|clang|clang-cpp)[-.][^/]*$")
-
-_libc = None
-
-
-def _c():
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    return _libc
 
 
 def rss() -> Dict[str, int]:
@@ -68,7 +58,7 @@ def release_compiler() -> int:
     with another layout keeps its memory."""
     before = rss().get("VmRSS", 0)
     try:
-        libc = _c()
+        libc = host.libc()
         for lo, hi in _droppable():
             libc.madvise(lo, hi - lo, MADV_DONTNEED)
         if hasattr(libc, "malloc_trim"):

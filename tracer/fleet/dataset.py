@@ -16,7 +16,6 @@ that recording with one line.  One export at a time per dataset (a lock
 file; the workers that read recordings in parallel die with the export)."""
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import hashlib
 import json
@@ -36,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tracer.fleet import schema as fs
+from tracer.kernel import host
 from tracer.recording import format as rec
 from tracer.base.errors import LuotraceError, corrupt_content
 from tracer.analysis.replay import report_of
@@ -392,7 +392,7 @@ def _die_with_parent(parent: int) -> None:
     """A worker ends when the export does, whatever ends it (SIGKILL too):
     none is left reading recordings for a parent that is gone."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        host.libc().prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
     if os.getppid() != parent:

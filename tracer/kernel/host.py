@@ -118,11 +118,21 @@ BPF_ENABLE_STATS = 32
 BPF_STATS_RUN_TIME = 0
 
 
+@functools.lru_cache(maxsize=None)
+def libc() -> ctypes.CDLL:
+    """The C library, opened on first use (never at import), with errno kept
+    and the prototypes whose 64-bit arguments ctypes must not narrow."""
+    lib = ctypes.CDLL(None, use_errno=True)
+    lib.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    lib.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+    lib.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return lib
+
+
 def bpf(cmd: int, attr, what: str = "") -> int:
     """The bpf(2) system call with ATTR (a ctypes buffer, its size the
     attr's): its result, or OSError naming WHAT."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    r = libc.syscall(SYS_BPF_X86_64, cmd, attr, ctypes.sizeof(attr))
+    r = libc().syscall(SYS_BPF_X86_64, cmd, attr, ctypes.sizeof(attr))
     if r < 0:
         e = ctypes.get_errno()
         raise OSError(e, f"bpf({what or cmd}): {os.strerror(e)}")

@@ -21,10 +21,8 @@ from functools import lru_cache
 from typing import Optional
 
 from tracer.kernel import kvm_abi as abi
+from tracer.kernel.host import libc
 
-libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 
 class GmemError(OSError):
     """guest_memfd could not be created or populated."""
@@ -36,7 +34,7 @@ def kernel_dev(st_dev: int) -> int:
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if libc.fallocate(fd, mode, offset, length) != 0:
+    if libc().fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise GmemError(err, f"fallocate(mode={mode:#x}, {offset}, {length}): {os.strerror(err)}")
 

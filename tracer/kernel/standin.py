@@ -12,7 +12,8 @@ from typing import Optional
 
 from tracer.base.private import private_dir, private_open
 from tracer.kernel import kvm_abi as abi
-from tracer.kernel.kvm import GmemError, GmemFile, kernel_dev, libc
+from tracer.kernel.host import libc
+from tracer.kernel.kvm import GmemError, GmemFile, kernel_dev
 
 
 _ZEROS = bytes(16 << 20)
@@ -62,7 +63,7 @@ def standin_dir() -> str:
         except OSError as e:
             raise GmemError(e.errno or errno.EPERM, f"guest_memfd stand-ins: {e.strerror or e}") from None
         if _statfs_type(abi.STANDIN_DIR) != abi.RAMFS_MAGIC:
-            if libc.mount(b"luotrace-gmem-standin", abi.STANDIN_DIR.encode(), b"ramfs",
+            if libc().mount(b"luotrace-gmem-standin", abi.STANDIN_DIR.encode(), b"ramfs",
                            0x2 | 0x4 | 0x8, b"mode=0700") != 0:  # MS_NOSUID | MS_NODEV | MS_NOEXEC
                 err = ctypes.get_errno()
                 raise GmemError(err, f"mounting the guest_memfd stand-in ramfs on {abi.STANDIN_DIR}: "
@@ -73,7 +74,7 @@ def standin_dir() -> str:
 def _statfs_type(path: str) -> int:
     """statfs(2)'s f_type (os.statvfs does not give it)."""
     buf = ctypes.create_string_buffer(120)  # struct statfs, x86_64: f_type is its first word
-    if libc.statfs(path.encode(), buf) != 0:
+    if libc().statfs(path.encode(), buf) != 0:
         return 0
     return int.from_bytes(buf.raw[:8], "little")
 

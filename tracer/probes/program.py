@@ -16,20 +16,21 @@ from tracer.probes.catalog import Probe
 from tracer.probes.layout import Layout, resolve_layout
 from tracer.probes.plan import Options, apply_folio_source, plan, select_handlers
 
-# The BPF sources: tracer/bpf when installed from a wheel (setup.cfg maps bpf/
-# there), else the checkout's bpf/ beside tracer/.
-_HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tracer/
-BPF_DIR = os.path.join(_HERE, "bpf")
-if not os.path.isfile(os.path.join(BPF_DIR, "luotrace.h")):
-    BPF_DIR = os.path.join(os.path.dirname(_HERE), "bpf")
-
 COUNTER_NAMES = abi.COUNTER_NAMES
+
+
+def bpf_dir() -> str:
+    """The BPF sources: tracer/bpf when installed from a wheel (setup.cfg maps
+    bpf/ there), else the checkout's bpf/ beside tracer/."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tracer/
+    installed = os.path.join(here, "bpf")
+    return installed if os.path.isfile(os.path.join(installed, "luotrace.h")) else os.path.join(os.path.dirname(here), "bpf")
 
 
 def bpf_source(files: List[str]) -> str:
     parts = ["/* ---- generated: tracer/kernel/abi.py ---- */\n" + abi.header()]
     for name in ["luotrace.h"] + files:
-        with open(os.path.join(BPF_DIR, name)) as f:
+        with open(os.path.join(bpf_dir(), name)) as f:
             parts.append(f"/* ---- {name} ---- */\n" + f.read())
     return "\n".join(parts)
 
