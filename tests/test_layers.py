@@ -26,7 +26,8 @@ def test_every_tracer_folder_is_a_layer_and_says_what_it_holds():
         assert layers.layer_of(mod) is not None, f"{mod}: add it to tracer/layers.py"
         if mod != "tracer.schemas":  # a data package: its docstring is its schemas' story
             doc = (d / "__init__.py").read_text()
-            assert doc.startswith('"""') and "import" in doc.lower().split('"""')[1], f"{d}/__init__.py: what it holds and may import"
+            says = doc.startswith('"""') and "import" in doc.lower().split('"""')[1]
+            assert says, f"{d}/__init__.py: say what it holds and what it may import"
 
 
 @pytest.fixture

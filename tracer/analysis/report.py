@@ -301,27 +301,6 @@ def _update(header: dict, agg: Aggregator) -> dict:
     return {"boot_id": ck.get("boot_id"), "last_kexec_realtime_ns": last}
 
 
-FAIL_ON = ("error", "anomaly", "lost")
-
-
-def failures(rep: dict, kinds: Sequence[str]) -> List[str]:
-    """What in REP fails a CI gate (`--fail-on`), one phrase per kind found."""
-    out = []
-    t = rep.get("totals") or {}
-    if "error" in kinds:
-        errs = [f for f in rep.get("files", []) if f.get("result") == "error" or f.get("errno")]
-        n = max(len(errs), (t.get("files_by_result") or {}).get("error", 0))
-        if n:
-            names = sorted({f["errno"] for f in errs if f.get("errno")})
-            out.append(f"{n} file(s) failed" + (f" ({', '.join(names)})" if names else ""))
-    if "anomaly" in kinds and t.get("anomalies"):
-        out.append(f"{sum(t['anomalies'].values())} anomal{'y' if sum(t['anomalies'].values()) == 1 else 'ies'} "
-                   f"({', '.join(sorted(t['anomalies']))})")
-    if "lost" in kinds and (rep.get("events") or {}).get("lost"):
-        out.append(f"{rep['events']['lost']} event(s) lost")
-    return out
-
-
 def probe_row(p: dict) -> dict:
     """A probe's status as the report shows it, from a recording header's entry."""
     return {"symbol": p["symbol"], "name": p["name"], "handler": p["handler"], "required": bool(p.get("required")),

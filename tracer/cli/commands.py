@@ -31,7 +31,7 @@ def update_export_options(f):
 
 
 def _fail_on(_ctx, _param, value: Optional[str]) -> Tuple[str, ...]:
-    from tracer.analysis.report import FAIL_ON
+    from tracer.analysis.gate import FAIL_ON
     kinds = tuple(k.strip() for k in (value or "").split(",") if k.strip())
     bad = [k for k in kinds if k not in FAIL_ON]
     if bad:
@@ -46,7 +46,7 @@ FAIL_EXIT = 3
 
 
 def _gate(rep: dict, kinds: Tuple[str, ...]) -> None:
-    from tracer.analysis.report import failures
+    from tracer.analysis.gate import failures
     found = failures(rep, kinds)
     if found:
         click.echo(f"luotrace: failing (--fail-on): {'; '.join(found)}", err=True)

@@ -180,7 +180,7 @@ bool gmem_standin;
 static char gmem_why[320];
 
 /* Can this host make a default-type guest_memfd with MMAP|INIT_SHARED?  As
- * tracer/kvm.py's probe(): "" if so, else why not.  Leaves the VM open in
+ * tracer/kernel/kvm.py's probe(): "" if so, else why not.  Leaves the VM open in
  * the_kvm.vm_fd where KVM_CREATE_VM works (its fd makes the VM token). */
 static const char *gmem_probe(void)
 {
@@ -217,7 +217,7 @@ static const char *gmem_probe(void)
 	return "";
 }
 
-/* --gmem CHOICE, else $LUOTRACE_GMEM, else auto: as tracer/kvm.py's choose(). */
+/* --gmem CHOICE, else $LUOTRACE_GMEM, else auto: as tracer/kernel/backing.py's choose(). */
 static void gmem_choose(const char *choice)
 {
 	const char *why;
