@@ -33,6 +33,9 @@ NOT_HERE = {
     "luotrace record": "traces this kernel's LUO: a kernel with the LUO handlers (the model's runs: tests/test_model.py)",
     "luotrace serve": "serves until stopped (tests/test_prometheus.py and tests/test_serve_ready.py run it)",
     "luotrace demo": "the demo: tests/test_model.py runs it on the model",
+    "luotrace top": "reads a running serve, else traces this kernel's LUO (tests/test_top.py runs it on the model)",
+    "luotrace top --plain": "reads a running serve, else traces this kernel's LUO (tests/test_top.py)",
+    "luotrace top --json": "reads a running serve, else traces this kernel's LUO (tests/test_top.py)",
     "luotrace report before.luo after.luo": "both sides of a real update (tests/test_join.py makes them with the model)",
     "luotrace timeline before.luo after.luo": "both sides of a real update (tests/test_join.py makes them with the model)",
     "luotrace report /persist/before.luo": "both sides of a real update (tests/test_join.py makes them with the model)",
@@ -76,6 +79,8 @@ def _strip_comment(cmd: str) -> str:
 
 
 def _why_not(cmd: str):
+    if cmd.startswith("luotrace top --replay"):
+        return None  # a recording played back: runs here
     return next((why for k, why in NOT_HERE.items() if cmd == k or cmd.startswith(k + " ")), None)
 
 

@@ -103,12 +103,17 @@ def _file_json(st: FileState, agg: Aggregator, folio: Optional[dict], pop: Optio
         "phases": [p.to_json(base) for p in phases],
         "in_progress": sorted(st.open_calls),
     }
+    if st.open_calls:  # since when (a live view's phase clocks); absent once nothing is open
+        d["in_progress_since_ns"] = {n: ts - base for n, ts in sorted(st.open_calls.items())}
     if hist:
         d["folio_latency_log2_ns"] = {str(k): v for k, v in sorted(hist.items())}
         d["folio_preserve_ns_total"] = folio["preserve_ns"] if folio else None
     if st.streamed:
         d["streamed_events"] = dict(sorted(st.streamed.items()))
-    d["anomalies"] = anomalies.check(anomalies.Facts(st, folio if folio_mode else None, pop, not partial_pop), base)
+    # a file still inside a call is judged when it returns: half a preserve is not yet unbalanced or
+    # mismatched (its folio array is read at the end), and a live report must not count what vanishes
+    d["anomalies"] = [] if st.open_calls else anomalies.check(
+        anomalies.Facts(st, folio if folio_mode else None, pop, not partial_pop), base)
     not_checked = []
     if from_array and folio and folio["unpreserved"] is None:
         not_checked.append("unwind_incomplete")  # how many its unwind (or cancel) gave back is unknown

@@ -3,6 +3,7 @@ library; errors are one line on stderr and a non-zero exit, never a traceback.""
 from __future__ import annotations
 
 import json
+import queue
 import os
 import signal
 import sys
@@ -715,6 +716,110 @@ def simulate(output: str, files: int, size: str, mode: str, folio_ns: float, slo
                    errors=errors, anomalies=list(anomalies), lost=lost, sample_every=sample, seed=seed,
                    labels=_labels(labels), hostname=hostname, kernel=kernel, run_noise=(run_noise or 0) / 100)
     sim(spec, output, progress=lambda s: click.echo(s, err=True), force=force)
+
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[INTERVAL [COUNT]] [-- COMMAND...]")
+@click.option("--from", "from_url", default=None, metavar="URL",
+              help="the running `luotrace serve` to read (default: http://127.0.0.1:9477, used when it answers; "
+                   "else top attaches probes of its own)")
+@click.option("--replay", "replays", multiple=True, type=click.Path(dir_okay=False), metavar="REC",
+              help="play a recording through the view; twice: both sides of an update (old kernel, new kernel)")
+@click.option("--speed", type=finite(0.0, 1e9), default=1.0, show_default=True,
+              help="--replay: recording seconds per second (0: as fast as it can)")
+@click.option("--model", type=click.Path(), default=None, help="trace the reference model (uprobes) instead of the kernel")
+@mode_option
+@gmem_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="probes of its own: also keep the recording here (as `record -o` does)")
+@force_option
+@click.option("--before", type=click.Path(dir_okay=False), default=None,
+              help="the old kernel's recording of this update: each retrieve is shown against what it preserved "
+                   "(default: the previous boot's, from --state-dir)")
+@click.option("--state-dir", type=click.Path(file_okay=False), default=lambda: os.environ.get("STATE_DIRECTORY"),
+              help="serve's state directory: the previous boot's update, and this host's earlier updates "
+                   "the estimates and stall rules learn from [default: $STATE_DIRECTORY]")
+@click.option("--history", "histories", multiple=True, type=click.Path(dir_okay=False), metavar="REC",
+              help="earlier recordings of this host to estimate from (repeatable; adds to --state-dir's)")
+@click.option("--plain", is_flag=True, help="a timestamped line per file change and a summary line per interval")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per interval (schema luotrace.top/1)")
+@click.option("--once", is_flag=True, help="print one frame and exit")
+@click.option("-C", "--no-clear", is_flag=True, help="print each frame below the last instead of a full screen")
+@click.option("-r", "--maxrows", type=click.IntRange(min=1), default=None, help="show at most this many files")
+@click.option("--sort", type=click.Choice(["session", "time", "size", "state"]), default="session", show_default=True)
+@click.option("--stall", "stall_s", type=finite(0.1, 86400.0), default=30.0, show_default=True,
+              help="seconds without progress (where progress is seen) or of a phase with no history "
+                   "before a file is flagged stalled")
+@click.option("--fail-on-stall", type=finite(0.1, 86400.0), default=None, metavar="SECONDS",
+              help="flag stalls after SECONDS and exit 3 if any file stalled")
+@fail_on_option
+def top(args: Tuple[str, ...], from_url: Optional[str], replays: Tuple[str, ...], speed: float,
+        model: Optional[str], mode: str, gmem: Optional[str], output: Optional[str], force: bool,
+        before: Optional[str], state_dir: Optional[str], histories: Tuple[str, ...],
+        plain: bool, as_json: bool, once: bool, no_clear: bool, maxrows: Optional[int], sort: str, stall_s: float,
+        fail_on_stall: Optional[float], fail_on: Tuple[str, ...]) -> None:
+    """The update, live, on this host: each session and file as it moves
+    through its phases, progress that says where it comes from (~ marks an
+    estimate from this host's earlier updates), stalls with the rule that
+    flagged them, the retrieve against what the old kernel preserved.
+
+    Reads the running `luotrace serve` (no second set of probes); where none
+    answers, attaches probes of its own until q, Ctrl-C or COMMAND's end.
+    Keys: s sort, f filter, enter drill in, p pause, +/- delay, h help, q quit.
+
+    \b
+    Example:
+      luotrace top                                  # the service's view, or probes of its own
+      luotrace top --plain 2 > update.log           # a line per change, every 2 s
+      luotrace top --replay before.luo --replay after.luo --speed 10
+      luotrace top --model workloads/model/luo_model -- workloads/model/luo_model kexec:gmem:64M
+    """
+    from tracer.cli import top as tp
+    interval, count, command = _top_args(args, 1e-6 if replays else 0.05)
+    view_mode = "json" if as_json else "plain" if plain else "once" if once else "frames" if no_clear else \
+        "screen" if sys.stdout.isatty() else "plain"
+    o = tp.TopOptions(interval=interval, count=1 if once and not replays else count, mode=view_mode, maxrows=maxrows, sort=sort,
+                      stall_s=fail_on_stall or stall_s, fail_on_stall=fail_on_stall is not None, fail_on=list(fail_on))
+    o.history, o.before = tp.history_and_before(state_dir, list(histories), before, replays)
+    notes: "queue.Queue[str]" = queue.Queue()
+    say = notes.put if view_mode == "screen" else (lambda m: click.echo(m, err=True))
+    own = bool(model or command or output) and not replays
+    url = from_url or tp.DEFAULT_FROM
+    if replays:
+        if len(replays) > 2:
+            raise LuotraceError("--replay takes at most two recordings", "give the old kernel's, then the new one's")
+
+        def set_before(rep: dict) -> None:
+            o.before = rep
+        frames = tp.from_replay(list(replays), interval, 0.0 if once else speed, set_before)  # --once: the end
+        out = tp.show(frames, o, None, notes)
+    elif not own and (from_url or tp.serve_report(url) is not None):
+        say(f"luotrace: reading the service at {url} (no probes of our own)")
+        out = tp.show(tp.from_serve(url, interval, say), o, None, notes)
+    else:
+        from tracer.probes.plan import Options
+        opts = Options(mode=mode, model=model, gmem=gmem)
+        out = tp.show_own(opts, list(command) or None, o, notes, say, output, force)
+    code, why = tp.exit_code(out, o)
+    if why:
+        click.echo(f"luotrace: failing: {'; '.join(why)}", err=True)
+    sys.exit(code)
+
+
+def _top_args(args: Tuple[str, ...], least: float) -> Tuple[float, Optional[int], List[str]]:
+    """bcc's [INTERVAL [COUNT]], then the command to trace (after --).  A
+    recording played back may step finer (its updates can last milliseconds)."""
+    nums: List[str] = []
+    rest = list(args)
+    while rest and len(nums) < 2 and rest[0].replace(".", "", 1).isdigit():
+        nums.append(rest.pop(0))
+    interval = float(nums[0]) if nums else 1.0
+    if not least <= interval <= 3600:
+        raise LuotraceError(f"bad interval {nums[0]}", f"give seconds between {least:g} and 3600")
+    count = int(float(nums[1])) if len(nums) > 1 else None
+    if count is not None and count < 1:
+        raise LuotraceError(f"bad count {nums[1]}", "give a positive number of frames")
+    return interval, count, rest
 
 
 def main(argv: Optional[List[str]] = None) -> None:

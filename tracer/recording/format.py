@@ -143,6 +143,15 @@ class Recording:
     _events: Optional[np.ndarray] = field(default=None, repr=False)
     _mem: Optional[mmap.mmap] = field(default=None, repr=False)  # the file, when mapped
     _spans: List[Tuple[int, int]] = field(default_factory=list, repr=False)  # each chunk's bytes in it
+    # each map dump: (event records before it, its bytes in the file): played back in time by
+    # tracer/analysis/player.py, decoded only then
+    dump_spans: List[Tuple[int, int, int]] = field(default_factory=list, repr=False)
+    _data: object = field(default=None, repr=False)
+
+    def dump(self, i: int) -> dict:
+        """The I-th map dump as written (not merged with the earlier ones)."""
+        _records, start, stop = self.dump_spans[i]
+        return _json(memoryview(self._data)[start:stop], "<recording>", "map dump")  # type: ignore[arg-type]
 
     @property
     def events(self) -> np.ndarray:
@@ -331,7 +340,8 @@ def parse(data, path: str = "<recording>") -> Recording:
     header = _json(hblob, path, "header")
     chunk = CHUNK if version >= 2 else CHUNK_V1
     pos = hstart + hlen
-    rec = Recording(header, [], _mem=data if isinstance(data, mmap.mmap) else None)
+    rec = Recording(header, [], _mem=data if isinstance(data, mmap.mmap) else None, _data=data)
+    nrec = 0
     while pos < len(data):
         if pos + chunk.size > len(data):
             rec.truncated, rec.truncated_reason = True, f"cut inside a chunk header at byte {pos}"
@@ -362,6 +372,7 @@ def parse(data, path: str = "<recording>") -> Recording:
             n = len(body) // EVENT_SIZE
             if n:
                 rec.chunks.append(np.frombuffer(body, dtype=EVENT_DTYPE, count=n))
+                nrec += n
                 rec._spans.append((start, start + n * EVENT_SIZE))
             if short:
                 rec.truncated, rec.truncated_reason = True, f"cut inside an event chunk at byte {len(data)}"
@@ -373,6 +384,7 @@ def parse(data, path: str = "<recording>") -> Recording:
             obj = _json(body, path, name)
             if kind == CH_MAPS:
                 rec.maps = newer_maps(rec.maps, obj)
+                rec.dump_spans.append((nrec, start, stop))
             else:
                 rec.end = obj
         else:

@@ -23,7 +23,8 @@ DIR = os.path.dirname(os.path.abspath(__file__))
 FILES = {"header": "recording-header.schema.json", "map dump": "recording-maps.schema.json",
          "trailer": "recording-trailer.schema.json",
          # what luotrace writes: report --json, compare --json, a line of report --events
-         "report": "report.schema.json", "compare": "compare.schema.json", "event": "event.schema.json"}
+         "report": "report.schema.json", "compare": "compare.schema.json", "event": "event.schema.json",
+         "top": "top.schema.json"}
 # Schemas written only with keywords fastjsonschema (drafts 4-7) knows, so its
 # verdict is jsonschema's; report.schema.json uses prefixItems (2020-12).
 FAST = frozenset({"header", "map dump", "trailer"})

@@ -4,11 +4,12 @@ default; listening beyond it is an explicit choice (``--listen 0.0.0.0:9477``)."
 from __future__ import annotations
 
 import errno
+import json
 import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -58,9 +59,12 @@ STATE_WHY = {"starting": "starting: compiling and attaching the probes",
 
 
 def metrics_app(registry: CollectorRegistry, ttl: float = SNAPSHOT_TTL_S,
-                ready: Readiness = lambda: (True, "serving")) -> Callable:
+                ready: Readiness = lambda: (True, "serving"),
+                report: Optional[Callable[[], dict]] = None) -> Callable:
     """A WSGI app for /metrics, /-/ready and /-/healthy (as Prometheus's own
-    server has them).  /-/ready answers 200 only while READY says luotrace
+    server has them), and /report.json: the live report (schema
+    luotrace.report/1, as `report --json` prints it), what `luotrace top`
+    reads instead of attaching a second set of probes.  /-/ready answers 200 only while READY says luotrace
     is watching, else 503 with why: a script, systemd or Kubernetes waits on
     it before starting an update.  The exposition is built at most once per TTL.
     When it is stale, one scraper rebuilds it while the others are answered
@@ -115,8 +119,13 @@ def metrics_app(registry: CollectorRegistry, ttl: float = SNAPSHOT_TTL_S,
         if path == "/-/ready":
             ok, why = ready()
             return text(start_response, "200 OK" if ok else "503 Service Unavailable", f"luotrace: {why}")
+        if path == "/report.json" and report is not None:
+            data = json.dumps(report()).encode()
+            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+            return [data]
         if path not in ("/", "/metrics"):
-            return text(start_response, "404 Not Found", "luotrace serves /metrics, /-/ready and /-/healthy")
+            return text(start_response, "404 Not Found",
+                        "luotrace serves /metrics, /report.json, /-/ready and /-/healthy")
         data = body()
         start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(data)))])
         return [data]
@@ -136,7 +145,7 @@ class MetricsServer:
         try:
             family = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
             server_class = type("_Server", (_Server,), {"address_family": family})
-            self.server: Any = make_server(self.host, self.port, metrics_app(self.registry, ready=ready),
+            self.server: Any = make_server(self.host, self.port, metrics_app(self.registry, ready=ready, report=snapshot),
                                            server_class, handler_class=_Handler)
         except socket.gaierror as e:
             raise LuotraceError(f"cannot listen on {self.host}:{self.port}: {e.strerror}", "check --listen") from None

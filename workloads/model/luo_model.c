@@ -48,12 +48,12 @@
 
 static const char *const fault_names[NR_FAULTS] = {
 	"none", "hwpoison", "enomem", "vmalloc_fail", "token_enoent", "pass_mismatch",
-	"unbalanced_freeze", "leak_unwind", "late_fallocate", "pfn0", "holes", "private_vm",
+	"unbalanced_freeze", "leak_unwind", "late_fallocate", "pfn0", "holes", "private_vm", "slow_fill",
 };
 /* The anomaly code each fault must produce in luotrace's report. */
 static const char *const fault_anomaly[NR_FAULTS] = {
 	NULL, NULL, NULL, NULL, NULL, "pass_count_mismatch",
-	"freeze_unbalanced", "unwind_incomplete", "folio_added_while_frozen", "pfn_zero", "holes", NULL,
+	"freeze_unbalanced", "unwind_incomplete", "folio_added_while_frozen", "pfn_zero", "holes", NULL, NULL,
 };
 
 struct luo_file_set {

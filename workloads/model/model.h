@@ -47,7 +47,7 @@ struct kho_vmalloc { uint64_t first; uint32_t total_pages; uint16_t flags; uint1
 
 enum fault {
 	F_NONE, F_HWPOISON, F_ENOMEM, F_VMALLOC, F_TOKEN, F_PASS_MISMATCH,
-	F_UNBALANCED_FREEZE, F_LEAK_UNWIND, F_LATE_FALLOC, F_PFN0, F_HOLES, F_PRIVATE,
+	F_UNBALANCED_FREEZE, F_LEAK_UNWIND, F_LATE_FALLOC, F_PFN0, F_HOLES, F_PRIVATE, F_SLOW_FILL,
 	NR_FAULTS
 };
 #define FAULT(f) (1U << (f))

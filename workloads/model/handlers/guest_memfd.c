@@ -17,6 +17,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "../kvm_abi.h"
@@ -59,6 +60,12 @@ NOINLINE int kvm_gmem_luo_walk_folios(struct address_space *mapping, uint64_t en
 	int err = 0;
 
 	model_pause();
+	if (folios_ser && cur->fault == F_SLOW_FILL) {
+		/* slow_fill=MS: the fill pass stalls MS ms before its first folio */
+		struct timespec ts = { cur->fault_arg / 1000, (cur->fault_arg % 1000) * 1000000L };
+
+		nanosleep(&ts, NULL);
+	}
 	if (folios_ser && cur->fault == F_PASS_MISMATCH && nr)
 		nr--;                           /* a folio vanished between the passes */
 	for (i = 0; i < nr; i++) {
@@ -321,7 +328,8 @@ static const struct model_handler guest_memfd = {
 	.magic = GUEST_MEMFD_MAGIC,
 	.faults = FAULT(F_HWPOISON) | FAULT(F_ENOMEM) | FAULT(F_VMALLOC) | FAULT(F_TOKEN) |
 		  FAULT(F_PASS_MISMATCH) | FAULT(F_UNBALANCED_FREEZE) | FAULT(F_LEAK_UNWIND) |
-		  FAULT(F_LATE_FALLOC) | FAULT(F_PFN0) | FAULT(F_HOLES) | FAULT(F_PRIVATE),
+		  FAULT(F_LATE_FALLOC) | FAULT(F_PFN0) | FAULT(F_HOLES) | FAULT(F_PRIVATE) |
+		  FAULT(F_SLOW_FILL),
 	.populated = true,
 	.ser_nr = offsetof(struct guest_memfd_luo_ser, nr_folios),
 	.ser_folios = offsetof(struct guest_memfd_luo_ser, folios),

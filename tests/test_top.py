@@ -1,0 +1,279 @@
+"""luotrace top: the view of an update, live and played back.
+
+Unit tier: recordings played back (--replay) end on exactly `report`'s
+numbers in every output (--json, --plain, --once); progress says where its
+number comes from and never shows the total before a phase returns; the
+stall rules fire where they should and not before; frames fit 80x24.
+Kernel tier: the full screen in a real pseudo-terminal while the reference
+model runs an update (kexec, cancel, hwpoison, a late fallocate), the
+terminal restored after q and after SIGTERM; top beside a running serve
+adds no BPF program; a fill pass made slow on purpose is flagged stalled,
+the normal runs are not."""
+from __future__ import annotations
+
+import copy
+import fcntl
+import json
+import os
+import pty
+import re
+import select
+import signal
+import struct
+import subprocess
+import termios
+import time
+
+import pytest
+
+from exporters import top_text as tt
+from tests.conftest import LUOTRACE, MODEL, REPO, run_cli, wait_tracing
+from tracer import schemas
+from tracer.analysis import progress as pg
+from tracer.analysis.replay import replay
+from tracer.analysis.simulate import SimSpec, simulate
+
+
+@pytest.fixture(scope="module")
+def sims(tmp_path_factory):
+    d = tmp_path_factory.mktemp("top")
+    out = {}
+    for mode in ("light", "folio", "trace"):
+        out[mode] = str(d / f"{mode}.luo")
+        simulate(SimSpec(files=5, size=40 << 20, mode=mode, seed=4, errors=1, anomalies=["holes", "pfn_zero"]),
+                 out[mode])
+    return out
+
+
+def _final_json(lines):
+    frames = [json.loads(x) for x in lines if x.strip()]
+    assert frames and frames[-1]["finished"] and all(schemas.problem("top", f) is None for f in frames)
+    return frames
+
+
+@pytest.mark.parametrize("mode", ["light", "folio", "trace"])
+def test_replay_ends_on_the_report_in_every_output(sims, mode):
+    path = sims[mode]
+    want = pg.final_of(replay(path))
+    r = run_cli("top", "--replay", path, "--speed", "0", "--json", "0.001", check=True)
+    frames = _final_json(r.stdout.splitlines())
+    got = {row["key"]: {"state": row["state"], "preserved": row["preserved"], "restored": row["restored"],
+                        "anomalies": sorted(a["code"] for a in row["anomalies"])} for row in frames[-1]["rows"]}
+    assert got == want and len(frames) > 1  # played in steps, ended on the report
+    plain = run_cli("top", "--replay", path, "--speed", "0", "--plain", "0.001", check=True).stdout.splitlines()
+    assert plain[-1].split(" ", 2)[2].startswith("update done") and plain[-1].endswith("ended")
+    appeared = {ln.split()[3] for ln in plain if " appeared: " in ln}
+    assert appeared == {k.split(":")[2] for k in want}  # a line for each file as it appeared
+    once = run_cli("top", "--replay", path, "--once", check=True).stdout
+    for key, row in want.items():
+        line = next(ln for ln in once.splitlines() if ln.startswith(f" {key.split(':')[2]} "))
+        assert row["state"] in line
+    for code in {c for row in want.values() for c in row["anomalies"]}:
+        assert "ANOMALY" in once and code in once
+
+
+def _file(phase_open: str, since: int, nr=None, phases=(), streamed=None, size=8 << 20):
+    probe = {"count_pass": "gmem_walk", "fill_pass": "gmem_walk", "luo_freeze": "gmem_luo_freeze"}.get(
+        phase_open, "gmem_preserve")
+    return {"handler": "guest_memfd", "dev": 16, "inode": 7, "session": 1, "token": 1, "size_bytes": size,
+            "result": "none", "nr_folios": nr, "folios_preserved": 0, "folios_restored": 0, "errno": None,
+            "failed_phase": None, "anomalies": [], "phases": list(phases),
+            "in_progress": ["gmem_preserve", probe], "in_progress_since_ns": {"gmem_preserve": since, probe: since},
+            **({"streamed_events": streamed} if streamed else {})}
+
+
+def _rep(*files, sessions=()):
+    return {"recording": {"mode": "folio", "kernel": "k"}, "files": list(files), "sessions": list(sessions),
+            "events": {"lost": 0}, "bpf": {"run_cnt": 0, "run_time_ns": 0}}
+
+
+COUNTED = [{"name": "count_pass", "start_ns": 0, "duration_ns": 1000, "count": 2048}]
+
+
+def test_fill_pass_progress_is_an_estimate_that_never_reaches_the_total():
+    hist = pg.History.of([{"files": [{"handler": "guest_memfd", "phases": [
+        {"name": "fill_pass", "start_ns": 0, "duration_ns": 2_000_000, "count": 1000}]}]}])  # 2 us a folio
+    rep = _rep(_file("fill_pass", 0, nr=2048, phases=COUNTED))
+    v = pg.view(rep, 1_000_000, hist)  # 1 ms in: ~500 folios
+    r = v.rows[0]
+    assert (r.phase, r.progress, r.done, r.total) == ("fill_pass", "est.", 500, 2048)
+    assert tt.folios(r) == "~500/2.0k" and r.eta_ns == int(1548 / 500_000 * 1e9)
+    late = pg.view(rep, 60_000_000, hist).rows[0]  # far past the prediction: capped below the total
+    assert late.done == 2047 and late.progress == "est."
+    assert pg.view(rep, 1_000_000).rows[0].done is None  # no history: no number at all
+
+
+def test_trace_mode_counts_are_exact_and_their_rate_measured():
+    a = pg.view(_rep(_file("fill_pass", 0, nr=2048, phases=COUNTED, streamed={"kho_preserve_folio": 100})), 1_000_000)
+    b = pg.view(_rep(_file("fill_pass", 0, nr=2048, phases=COUNTED, streamed={"kho_preserve_folio": 600})),
+                2_000_000, prev=a)
+    r = b.rows[0]
+    assert (r.done, r.total, r.progress) == (600, 2048, "exact") and r.rate == pytest.approx(500e3)
+
+
+def test_stall_rules_fire_after_their_threshold_and_not_before():
+    hist = pg.History.of([{"files": [{"handler": "guest_memfd", "phases": [
+        {"name": "fill_pass", "start_ns": 0, "duration_ns": 200_000_000, "count": 2048}]}]}])  # 0.2 s
+    rep = _rep(_file("fill_pass", 0, nr=2048, phases=COUNTED))
+    assert pg.view(rep, 990_000_000, hist).rows[0].stall is None  # 5 x 0.2 s = 1 s not yet passed
+    assert pg.view(rep, 1_100_000_000, hist).rows[0].stall.startswith("history: fill_pass has run 1.1 s")
+    # no history, no progress signal: flagged once the phase has been open --stall seconds
+    assert pg.view(rep, 29_000_000_000, stall_s=30).rows[0].stall is None
+    assert pg.view(rep, 31_000_000_000, stall_s=30).rows[0].stall.startswith("open: fill_pass")
+    # exact progress that stops moving
+    f = _file("fill_pass", 0, nr=2048, phases=COUNTED, streamed={"kho_preserve_folio": 10})
+    prev = None
+    for t in range(0, 7):
+        prev = pg.view(_rep(f), t * 1_000_000_000, prev=prev, stall_s=5)
+        assert (prev.rows[0].stall is not None) == (t >= 5), t  # unchanged since t=0
+    assert prev.rows[0].stall.startswith("no progress: fill_pass at 10 of 2048")
+
+
+def test_across_the_kexec_each_retrieve_against_what_was_preserved():
+    old = {"files": [{"handler": "guest_memfd", "inode": 7, "token": 1, "result": "ok", "folios_preserved": 512},
+                     {"handler": "memfd", "inode": 9, "token": 2, "result": "ok", "folios_preserved": 16}]}
+    new = _rep({**_file("retrieve", 0), "result": "retrieved", "token": 1, "in_progress": [], "in_progress_since_ns": {},
+                "folios_restored": 512, "retrieved_inode": 70})
+    v = pg.view(new, 1000, before=old, finished=True)
+    assert v.rows[0].before_preserved == 512 and v.rows[0].restored == 512
+    assert v.missing == [{"handler": "memfd", "inode": 9, "token": 2, "preserved": 16}]
+    lines = tt.plain(None, v)
+    assert any("9 missing: preserved 16 folios, not retrieved" in ln for ln in lines)
+
+
+def test_a_frame_fits_80x24_and_a_thousand_files_scroll():
+    files = []
+    for i in range(1000):
+        f = copy.deepcopy(_file("fill_pass", i, nr=2048, phases=COUNTED))
+        f["inode"], f["token"], f["session"] = 100 + i, i, i % 40
+        files.append(f)
+    v = pg.view(_rep(*files), 10_000_000)
+    lines = tt.screen(v, tt.Screen(selected=900))
+    assert len(lines) == 24 and all(len(x) <= 80 for x in lines)
+    assert sum(ln.startswith(">") for ln in lines) == 1, lines  # the selection scrolled into view
+
+
+def test_bad_input_is_one_line(tmp_path):
+    bad = tmp_path / "x.luo"
+    bad.write_bytes(b"LUOTRACE\x02\x00garbage")
+    for args, says in [(["--replay", str(bad)], "x.luo"), (["--replay", "a", "--replay", "b", "--replay", "c"], "at most two"),
+                       (["0"], "bad interval"), (["1", "0"], "bad count"), (["--from", "http://127.0.0.1:9", "--once"],
+                                                                           "does not answer")]:
+        r = run_cli("top", *args)
+        assert r.returncode not in (0, None) and says in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+# ---- the kernel tier: the view of a real traced run ----
+
+SCENARIO = ["kexec:gmem:4M,memfd:1M", "cancel:gmem:2M", "keep:gmem:2M:hwpoison", "keep:gmem:1M:late_fallocate"]
+ESC = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][0-9A-B]|\x1b[=>]")
+
+
+def _pty_top(args, send=None, after=None, timeout=120):
+    """Run top in a pseudo-terminal of 80x24; SEND (b'q' or a signal) AFTER
+    seconds, or once the run has ended.  (returncode, the stream with its
+    escapes removed, whether the terminal came back as it was)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    before = termios.tcgetattr(slave)
+    p = subprocess.Popen(LUOTRACE + ["top"] + args, stdin=slave, stdout=slave, stderr=slave, cwd=REPO,
+                         env=dict(os.environ, TERM="xterm"), start_new_session=True)
+    buf, t0, sent = b"", time.monotonic(), False
+    try:
+        while time.monotonic() - t0 < timeout:
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    buf += os.read(master, 1 << 16)
+                except OSError:
+                    break
+            ended = b"the run has ended" in buf
+            if not sent and ((after is not None and time.monotonic() - t0 > after) or (after is None and ended)):
+                if isinstance(send, bytes):
+                    os.write(master, send)
+                else:
+                    p.send_signal(send)
+                sent = True
+            if p.poll() is not None:
+                while select.select([master], [], [], 0.3)[0]:
+                    try:
+                        chunk = os.read(master, 1 << 16)
+                    except OSError:
+                        break
+                    if not chunk:
+                        break
+                    buf += chunk
+                break
+        else:
+            p.kill()
+            raise AssertionError("top did not end: " + ESC.sub(b"", buf)[-2000:].decode(errors="replace"))
+        return p.wait(), ESC.sub(b"", buf).decode(errors="replace"), termios.tcgetattr(slave) == before, buf
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_the_full_screen_follows_an_update_and_ends_on_its_report(model, gmem, tmp_path):
+    out = str(tmp_path / "top.luo")
+    rc, text, restored, raw = _pty_top(["0.1", "-o", out, "--model", MODEL, "--", MODEL, "--pause-ms", "300",
+                                        *SCENARIO], send=b"q")
+    assert rc == 0 and restored and b"\x1b[?1049l" in raw, text[-2000:]
+    for seen in ("PRESERVING", "FROZEN", "folio_added_while_frozen", "EHWPOISON"):
+        assert seen in text, seen  # the update's states, the anomaly and the error as they came
+    phases = {p for p in ("count_pass", "fill_pass", "vmalloc", "luo_freeze", "unpreserve", "retrieve", "finish")
+              if p in text}
+    assert len(phases) >= 5, phases  # each file's phases as they ran (a frame every 0.1 s, each 0.3 s long)
+    # the last frame, left on the terminal after the full screen closed: the report's numbers
+    final = text[text.rindex("luotrace top  "):]
+    rep = json.loads(run_cli("report", "--json", out, check=True).stdout)
+    for key, row in pg.final_of(rep).items():
+        line = next(ln for ln in final.splitlines() if ln.startswith(f" {key.split(':')[2]} "))
+        assert row["state"] in line, (key, line)
+        if row["preserved"] is not None and "gmem" in line:
+            assert f"{row['preserved'] if row['preserved'] < 1000 else ''}" in line or "k/" in line, line
+    assert f"files {rep['totals']['files']} " in final
+
+
+def test_sigterm_restores_the_terminal(model, gmem):
+    rc, text, restored, raw = _pty_top(["0.2", "--model", MODEL, "--", MODEL, "--pause-ms", "400", *SCENARIO],
+                                       send=signal.SIGTERM, after=4)
+    assert restored and b"\x1b[?1049l" in raw and "Traceback" not in text, text[-1500:]
+
+
+def _progs_of(pid: int) -> set:
+    """The BPF programs process PID holds: bpftool's view (its pids), and its own fds."""
+    out = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, text=True, check=True).stdout
+    held = {p["id"] for p in json.loads(out) if any(x.get("pid") == pid for x in p.get("pids", []))}
+    fds = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    return held | {f for f in fds if "bpf-prog" in f}
+
+
+def test_beside_serve_top_adds_no_program_and_shows_serve_s_update(model, gmem, tmp_path):
+    port = 9600 + os.getpid() % 300
+    serve = subprocess.Popen(LUOTRACE + ["serve", "--listen", f"127.0.0.1:{port}", "--model", MODEL, "--", MODEL,
+                                         "--pause-ms", "300", *SCENARIO], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_tracing(serve)
+        assert _progs_of(serve.pid)  # serve's probes, seen the way top's would be
+        top = subprocess.Popen(LUOTRACE + ["top", "--from", f"http://127.0.0.1:{port}", "--plain", "0.3", "12"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        held = set()
+        for _ in range(8):
+            time.sleep(0.25)
+            if top.poll() is None:
+                held |= _progs_of(top.pid)
+        out, err = top.communicate(timeout=60)
+        assert top.returncode == 0, err
+        assert held == set()  # no program of its own: one request a frame
+        assert "reading the service" in err and " appeared: " in out and "update " in out
+    finally:
+        serve.send_signal(signal.SIGINT)
+        serve.communicate(timeout=60)
+
+
+def test_a_slow_fill_pass_is_flagged_and_normal_runs_are_not(model, gmem):
+    r = run_cli("top", "--plain", "0.25", "--fail-on-stall", "1", "--model", MODEL, "--", MODEL,
+                "keep:gmem:4M:slow_fill=2500", "kexec:gmem:2M")
+    assert r.returncode == 3 and "stalled (open: fill_pass has run" in r.stderr, r.stderr[-1500:]
+    assert re.search(r"appeared: preparing fill_pass running|stall: .*fill_pass.*STALLED", r.stdout)
+    ok = run_cli("top", "--plain", "0.25", "--fail-on-stall", "1", "--model", MODEL, "--", MODEL, *SCENARIO)
+    assert ok.returncode == 0 and "STALLED" not in ok.stdout, ok.stderr[-1500:]
