@@ -195,6 +195,8 @@ def plain(prev: Optional[View], v: View, wall: Optional[float] = None) -> List[s
         sess = "-" if r.session is None else r.session
         line = (f"{stamp} {SHORT.get(r.handler, r.handler)} {r.inode} s{sess} {what}: {r.state} "
                 f"{r.phase or '-'}{' running' if r.running else ''} {fmt_ns(r.phase_ns)} folios {folios(r)}")
+        if r.before_preserved is not None and r.restored is not None and r.state in ("retrieved", "discarded"):
+            line += f" restored {r.restored} of {r.before_preserved} preserved"
         if what == "anomaly":
             line += " " + ", ".join(a["code"] for a in r.anomalies)
         if what == "stall":

@@ -277,3 +277,44 @@ def test_a_slow_fill_pass_is_flagged_and_normal_runs_are_not(model, gmem):
     assert re.search(r"appeared: preparing fill_pass running|stall: .*fill_pass.*STALLED", r.stdout)
     ok = run_cli("top", "--plain", "0.25", "--fail-on-stall", "1", "--model", MODEL, "--", MODEL, *SCENARIO)
     assert ok.returncode == 0 and "STALLED" not in ok.stdout, ok.stderr[-1500:]
+
+
+def _split_at_the_retrieves(src: str, tmp_path):
+    """A simulated update cut in two as a kexec cuts it: the old kernel's
+    recording (everything before the first retrieve, no trailer: the jump
+    killed its recorder) and the new kernel's (the rest, another boot)."""
+    from tracer.probes import catalog
+    from tracer.recording import format as rec
+    r = rec.read(src)
+    ev = r.events
+    retrieve = {catalog.PROBE_IDS[n] for n in ("gmem_retrieve", "memfd_retrieve")}
+    cut = int(next(i for i, p in enumerate(ev["probe"]) if p in retrieve))
+    paths = []
+    for i, (part, boot) in enumerate(((ev[:cut], "old-boot"), (ev[cut:], "new-boot"))):
+        head = copy.deepcopy(r.header)
+        head["clock"]["boot_id"] = boot
+        path = str(tmp_path / f"update-{i + 1}.luo")
+        w = rec.Writer(path, head)
+        w.add(part.tobytes())
+        if i:
+            w.close(r.maps, r.end)
+        else:
+            w.flush(sync=True)
+        paths.append(path)
+    return paths
+
+
+def test_both_sides_of_an_update_played_back_end_on_their_joined_report(tmp_path):
+    from tracer.analysis.join import join_report
+    src = str(tmp_path / "u.luo")
+    simulate(SimSpec(files=4, size=16 << 20, mode="light", seed=9), src)
+    before, after = _split_at_the_retrieves(src, tmp_path)
+    r = run_cli("top", "--replay", before, "--replay", after, "--json", "--speed", "0", "0.000001", check=True)
+    frames = _final_json(r.stdout.splitlines())
+    want = pg.final_of(join_report([before, after]))
+    got = {row["key"]: {"state": row["state"], "preserved": row["preserved"], "restored": row["restored"],
+                        "anomalies": sorted(a["code"] for a in row["anomalies"])} for row in frames[-1]["rows"]}
+    assert got == want and frames[-1]["missing"] == []
+    kept = [row for row in frames[-1]["rows"] if row["before_preserved"] is not None]
+    assert kept and all(row["state"] == "retrieved" for row in kept)
+    assert any(f["state"] == "retrieving" for f in frames[:-1])  # the new kernel's side, as it went

@@ -89,7 +89,7 @@ def _join(paths: List[str], progress: bool) -> Tuple[dict, FolioProgress, int]:
         shifts.append(shift)
         kexec_before = len(agg.kexec_ts)
         last = 0
-        for batch in _shifted(r, shift):
+        for batch in shifted(r, shift):
             last = max(last, agg.feed(batch))
             if progress:
                 folios.scan(batch)
@@ -119,12 +119,12 @@ def _join(paths: List[str], progress: bool) -> Tuple[dict, FolioProgress, int]:
         f["blackout_ns"], f["blackout_from"] = blackout(f, report["kexec_ns"], ends)
     if progress:
         for (_, r), shift in zip(recs, shifts):
-            for batch in _shifted(r, shift):
+            for batch in shifted(r, shift):
                 folios.count(batch)
     return report, folios, agg.base
 
 
-def _shifted(r: rec.Recording, shift: int):
+def shifted(r: rec.Recording, shift: int):
     """R's batches moved by SHIFT ns onto the first recording's clock."""
     for batch in r.batches():
         if shift:

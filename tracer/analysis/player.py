@@ -10,7 +10,7 @@ import numpy as np
 
 from tracer.analysis.aggregator import Aggregator
 from tracer.analysis.report import build
-from tracer.base.errors import corrupt_content
+from tracer.base.errors import LuotraceError, corrupt_content
 from tracer.recording import format as rec
 
 
@@ -50,3 +50,42 @@ def _play(r: rec.Recording, step: int) -> Iterator[Tuple[dict, int, bool]]:
         agg.finish(maps)
         yield build(agg, r.header, {"stopped_by": "running", "duration_ns": t, "records": fed}), t, False
         t = min(t + step, last)
+
+
+def play_update(before: str, after: str, step_ns: int) -> Iterator[Tuple[dict, int, bool]]:
+    """Both sides of a live update played as one (the old kernel's recording
+    whole, then the new kernel's in steps), on the old recording's clock as
+    `report BEFORE AFTER` joins them: each retrieve lands on the file the old
+    kernel preserved.  The last step is that joined report."""
+    from tracer.analysis.join import shifted, boots_maps, join_report
+    from tracer.kernel import clock
+    old, new = rec.read(before), rec.read(after)
+    with corrupt_content():
+        for r, p in ((old, before), (new, after)):
+            if "base_monotonic_ns" not in r.header.get("clock", {}):
+                raise LuotraceError(f"{p}: recording has no clock anchors", "record it again with this luotrace")
+        base = old.header["clock"]["base_monotonic_ns"]
+        agg = Aggregator(old.header.get("mode", "folio"), base)
+        for batch in old.batches():
+            agg.feed(batch)
+        shift, _how = clock.offset(old.header["clock"], new.header["clock"])
+        events = np.concatenate(list(shifted(new, shift))) if new.chunks else np.zeros(0, dtype=rec.EVENT_DTYPE)
+        ts = events["ts"].astype(np.int64)
+        reach = np.maximum.accumulate(ts) if len(ts) else ts
+        start = int(ts.min()) - base if len(ts) else agg.last_ts - base
+        last = int(ts.max()) - base if len(ts) else start
+        fed, dumps, maps = 0, 0, None
+        t = start
+        while t < last:
+            upto = int(np.searchsorted(reach, base + t, side="right"))
+            if upto > fed:
+                agg.feed(events[fed:upto])
+                fed = upto
+            while dumps < len(new.dump_spans) and new.dump_spans[dumps][0] <= fed:
+                maps = rec.newer_maps(maps, new.dump(dumps))
+                dumps += 1
+            agg.finish(boots_maps([old.maps, maps]))
+            yield build(agg, old.header, {"stopped_by": "running", "duration_ns": t}), t, False
+            t += max(1, step_ns)
+    rep = join_report([before, after])
+    yield rep, last, True

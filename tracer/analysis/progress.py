@@ -244,10 +244,11 @@ def view(rep: dict, now_ns: int, hist: Optional[History] = None, prev: Optional[
         if d_runs < 0 or (cpu is not None and cpu < 0):  # the end's counters are of another reading: no interval
             d_runs = cpu = None
     missing = []
-    if before is not None:
-        seen = {f.get("token") for f in rep.get("files", []) if f.get("retrieved_inode") or f["result"] == "retrieved"}
+    if before is not None and finished:  # until the end, a file not retrieved yet is only waiting
+        seen = {f.get("token") for f in rep.get("files", []) if f.get("retrieved_inode") or
+                f["result"] in ("retrieved", "discarded")}
         seen |= {f.get("token") for f in rep.get("files", []) if f.get("phases") and
-                 any(p["name"] == "retrieve" for p in f["phases"])}
+                 any(p["name"] in ("retrieve", "finish") for p in f["phases"])}
         missing = [{"handler": o["handler"], "inode": o["inode"], "token": t, "preserved": o.get("folios_preserved")}
                    for t, o in sorted(olds.items()) if t not in seen]
     v = View(schema=SCHEMA, at_ns=now_ns, state=_update_state(rows, sessions, rep, before is not None),

@@ -780,7 +780,7 @@ def top(args: Tuple[str, ...], from_url: Optional[str], replays: Tuple[str, ...]
         "screen" if sys.stdout.isatty() else "plain"
     o = tp.TopOptions(interval=interval, count=1 if once and not replays else count, mode=view_mode, maxrows=maxrows, sort=sort,
                       stall_s=fail_on_stall or stall_s, fail_on_stall=fail_on_stall is not None, fail_on=list(fail_on))
-    o.history, o.before = tp.history_and_before(state_dir, list(histories), before, replays)
+    o.history, o.before, o.before_path = tp.history_and_before(state_dir, list(histories), before, replays)
     notes: "queue.Queue[str]" = queue.Queue()
     say = notes.put if view_mode == "screen" else (lambda m: click.echo(m, err=True))
     own = bool(model or command or output) and not replays
@@ -789,9 +789,7 @@ def top(args: Tuple[str, ...], from_url: Optional[str], replays: Tuple[str, ...]
         if len(replays) > 2:
             raise LuotraceError("--replay takes at most two recordings", "give the old kernel's, then the new one's")
 
-        def set_before(rep: dict) -> None:
-            o.before = rep
-        frames = tp.from_replay(list(replays), interval, 0.0 if once else speed, set_before)  # --once: the end
+        frames = tp.from_replay(list(replays), interval, 0.0 if once else speed)  # --once: the end
         out = tp.show(frames, o, None, notes)
     elif not own and (from_url or tp.serve_report(url) is not None):
         say(f"luotrace: reading the service at {url} (no probes of our own)")

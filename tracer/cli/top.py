@@ -46,6 +46,7 @@ class TopOptions:
     fail_on_stall: bool = False
     fail_on: List[str] = field(default_factory=list)
     before: Optional[dict] = None  # the old kernel's report of this update
+    before_path: Optional[str] = None  # ... and its recording (a live run in the new kernel joins with it)
     history: pg.History = field(default_factory=pg.History)
 
 
@@ -76,27 +77,30 @@ def from_serve(url: str, interval: float, note: Callable[[str], None]) -> Iterat
         time.sleep(interval)
 
 
-def from_replay(paths: List[str], interval: float, speed: float,
-                on_before: Callable[[dict], None]) -> Iterator[Frame]:
-    """Each recording played back in turn; the second one (the new kernel's)
-    against the first's final report."""
-    from tracer.analysis.player import play
+def from_replay(paths: List[str], interval: float, speed: float) -> Iterator[Frame]:
+    """A recording played back; two: both sides of an update, joined (the
+    new kernel's retrieves on the files the old one preserved)."""
+    from tracer.analysis.player import play, play_update
     step = int(interval * (speed or 1.0) * 1e9)
-    for i, path in enumerate(paths):
-        for rep, now, last in play(path, step):
-            yield rep, now, last and i == len(paths) - 1
-            if last and i < len(paths) - 1:
-                on_before(rep)
-            if speed:
-                time.sleep(interval)
+    frames = play(paths[0], step) if len(paths) == 1 else play_update(paths[0], paths[1], step)
+    for rep, now, last in frames:
+        yield rep, now, last
+        if speed and not last:
+            time.sleep(interval)
 
 
 class LiveFrames:
     """Frames of a live run of our own: the run (its signals, its command)
-    keeps the main thread; the view takes the frames from a queue."""
+    keeps the main thread; the view takes the frames from a queue.  With
+    BEFORE (the old kernel's recording of this update, in the new kernel),
+    each frame is that recording joined with the one this run is writing
+    (OUTPUT), as `report BEFORE OUTPUT` would join them: each retrieve lands
+    on the file the old kernel preserved.  Its cost grows with the two
+    recordings (they are read again each frame)."""
 
-    def __init__(self, interval: float):
+    def __init__(self, interval: float, before: Optional[str] = None, output: Optional[str] = None):
         self.interval = interval
+        self.before, self.output = before, output
         self.q: "queue.Queue[Frame]" = queue.Queue(maxsize=2)
         self.live = None
         self.done = threading.Event()
@@ -105,9 +109,18 @@ class LiveFrames:
         self.live = live
         threading.Thread(target=self._pump, name="luotrace-top", daemon=True).start()
 
+    def _report(self) -> dict:
+        if self.before and self.output:
+            from tracer.analysis.join import join_report
+            try:
+                return join_report([self.before, self.output])
+            except LuotraceError:
+                pass  # not one sound record written yet: this run's own view meanwhile
+        return self.live.snapshot()  # type: ignore[attr-defined]
+
     def _pump(self) -> None:
         while not self.done.is_set():
-            rep = self.live.snapshot()  # type: ignore[attr-defined]
+            rep = self._report()
             self._put((rep, int(rep.get("duration_ns") or 0), False))
             self.done.wait(self.interval)
 
@@ -123,7 +136,11 @@ class LiveFrames:
 
     def ended(self, result) -> None:
         self.done.set()
-        self._put((result.report, int(result.report.get("duration_ns") or 0), True))
+        rep = result.report
+        if self.before and self.output and not result.recording_error:
+            from tracer.analysis.join import join_report
+            rep = join_report([self.before, self.output])
+        self._put((rep, int(rep.get("duration_ns") or 0), True))
 
     def frames(self) -> Iterator[Frame]:
         while True:
@@ -341,10 +358,11 @@ def quit_own_run() -> None:
 
 
 def history_and_before(state_dir: Optional[str], histories: List[str], before: Optional[str],
-                       replays: Tuple[str, ...] | List[str]) -> Tuple[pg.History, Optional[dict]]:
+                       replays: Tuple[str, ...] | List[str]) -> Tuple[pg.History, Optional[dict], Optional[str]]:
     """This host's earlier updates (the state directory's recordings of other
-    boots, and --history), and the old kernel's report of the update now in
-    its new kernel (--before, else the previous boot's in the state directory)."""
+    boots, and --history), and the old kernel's recording of the update now
+    in its new kernel, with its report (--before; else the previous boot's
+    in the state directory; for two recordings played back, the first)."""
     from tracer.analysis.replay import replay
     from tracer.kernel import clock
     from tracer.live.state import StateDir
@@ -361,13 +379,11 @@ def history_and_before(state_dir: Optional[str], histories: List[str], before: O
             if p in histories:
                 raise
             print(f"luotrace: {p} left out of the estimates: {e.args[0] if e.args else e}", file=sys.stderr)
-    old = None
-    if before:
-        old = replay(before)
-    elif sd is not None and not replays:
+    old_path = replays[0] if len(replays) == 2 else before
+    if old_path is None and sd is not None and not replays:
         prev = sd.previous_boot()
-        old = prev.report if prev else None
-    return pg.History.of(reports), old
+        old_path = prev.path if prev else None
+    return pg.History.of(reports), (replay(old_path) if old_path else None), old_path
 
 
 def show(frames: Iterator[Frame], o: TopOptions, quit_run: Optional[Callable[[], None]],
@@ -384,7 +400,14 @@ def show_own(opts, command: Optional[List[str]], o: TopOptions, notes: "queue.Qu
     """Probes of our own: the run keeps the main thread (its signals, its
     command); the view runs beside it and stops it when it is done (q, COUNT)."""
     from tracer.live.runner import run
-    frames = LiveFrames(o.interval)
+    scratch = None
+    if o.before_path and not output:  # the join needs this run's recording: a private one, removed after
+        from tracer.base.private import RUN_DIR, private_dir
+        import tempfile
+        fd, scratch = tempfile.mkstemp(prefix="top-", suffix=".luo", dir=private_dir(RUN_DIR))
+        os.close(fd)
+        output, force = scratch, True
+    frames = LiveFrames(o.interval, o.before_path, output)
     box: dict = {}
     leave = threading.Event()
 
@@ -405,7 +428,9 @@ def show_own(opts, command: Optional[List[str]], o: TopOptions, notes: "queue.Qu
             leave.set()  # a signal (Ctrl-C, SIGTERM) or q: the view goes too
     finally:
         frames.done.set()
-    t.join(30)
+        t.join(30)
+        if scratch:
+            os.unlink(scratch)
     if "error" in box:
         raise box["error"]
     return box.get("out") or Outcome()
