@@ -433,3 +433,25 @@ def test_model_and_kernel_agree_or_the_difference_is_explained():
         for d in r["differences"]:
             print(f"{name}: {d['field']}: kernel {d['kernel']} / model {d['model']} -- {d['explained']}")
         assert all(d["explained"] for d in r["differences"]), (name, r["differences"])
+
+
+@gmem_part
+def test_top_watched_the_gmem_update_in_both_kernels():
+    """luotrace top --plain, probes of its own, in the old kernel until the
+    jump and in the new one with --before: every kept file retrieved with
+    restored = preserved, the discarded one accounted, nothing missing."""
+    held = load("held-gmem.json")
+    old, new = (open(os.path.join(OUT, n)).read() for n in ("top-1.log", "top-2.log"))
+    for t in held["files"]:
+        # the old kernel: each file appeared in the update and was preserved before the jump
+        assert re.search(rf"gmem {t['inode']} s\S+ (appeared|phase): preserved ", old), (t["inode"], old[-2000:])
+        line = next((ln for ln in new.splitlines() if re.search(rf"gmem {t['inode']} s\S+ \w+: "
+                                                                 rf"(retrieved|discarded) finish ", ln)), None)
+        assert line is not None, (t["inode"], new[-3000:])
+        if t["scenario"] == "keep":
+            assert "retrieved finish" in line and f"restored {t['pages']} of {t['pages']} preserved" in line, line
+        else:
+            assert "discarded finish" in line and f"restored 0 of {t['pages']} preserved" in line, line
+    assert "missing:" not in new
+    last = [ln for ln in new.splitlines() if " update " in ln][-1]
+    assert last.endswith("ended") and " update done " in last, last

@@ -172,13 +172,25 @@ def kexec_selftests(kdir: str, stage: int, tag: str) -> None:
 
 def start_recorder(path: str, log: str, mode: str = "folio", handler: str = "", extra=()) -> subprocess.Popen:
     """luotrace record with no command: it runs until SIGINT or the kexec.
-    Its output is read from a pipe (a file on the shared 9p directory, read
-    while written, once gave ENODATA) and copied to LOG by a thread.  Every
-    file handler is traced unless HANDLER names one."""
+    Every file handler is traced unless HANDLER names one."""
+    return start_luotrace(["record", "--mode", mode, *extra, *(["--handler", handler] if handler else []),
+                           "--quiet", "-o", path], log)
+
+
+def start_top(log: str, extra=()) -> subprocess.Popen:
+    """luotrace top --plain with probes of its own (no serve here), a frame
+    each half second, until SIGINT or the kexec: what an operator watching
+    the update would have seen, line by line, in LOG."""
+    return start_luotrace(["top", "--plain", *extra, "0.5"], log)
+
+
+def start_luotrace(args: List[str], log: str) -> subprocess.Popen:
+    """A luotrace command that traces until stopped, once it says it is
+    tracing.  Its output is read from a pipe (a file on the shared 9p
+    directory, read while written, once gave ENODATA) and copied to LOG by a
+    thread."""
     started = time.monotonic()
-    p = subprocess.Popen([PY, "-m", "tracer.cli", "record", "--mode", mode, *extra,
-                          *(["--handler", handler] if handler else []),
-                          "--quiet", "-o", path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    p = subprocess.Popen([PY, "-m", "tracer.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          errors="backslashreplace")
     ready, attached = threading.Event(), threading.Event()
 
@@ -236,10 +248,11 @@ def stage2(kdir: str) -> None:
     if only("kexec"):
         kexec_selftests(kdir, 1, "kexec-traced-1")
         sh([PY, "-m", "workloads.liveupdate", "--hold", "--json", os.path.join(OUT, "held.json"), *HELD])
-    if only("gmem"):  # bpftrace counts beside the recorder, as in boot 1
+    if only("gmem"):  # bpftrace counts beside the recorder, as in boot 1; top watching as an operator would
+        start_top(os.path.join(OUT, "top-1.log"))
         with_bpftrace(bpftrace_program("kvm_gmem_luo"), "bpftrace-gmem-update.json", lambda: sh(
             [PY, *GMEM, "--hold", "--json", os.path.join(OUT, "held-gmem.json"), *GMEM_HELD]))
-    time.sleep(2)  # the recorder has flushed everything before the jump
+    time.sleep(2)  # the recorder (and top) have flushed everything before the jump
     jump(kdir, 3)
 
 
@@ -256,6 +269,10 @@ def stage3(kdir: str) -> None:
     rec = start_recorder(os.path.join(OUT, "update-2.luo"), os.path.join(OUT, "update-2.log"))
     note_ready("new kernel, cold", rec)
 
+    # top in the new kernel: each retrieve against what the old kernel's recording says was preserved
+    top = start_top(os.path.join(OUT, "top-2.log"), ["--before", os.path.join(OUT, "update-1.luo")]) \
+        if only("gmem") else None
+
     def retrieves() -> None:
         if only("kexec"):
             kexec_selftests(kdir, 2, "kexec-traced-2")
@@ -265,8 +282,13 @@ def stage3(kdir: str) -> None:
             sh([PY, *GMEM, "--retrieve", os.path.join(OUT, "held-gmem.json"), "--json",
                 os.path.join(OUT, "retrieved-gmem.json")])
     with_bpftrace(BPFTRACE_RESTORES, "bpftrace-restores.json", retrieves)
-    rec.send_signal(signal.SIGINT)
-    rec.wait(300)
+    time.sleep(1.5)  # top's next frames see the last finish
+    for p in (rec, top):
+        if p is not None:
+            p.send_signal(signal.SIGINT)
+    for p in (rec, top):
+        if p is not None:
+            p.wait(300)
     sh([PY, "-m", "tracer.cli", "report", "--json", os.path.join(OUT, "update-1.luo"),
         os.path.join(OUT, "update-2.luo")], os.path.join(OUT, "report-update.json"))
     sh([PY, "-m", "tracer.cli", "report", os.path.join(OUT, "update-1.luo"),
