@@ -122,12 +122,20 @@ def screen(v: View, s: Screen, width: int = 80, height: int = 24, wall: Optional
         first_done = True
         sel = min(s.selected, len(rows) - 1) if rows and s.selected >= 0 else -1  # -1: none (not interactive)
         start = max(0, sel - room + 2) if sel >= room - 1 else 0
+        sessions = {x["id"]: x for x in v.sessions}
+        last_session = None
         for i, r in enumerate(rows[start:], start):
             if shown >= room:
                 break
             if done(r) and first_done:
                 out.append(f"-- finished ({sum(1 for x in rows if done(x))}) --")
-                first_done = False
+                first_done, last_session = False, None
+                shown += 1
+                if shown >= room:
+                    break
+            if s.sort == "session" and not done(r) and r.session != last_session and r.session in sessions:
+                last_session = r.session
+                out.append(_session_line(sessions[r.session]))  # the session's own row above its files
                 shown += 1
                 if shown >= room:
                     break
@@ -153,6 +161,12 @@ def screen(v: View, s: Screen, width: int = 80, height: int = 24, wall: Optional
     body.append(printable(s.note)[:width])
     body.append(keys)
     return [x[:width] for x in body[:height]]
+
+
+def _session_line(x: dict) -> str:
+    black = f"blackout {fmt_ns(x['blackout_ns'])}{' and running' if x['frozen'] else ''}" \
+        if x.get("blackout_ns") is not None else "not frozen"
+    return f" session {x['id']}: {x['files']} file(s), {'FROZEN, ' if x['frozen'] else ''}{black}"
 
 
 def _detail(r: Row, v: View) -> List[str]:
