@@ -73,10 +73,12 @@ check: venv
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q -m "not kernel and not spark" -p no:cacheprovider tests
 
+# check ran the unit tier; this runs the rest (kernel and spark), once.
 # -rs: every skip, and why, at the end (a skip is a host's reason, e.g. its
-# KVM makes no guest_memfd; never a set-up step).
+# KVM makes no guest_memfd; never a set-up step); --durations: the slowest,
+# to keep the suite well inside its 20 minutes.
 test: setup check
-	$(VENV)/bin/pytest -q -rs tests
+	$(VENV)/bin/pytest -q -rs --durations=12 -m "kernel or spark" tests
 
 bench: setup
 	$(PY) -m tests.bench

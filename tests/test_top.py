@@ -214,14 +214,14 @@ def _pty_top(args, send=None, after=None, timeout=120):
 
 def test_the_full_screen_follows_an_update_and_ends_on_its_report(model, gmem, tmp_path):
     out = str(tmp_path / "top.luo")
-    rc, text, restored, raw = _pty_top(["0.1", "-o", out, "--model", MODEL, "--", MODEL, "--pause-ms", "300",
+    rc, text, restored, raw = _pty_top(["0.1", "-o", out, "--model", MODEL, "--", MODEL, "--pause-ms", "200",
                                         *SCENARIO], send=b"q")
     assert rc == 0 and restored and b"\x1b[?1049l" in raw, text[-2000:]
     for seen in ("PRESERVING", "FROZEN", "folio_added_while_frozen", "EHWPOISON"):
         assert seen in text, seen  # the update's states, the anomaly and the error as they came
     phases = {p for p in ("count_pass", "fill_pass", "vmalloc", "luo_freeze", "unpreserve", "retrieve", "finish")
               if p in text}
-    assert len(phases) >= 5, phases  # each file's phases as they ran (a frame every 0.1 s, each 0.3 s long)
+    assert len(phases) >= 5, phases  # each file's phases as they ran (a frame every 0.1 s, each 0.2 s long)
     # the last frame, left on the terminal after the full screen closed: the report's numbers
     final = text[text.rindex("luotrace top  "):]
     rep = json.loads(run_cli("report", "--json", out, check=True).stdout)
@@ -234,8 +234,8 @@ def test_the_full_screen_follows_an_update_and_ends_on_its_report(model, gmem, t
 
 
 def test_sigterm_restores_the_terminal(model, gmem):
-    rc, text, restored, raw = _pty_top(["0.2", "--model", MODEL, "--", MODEL, "--pause-ms", "400", *SCENARIO],
-                                       send=signal.SIGTERM, after=4)
+    rc, text, restored, raw = _pty_top(["0.2", "--model", MODEL, "--", MODEL, "--pause-ms", "300", *SCENARIO],
+                                       send=signal.SIGTERM, after=3)
     assert restored and b"\x1b[?1049l" in raw and "Traceback" not in text, text[-1500:]
 
 
@@ -250,7 +250,7 @@ def _progs_of(pid: int) -> set:
 def test_beside_serve_top_adds_no_program_and_shows_serve_s_update(model, gmem, tmp_path):
     port = 9600 + os.getpid() % 300
     serve = subprocess.Popen(LUOTRACE + ["serve", "--listen", f"127.0.0.1:{port}", "--model", MODEL, "--", MODEL,
-                                         "--pause-ms", "300", *SCENARIO], cwd=REPO, stderr=subprocess.PIPE, text=True)
+                                         "--pause-ms", "200", *SCENARIO], cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
         wait_tracing(serve)
         assert _progs_of(serve.pid)  # serve's probes, seen the way top's would be
