@@ -29,7 +29,7 @@ def _copy_tree(dst: str) -> None:
 def _add_handler(tree: str) -> None:
     """The three parts of the recipe in docs/developers.md; the test's own data besides."""
     handler, probes = open(os.path.join(DATA, "catalog.py.in")).read().split("# --- probes ---\n")
-    path = os.path.join(tree, "tracer", "catalog.py")
+    path = os.path.join(tree, "tracer", "probes", "catalog.py")
     src = open(path).read()
     for anchor, block in (("HANDLER_BY_NAME: Dict", handler), ("PROBE_IDS: Dict", probes)):
         assert src.count("\n" + anchor) == 1, anchor
@@ -59,7 +59,7 @@ def test_a_third_file_handler_is_its_catalog_entry_bpf_and_model_part(root, gmem
     tree = str(tmp_path / "tree")
     _copy_tree(tree)
     _add_handler(tree)
-    assert _edited(tree) == {os.path.join("tracer", "catalog.py"), *ADDED}
+    assert _edited(tree) == {os.path.join("tracer", "probes", "catalog.py"), *ADDED}
 
     subprocess.run(["make", "-s", "-C", tree, "model"], check=True, capture_output=True, text=True)
     model = os.path.join(tree, "workloads", "model", "luo_model")
