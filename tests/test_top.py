@@ -318,3 +318,39 @@ def test_both_sides_of_an_update_played_back_end_on_their_joined_report(tmp_path
     kept = [row for row in frames[-1]["rows"] if row["before_preserved"] is not None]
     assert kept and all(row["state"] == "retrieved" for row in kept)
     assert any(f["state"] == "retrieving" for f in frames[:-1])  # the new kernel's side, as it went
+
+
+def test_in_the_boot_an_update_brought_up_top_shows_that_update_whole_from_serve(model, gmem, tmp_path):
+    """serve --state-dir finds the previous boot's recording (one that saw the
+    kexec) and answers /update.json with it joined to this boot's; top reads
+    that, so the old kernel's files are rows, each with what it preserved."""
+    from tracer.recording import format as rec
+    old = str(tmp_path / "old.luo")
+    run_cli("record", "-o", old, "--model", MODEL, "--quiet", "--", MODEL, "kexec:gmem:1M", "keep:gmem:512K",
+            check=True)
+    r = rec.read(old)
+    head = copy.deepcopy(r.header)
+    head["clock"]["boot_id"] = "0000aaaa-0000-4000-8000-000000000001"  # another boot's
+    state = tmp_path / "state"
+    state.mkdir()
+    w = rec.Writer(str(state / "boot-0000aaaa-0000-4000-8000-000000000001-20261206T000000.luo"), head)
+    w.add(r.events.tobytes())
+    w.close(r.maps, r.end)
+    kept = {f["inode"]: f["folios_preserved"] for f in replay(old)["files"] if f["result"] == "ok"}
+    assert kept
+    port = 9300 + os.getpid() % 300
+    serve = subprocess.Popen(LUOTRACE + ["serve", "--listen", f"127.0.0.1:{port}", "--state-dir", str(state),
+                                         "--model", MODEL, "--", MODEL, "--pause-ms", "100", "cancel:gmem:1M"],
+                             cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_tracing(serve)
+        time.sleep(1.5)  # the state directory read in the background
+        top = run_cli("top", "--from", f"http://127.0.0.1:{port}", "--json", "0.3", "3", check=True)
+        last = json.loads(top.stdout.splitlines()[-1])
+        rows = {row["inode"]: row for row in last["rows"]}
+        assert "came up by a live update" in top.stderr
+        for ino, n in kept.items():
+            assert rows[ino]["state"] == "preserved" and rows[ino]["before_preserved"] == n == rows[ino]["preserved"]
+    finally:
+        serve.send_signal(signal.SIGINT)
+        serve.communicate(timeout=60)

@@ -793,7 +793,9 @@ def top(args: Tuple[str, ...], from_url: Optional[str], replays: Tuple[str, ...]
         out = tp.show(frames, o, None, notes)
     elif not own and (from_url or tp.serve_report(url) is not None):
         say(f"luotrace: reading the service at {url} (no probes of our own)")
-        out = tp.show(tp.from_serve(url, interval, say), o, None, notes)
+        def joined(rep: dict) -> None:  # the update whole: its rows are the old kernel's files
+            o.before = rep
+        out = tp.show(tp.from_serve(url, interval, say, joined), o, None, notes)
     else:
         from tracer.probes.plan import Options
         opts = Options(mode=mode, model=model, gmem=gmem)

@@ -52,27 +52,37 @@ class TopOptions:
 
 # ---- where the reports come from ----
 
-def serve_report(url: str, timeout: float = 1.0) -> Optional[dict]:
-    """The running service's live report, or None when nothing answers at URL."""
+def serve_report(url: str, timeout: float = 1.0, what: str = "report") -> Optional[dict]:
+    """The running service's live report (WHAT "report"), or the update that
+    brought this boot up (WHAT "update"); None when nothing answers at URL."""
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/report.json", timeout=timeout) as r:
+        with urllib.request.urlopen(url.rstrip("/") + f"/{what}.json", timeout=timeout) as r:
             return json.loads(r.read())
     except (urllib.error.URLError, OSError, ValueError):
         return None
 
 
-def from_serve(url: str, interval: float, note: Callable[[str], None]) -> Iterator[Frame]:
+def from_serve(url: str, interval: float, note: Callable[[str], None],
+               on_update: Callable[[dict], None] = lambda rep: None) -> Iterator[Frame]:
     """One request per frame; a service that stops answering (the kexec, a
-    restart) leaves the last frame up, said in the note line."""
+    restart) leaves the last frame up, said in the note line.  In a boot a
+    live update brought up, the service's /update.json (that update whole:
+    the old kernel's recording joined with this boot's) is the frame, so each
+    retrieve shows against what was preserved (ON_UPDATE hears it)."""
     last: Optional[dict] = None
+    joined = serve_report(url, max(1.0, interval), "update") is not None
+    if joined:
+        note(f"luotrace: {url}: this boot came up by a live update; showing it whole (both kernels)")
     while True:
-        rep = serve_report(url, timeout=max(1.0, interval))
+        rep = serve_report(url, max(1.0, interval), "update" if joined else "report")
         if rep is None:
             if last is None:
                 raise LuotraceError(f"luotrace serve does not answer at {url}", "start it, or drop --from")
             note(f"luotrace: {url} does not answer; showing the last frame")
         else:
             last = rep
+            if joined:
+                on_update(rep)
         yield last, int(last.get("duration_ns") or 0), False
         time.sleep(interval)
 

@@ -60,11 +60,15 @@ STATE_WHY = {"starting": "starting: compiling and attaching the probes",
 
 def metrics_app(registry: CollectorRegistry, ttl: float = SNAPSHOT_TTL_S,
                 ready: Readiness = lambda: (True, "serving"),
-                report: Optional[Callable[[], dict]] = None) -> Callable:
+                report: Optional[Callable[[], dict]] = None,
+                update: Optional[Callable[[], Optional[dict]]] = None) -> Callable:
     """A WSGI app for /metrics, /-/ready and /-/healthy (as Prometheus's own
     server has them), and /report.json: the live report (schema
     luotrace.report/1, as `report --json` prints it), what `luotrace top`
-    reads instead of attaching a second set of probes.  /-/ready answers 200 only while READY says luotrace
+    reads instead of attaching a second set of probes; /update.json: in the
+    boot a live update brought up, that update whole (the previous boot's
+    recording joined with this one's, as `report BEFORE AFTER` joins them),
+    404 where there is none.  /-/ready answers 200 only while READY says luotrace
     is watching, else 503 with why: a script, systemd or Kubernetes waits on
     it before starting an update.  The exposition is built at most once per TTL.
     When it is stale, one scraper rebuilds it while the others are answered
@@ -123,6 +127,14 @@ def metrics_app(registry: CollectorRegistry, ttl: float = SNAPSHOT_TTL_S,
             data = json.dumps(report()).encode()
             start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
             return [data]
+        if path == "/update.json":
+            joined = update() if update is not None else None
+            if joined is None:
+                return text(start_response, "404 Not Found", "luotrace: no live update brought this boot up "
+                                                             "(or serve runs without --state-dir)")
+            data = json.dumps(joined).encode()
+            start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+            return [data]
         if path not in ("/", "/metrics"):
             return text(start_response, "404 Not Found",
                         "luotrace serves /metrics, /report.json, /-/ready and /-/healthy")
@@ -137,7 +149,8 @@ class MetricsServer:
 
     def __init__(self, listen: str, snapshot: Callable[[], dict], per_program: bool = False,
                  earlier: Callable[[], list] = lambda: [],
-                 ready: Readiness = lambda: (True, "serving"), tracing: Callable[[], bool] = lambda: False):
+                 ready: Readiness = lambda: (True, "serving"), tracing: Callable[[], bool] = lambda: False,
+                 update: Optional[Callable[[], Optional[dict]]] = None):
         self.host, self.port = parse_listen(listen)
         self.registry = CollectorRegistry(auto_describe=False)
         LuotraceCollector(snapshot, registry=self.registry, per_program=per_program, earlier=earlier,
@@ -145,7 +158,8 @@ class MetricsServer:
         try:
             family = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
             server_class = type("_Server", (_Server,), {"address_family": family})
-            self.server: Any = make_server(self.host, self.port, metrics_app(self.registry, ready=ready, report=snapshot),
+            self.server: Any = make_server(self.host, self.port, metrics_app(self.registry, ready=ready, report=snapshot,
+                                                                          update=update),
                                            server_class, handler_class=_Handler)
         except socket.gaierror as e:
             raise LuotraceError(f"cannot listen on {self.host}:{self.port}: {e.strerror}", "check --listen") from None

@@ -3,12 +3,14 @@ the service saw and the earlier boots' in its state directory; or serve the
 final state of a recording.  The HTTP side is tracer.service.http."""
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from exporters.prometheus import earlier_boot_families
+from tracer.analysis.join import join_report
 from tracer.analysis.replay import replay
 from tracer.base.errors import LuotraceError
 from tracer.live.runner import LiveRun, RunResult, run
@@ -35,6 +37,16 @@ def serve_live(opts: Options, listen: str, output: Optional[str], command: Optio
     recording, if it ended at a kexec, is exported beside the live numbers."""
     live: Dict[str, LiveRun] = {}
     earlier: List = []
+    previous: List[str] = []  # the recording of the update that brought this boot up, once read
+
+    def update() -> Optional[dict]:
+        """That update whole: its old kernel's recording joined with this boot's (read again each time)."""
+        if not previous or not output or not os.path.exists(output):
+            return None
+        try:
+            return join_report([previous[0], output])
+        except LuotraceError:
+            return None  # this boot's recording holds no sound record yet
 
     def snapshot() -> dict:
         tracing = live.get("tracing")
@@ -62,11 +74,11 @@ def serve_live(opts: Options, listen: str, output: Optional[str], command: Optio
         output = state.new_recording()
     # bind first: a taken port fails before anything is attached
     srv = MetricsServer(listen, snapshot, per_program, earlier=lambda: earlier, ready=ready,
-                        tracing=lambda: ready()[0])
+                        tracing=lambda: ready()[0], update=update)
     if state is not None:
         # Read in the background: retrieve runs right after a boot, and the
         # probes must be attached by then, not after a replay.
-        threading.Thread(target=_load_earlier, args=(state, output, earlier, progress),
+        threading.Thread(target=_load_earlier, args=(state, output, earlier, progress, previous),
                          name="luotrace-state", daemon=True).start()
 
     def started(tracing: LiveRun) -> None:
@@ -87,11 +99,13 @@ def serve_live(opts: Options, listen: str, output: Optional[str], command: Optio
         srv.close()
 
 
-def _load_earlier(state: StateDir, current: str, into: List, progress: Callable[[str], None]) -> None:
+def _load_earlier(state: StateDir, current: str, into: List, progress: Callable[[str], None],
+                  previous: List[str]) -> None:
     try:
         b = state.previous_boot()
         if b is not None:
             into.extend(earlier_boot_families(b.report))
+            previous.append(b.path)
             n = sum(f["folios_preserved"] or 0 for f in b.report.get("files", []))
             progress(f"luotrace: exporting the update that ended boot {b.boot_id} ({b.kernel}): "
                      f"{len(b.report.get('files', []))} files, {n} folios preserved, from {b.path}")
