@@ -354,3 +354,24 @@ def test_in_the_boot_an_update_brought_up_top_shows_that_update_whole_from_serve
     finally:
         serve.send_signal(signal.SIGINT)
         serve.communicate(timeout=60)
+
+
+def test_plain_and_json_of_a_live_run_end_on_its_report(model, gmem, tmp_path):
+    """Probes of its own, no serve: --json's last frame and --plain's lines
+    end on the numbers `report --json` gives for the recording the same run
+    kept; the probes are detached at the end."""
+    out = str(tmp_path / "j.luo")
+    r = run_cli("top", "--json", "0.2", "-o", out, "--model", MODEL, "--", MODEL, *SCENARIO, check=True)
+    frames = _final_json(r.stdout.splitlines())
+    rep = json.loads(run_cli("report", "--json", out, check=True).stdout)
+    got = {row["key"]: {"state": row["state"], "preserved": row["preserved"], "restored": row["restored"],
+                        "anomalies": sorted(a["code"] for a in row["anomalies"])} for row in frames[-1]["rows"]}
+    assert got == pg.final_of(rep) and "probes detached" in r.stderr
+    out2 = str(tmp_path / "p.luo")
+    p = run_cli("top", "--plain", "0.2", "-o", out2, "--model", MODEL, "--", MODEL, *SCENARIO, check=True)
+    rep2 = json.loads(run_cli("report", "--json", out2, check=True).stdout)
+    lines = p.stdout.splitlines()
+    assert lines[-1].endswith("ended") and f" files {rep2['totals']['files']} " in lines[-1]
+    for key, row in pg.final_of(rep2).items():
+        last = [ln for ln in lines if f" {key.split(':')[2]} s" in ln][-1]
+        assert f": {row['state']} " in last, (key, last)

@@ -117,6 +117,8 @@ class LiveFrames:
 
     def started(self, live) -> None:
         self.live = live
+        # the jump: a frame at once, with the state at the kexec (the CPUs may stop before the next one)
+        live.on_kexec.append(lambda run: self._put((run.snapshot(), int(time.monotonic_ns() - run.agg.base), False)))
         threading.Thread(target=self._pump, name="luotrace-top", daemon=True).start()
 
     def _report(self) -> dict:
