@@ -8,12 +8,16 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
+
 from tests.conftest import REPO
 
 NOBODY = 65534
 
 
 def test_the_unit_tier_passes_as_nobody(root):
+    if os.environ.get("LUOTRACE_CHECKED_AS_NOBODY") == "1":
+        pytest.skip("make test's check ran the unit tier as nobody just before (Makefile: check)")
     d = tempfile.mkdtemp(prefix="luotrace-nobody-")  # pytest's own tmp_path is root's alone
     try:
         os.chown(d, NOBODY, NOBODY)
