@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 from exporters.text import fmt_bytes, fmt_ns
 from tracer.analysis.progress import Row, View, changes, done
@@ -226,9 +226,3 @@ def plain(prev: Optional[View], v: View, wall: Optional[float] = None) -> List[s
                f"bpf_runs {_v(v.bpf_runs)} stalls {sum(1 for r in v.rows if r.stall)}"
                + (" ended" if v.finished else ""))
     return out
-
-
-def summary(v: View) -> Tuple[int, int, int]:
-    """(errors, anomalies, stalls) in V: what --fail-on and --fail-on-stall judge."""
-    return (sum(1 for r in v.rows if r.errno or r.state == "error"), sum(len(r.anomalies) for r in v.rows),
-            sum(1 for r in v.rows if r.stall))
