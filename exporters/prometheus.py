@@ -49,6 +49,7 @@ METRICS: Dict[str, str] = {
     "luotrace_probe_attached": "gauge",
     "luotrace_bpf_run_time_seconds_total": "counter",
     "luotrace_bpf_runs_total": "counter",
+    "luotrace_bpf_runs_missed_total": "counter",
     "luotrace_build_info": "gauge",
     "luotrace_file_size_bytes": "gauge",
     "luotrace_file_preserve_duration_seconds": "gauge",
@@ -124,8 +125,8 @@ class LuotraceCollector(Collector):
 # it (counters, histograms, its identity), not the tracer's state then (gauges
 # of the moment, probes, BPF cost, per-folio latency: in its recording), and
 # only series that are not zero.
-EARLIER_BOOT_SKIP = ("luotrace_bpf_run_time_seconds", "luotrace_bpf_runs", "luotrace_events",
-                     "luotrace_folio_preserve_duration_seconds")
+EARLIER_BOOT_SKIP = ("luotrace_bpf_run_time_seconds", "luotrace_bpf_runs", "luotrace_bpf_runs_missed",
+                     "luotrace_events", "luotrace_folio_preserve_duration_seconds")
 EARLIER_BOOT_BUDGET = 110  # series one earlier boot adds at most (tests/test_prometheus.py holds it to this)
 
 
@@ -298,7 +299,9 @@ def families(rep: dict, per_program: bool = False) -> List:
     else:
         rt = CounterMetricFamily("luotrace_bpf_run_time_seconds", doc, value=bpf.get("run_time_ns", 0) / 1e9)
         rc = CounterMetricFamily("luotrace_bpf_runs", "Runs of luotrace's BPF programs", value=bpf.get("run_cnt", 0))
-    out += [rt, rc]
+    out += [rt, rc, CounterMetricFamily(
+        "luotrace_bpf_runs_missed", "Runs of luotrace's BPF programs the kernel skipped (recursion_misses: the CPU "
+        "was inside BPF already); what those programs count may be short", value=bpf.get("missed", 0))]
 
     tracked = GaugeMetricFamily("luotrace_files_tracked", "Files held in detail now (finished ones bounded by "
                                 "serve --keep-files; older ones live on in the counters)")

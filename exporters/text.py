@@ -151,4 +151,9 @@ def render(report: dict) -> str:
     if bpf.get("run_cnt"):
         out.append(f"tracer cost: {bpf['run_cnt']} BPF runs, {fmt_ns(bpf['run_time_ns'])} total, "
                    f"{bpf['run_time_ns'] / bpf['run_cnt']:.0f}ns each")
+    if bpf.get("missed"):
+        progs = ", ".join(f"{k} {v['missed']}" for k, v in (bpf.get("programs") or {}).items() if v.get("missed"))
+        out.append(f"WARNING: the kernel skipped {bpf['missed']} runs of luotrace's programs ({progs}): that CPU "
+                   "was inside BPF already (another tool's program, or a BPF map syscall preempted there); "
+                   "what those programs count may be short")
     return "\n".join(printable(line) for line in out) + "\n"

@@ -81,7 +81,7 @@ def header(v: View, wall: Optional[float] = None) -> List[str]:
                       f"{'  (ended)' if v.finished else ''}  {v.kernel or '?'}  boot {(v.boot_id or '?')[:8]}  "
                       f"{v.mode or '?'}"),
             f"update {v.state.upper()}  files {v.files} ({fmt_bytes(v.bytes)})  frozen: {blackout}  "
-            f"lost {v.lost}  bpf {cost}"]
+            f"lost {v.lost}{f' (+{v.missed} runs skipped)' if v.missed else ''}  bpf {cost}"]
 
 
 def _sorted(rows: List[Row], key: str) -> List[Row]:
@@ -223,6 +223,7 @@ def plain(prev: Optional[View], v: View, wall: Optional[float] = None) -> List[s
                              "not retrieved"))
     frozen = sum(1 for s in v.sessions if s["frozen"])
     out.append(f"{stamp} update {v.state} files {v.files} bytes {v.bytes} frozen {frozen} lost {v.lost} "
+               f"missed {v.missed} "
                f"bpf_runs {_v(v.bpf_runs)} stalls {sum(1 for r in v.rows if r.stall)}"
                + (" ended" if v.finished else ""))
     return out

@@ -100,6 +100,7 @@ def _join(paths: List[str], progress: bool) -> Tuple[dict, FolioProgress, int]:
     end = {"duration_ns": agg.last_ts - agg.base,
            "bpf": {"run_time_ns": sum((r.end or {}).get("bpf", {}).get("run_time_ns", 0) for _, r in recs),
                    "run_cnt": sum((r.end or {}).get("bpf", {}).get("run_cnt", 0) for _, r in recs),
+                   "missed": sum((r.end or {}).get("bpf", {}).get("missed", 0) for _, r in recs),
                    "stats_enabled": any((r.end or {}).get("bpf", {}).get("stats_enabled") for _, r in recs)}}
     cut = [b for b in boots if b["ended_by"] == "cut short"]
     report = build(agg, first.header, end, bool(cut), "; ".join(f"{b['recording']}: {b['truncated_reason']}"

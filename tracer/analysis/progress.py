@@ -107,6 +107,7 @@ class View:
     finished: bool = False  # the run (or recording) has ended
     bpf_run_cnt: Optional[int] = None  # cumulative, as the report has them (the next view's interval)
     bpf_run_time_ns: Optional[int] = None
+    missed: int = 0  # runs of luotrace's programs the kernel skipped (report bpf.missed), cumulative
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -256,7 +257,7 @@ def view(rep: dict, now_ns: int, hist: Optional[History] = None, prev: Optional[
              files=len(in_update), bytes=sum(r.size_bytes or 0 for r in in_update), sessions=sessions,
              bpf_runs=d_runs, bpf_cpu_pct=cpu,
              lost=int((rep.get("events") or {}).get("lost") or 0), rows=rows, missing=missing, finished=finished,
-             bpf_run_cnt=runs, bpf_run_time_ns=run_ns)
+             bpf_run_cnt=runs, bpf_run_time_ns=run_ns, missed=int(bpf.get("missed") or 0))
     return v
 
 

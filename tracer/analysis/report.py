@@ -273,8 +273,10 @@ def build(agg: Aggregator, header: dict, end: Optional[dict], truncated: bool = 
         "files_finished": [[HANDLER_NAMES.get(h, "unknown"), r, n] for (h, r), n in sorted(agg.finished.items())],
         "retired": {"files": agg.retired_files, "sessions": agg.retired_sessions, "totals": agg.retired},
         "bpf": {"run_time_ns": int(bpf.get("run_time_ns", 0)), "run_cnt": int(bpf.get("run_cnt", 0)),
+                "missed": int(bpf.get("missed", 0)),
                 "stats_enabled": bool(bpf.get("stats_enabled", False)),
-                "programs": {k: {"run_time_ns": int(v.get("run_time_ns", 0)), "run_cnt": int(v.get("run_cnt", 0))}
+                "programs": {k: {"run_time_ns": int(v.get("run_time_ns", 0)), "run_cnt": int(v.get("run_cnt", 0)),
+                                 **({"missed": int(v["recursion_misses"])} if v.get("recursion_misses") else {})}
                              for k, v in sorted((bpf.get("programs") or {}).items())}},
         "duration_ns": end.get("duration_ns"),
     }

@@ -389,14 +389,15 @@ class Tracer:
                 pass
 
     def prog_stats(self) -> Dict[str, Dict[str, int]]:
-        """Each program's runs and run time in this run (reused programs
-        count from their load: what they counted before this run is taken off)."""
+        """Each program's runs, run time and skipped runs in this run (reused
+        programs count from their load: what they counted before this run is
+        taken off)."""
         out = {}
         base = getattr(self.bpf, "stats_base", {})
         for name, fn in getattr(self.bpf, "funcs", {}).items():
             n = name.decode() if isinstance(name, bytes) else name
             st = kernel.prog_stats(fn.fd)
-            for k in ("run_time_ns", "run_cnt"):
+            for k in ("run_time_ns", "run_cnt", "recursion_misses"):
                 st[k] -= base.get(name, {}).get(k, 0)
             out[n] = st
         return out

@@ -269,6 +269,7 @@ class LiveRun:
             "duration_ns": time.monotonic_ns() - self.agg.base,
             "bpf": {"run_time_ns": sum(p["run_time_ns"] for p in progs.values()),
                     "run_cnt": sum(p["run_cnt"] for p in progs.values()),
+                    "missed": sum(p.get("recursion_misses", 0) for p in progs.values()),
                     "stats_enabled": bool(self.stats and self.stats.on), "programs": progs},
             "records": self.agg.received,
         }
