@@ -41,14 +41,18 @@ def _n(x: Optional[float]) -> str:
 
 
 def dur(ns: Optional[int]) -> str:
-    """A duration in at most 6 characters (the table's)."""
+    """A duration in at most 6 characters (the table's): whole minutes from
+    100 s, tenths of seconds from 1 s, then whole ms, us, ns."""
     if ns is None:
         return "-"
-    for div, unit, fmt in ((60e9, "m", "{:.0f}"), (1e9, "s", "{:.1f}"), (1e6, "ms", "{:.0f}"), (1e3, "us", "{:.0f}")):
-        if ns >= (div if unit != "s" else 1e9):
-            if unit == "m" and ns < 100e9:
-                continue
-            return fmt.format(ns / div) + unit
+    if ns >= 100e9:
+        return f"{ns / 60e9:.0f}m"
+    if ns >= 1e9:
+        return f"{ns / 1e9:.1f}s"
+    if ns >= 1e6:
+        return f"{ns / 1e6:.0f}ms"
+    if ns >= 1e3:
+        return f"{ns / 1e3:.0f}us"
     return f"{ns}ns"
 
 

@@ -4,7 +4,7 @@ order they arrived, up to the step's time; the last step is the recording's
 own report (its final map dump and trailer), equal to `report`'s."""
 from __future__ import annotations
 
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
@@ -22,34 +22,57 @@ def play(path: str, step_ns: int) -> Iterator[Tuple[dict, int, bool]]:
         yield from _play(r, max(1, step_ns))
 
 
+class _Steps:
+    """Records fed to an aggregator in arrival order, up to each step's time,
+    with the map dumps written before them folded in as a reader folds them:
+    one recording's side of a playback."""
+
+    def __init__(self, agg: Aggregator, r: rec.Recording, events: np.ndarray, base: int):
+        self.agg, self.r, self.events, self.base = agg, r, events, base
+        ts = events["ts"].astype(np.int64) if len(events) else np.zeros(0, dtype=np.int64)
+        # the prefix of arrival order whose records are all at or before a time
+        self.reach = np.maximum.accumulate(ts) if len(ts) else ts
+        self.fed = self.dumps = 0
+        self.maps: Optional[dict] = None
+
+    def to(self, t: int) -> None:
+        """Feed the records at or before T (ns since BASE), fold the dumps written before them."""
+        upto = int(np.searchsorted(self.reach, self.base + t, side="right"))
+        if upto > self.fed:
+            self.agg.feed(self.events[self.fed:upto])
+            self.fed = upto
+        while self.dumps < len(self.r.dump_spans) and self.r.dump_spans[self.dumps][0] <= self.fed:
+            self.maps = rec.newer_maps(self.maps, self.r.dump(self.dumps))
+            self.dumps += 1
+
+    def rest(self) -> None:
+        if len(self.events) > self.fed:
+            self.agg.feed(self.events[self.fed:])
+            self.fed = len(self.events)
+
+
+def _times(start: int, last: int, step: int) -> Iterator[int]:
+    """START, START+STEP, ... below LAST."""
+    t = start
+    while t < last:
+        yield t
+        t += step
+
+
 def _play(r: rec.Recording, step: int) -> Iterator[Tuple[dict, int, bool]]:
     base = r.header.get("clock", {}).get("base_monotonic_ns", 0)
     agg = Aggregator(r.header.get("mode", "folio"), base)
     events = r.events
-    ts = events["ts"].astype(np.int64) if len(events) else np.zeros(0, dtype=np.int64)
     end_ns = int((r.end or {}).get("duration_ns") or 0)
-    last = max(end_ns, int(ts.max()) - base if len(ts) else 0)
-    # the prefix of arrival order whose records are all at or before each step
-    reach = np.maximum.accumulate(ts) if len(ts) else ts
-    fed = dumps = 0
-    maps = None  # the map dumps written before the records fed so far, merged as a reader merges them
-    t = min(step, last)
-    while True:
-        final = t >= last
-        upto = len(events) if final else int(np.searchsorted(reach, base + t, side="right"))
-        if upto > fed:
-            agg.feed(events[fed:upto])
-            fed = upto
-        if final:
-            agg.finish(r.maps)
-            yield build(agg, r.header, r.end, r.truncated, r.truncated_reason, r.damaged, r.damaged_records), last, True
-            return
-        while dumps < len(r.dump_spans) and r.dump_spans[dumps][0] <= fed:
-            maps = rec.newer_maps(maps, r.dump(dumps))
-            dumps += 1
-        agg.finish(maps)
-        yield build(agg, r.header, {"stopped_by": "running", "duration_ns": t, "records": fed}), t, False
-        t = min(t + step, last)
+    last = max(end_ns, int(events["ts"].astype(np.int64).max()) - base if len(events) else 0)
+    steps = _Steps(agg, r, events, base)
+    for t in _times(step, last, step):
+        steps.to(t)
+        agg.finish(steps.maps)
+        yield build(agg, r.header, {"stopped_by": "running", "duration_ns": t, "records": steps.fed}), t, False
+    steps.rest()
+    agg.finish(r.maps)
+    yield build(agg, r.header, r.end, r.truncated, r.truncated_reason, r.damaged, r.damaged_records), last, True
 
 
 def play_update(before: str, after: str, step_ns: int) -> Iterator[Tuple[dict, int, bool]]:
@@ -71,21 +94,12 @@ def play_update(before: str, after: str, step_ns: int) -> Iterator[Tuple[dict, i
         shift, _how = clock.offset(old.header["clock"], new.header["clock"])
         events = np.concatenate(list(shifted(new, shift))) if new.chunks else np.zeros(0, dtype=rec.EVENT_DTYPE)
         ts = events["ts"].astype(np.int64)
-        reach = np.maximum.accumulate(ts) if len(ts) else ts
         start = int(ts.min()) - base if len(ts) else agg.last_ts - base
         last = int(ts.max()) - base if len(ts) else start
-        fed, dumps, maps = 0, 0, None
-        t = start
-        while t < last:
-            upto = int(np.searchsorted(reach, base + t, side="right"))
-            if upto > fed:
-                agg.feed(events[fed:upto])
-                fed = upto
-            while dumps < len(new.dump_spans) and new.dump_spans[dumps][0] <= fed:
-                maps = rec.newer_maps(maps, new.dump(dumps))
-                dumps += 1
-            agg.finish(boots_maps([old.maps, maps]))
+        steps = _Steps(agg, new, events, base)
+        for t in _times(start, last, max(1, step_ns)):
+            steps.to(t)
+            agg.finish(boots_maps([old.maps, steps.maps]))
             yield build(agg, old.header, {"stopped_by": "running", "duration_ns": t}), t, False
-            t += max(1, step_ns)
     rep = join_report([before, after])
     yield rep, last, True
