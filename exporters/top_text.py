@@ -29,6 +29,8 @@ class Screen:
     delay_s: float = 1.0
     maxrows: Optional[int] = None  # -r: files listed at most
     note: str = ""  # one line of what luotrace itself said last (attaching, detaching)
+    sessions: bool = False  # the sessions list (v), one row per session, instead of the files
+    session: Optional[int] = None  # the files of this session only (entered from the sessions list)
 
 
 def _n(x: Optional[float]) -> str:
@@ -71,8 +73,9 @@ def _cells(r: Row) -> List[str]:
             (_n(r.rate) + "/s") if r.rate else "-", dur(r.eta_ns)]
 
 
-def _line(cells: List[str], mark: str = " ") -> str:
-    return mark + " ".join(c[:w].ljust(w) if i < len(COLUMNS) - 1 else c[:w] for i, (c, (_, w)) in enumerate(zip(cells, COLUMNS)))
+def _line(cells: List[str], mark: str = " ", columns=COLUMNS) -> str:
+    return mark + " ".join(c[:w].ljust(w) if i < len(columns) - 1 else c[:w]
+                           for i, (c, (_, w)) in enumerate(zip(cells, columns)))
 
 
 def header(v: View, wall: Optional[float] = None) -> List[str]:
@@ -100,9 +103,57 @@ def _sorted(rows: List[Row], key: str) -> List[Row]:
 
 def visible(v: View, s: Screen) -> List[Row]:
     """The rows the screen lists, in order: active ones first, finished ones after."""
-    rows = [r for r in v.rows if not s.filter or s.filter in f"{r.handler} {r.state} {r.phase} {r.inode}"]
+    rows = [r for r in v.rows if (not s.filter or s.filter in f"{r.handler} {r.state} {r.phase} {r.inode}")
+            and (s.session is None or r.session == s.session)]
     active = _sorted([r for r in rows if not done(r)], s.sort)
     return active + _sorted([r for r in rows if done(r)], s.sort)
+
+
+SESSION_COLUMNS = (("SESSION", 8), ("FILES", 6), ("STATE", 11), ("PHASE", 11), ("BLACKOUT", 10), ("FOLIOS", 15),
+                   ("ERR", 4), ("ANOM", 4))
+
+
+def session_table(v: View) -> List[dict]:
+    """One entry per session, its files' rows folded: what the sessions list shows and enter opens."""
+    out = []
+    for x in sorted(v.sessions, key=lambda x: x["id"]):
+        rows = [r for r in v.rows if r.session == x["id"]]
+        running = [r for r in rows if r.running]
+        states = sorted({r.state for r in rows})
+        state = "FROZEN" if x["frozen"] else "running" if running else states[0] if len(states) == 1 else \
+            "mixed" if states else "-"
+        known = [r for r in rows if r.total is not None]
+        out.append({"id": x["id"], "files": x["files"] or len(rows), "state": state,
+                    "phase": running[0].phase if running else None, "blackout_ns": x.get("blackout_ns"),
+                    "frozen": x["frozen"], "done": sum(r.done or 0 for r in known) if known else None,
+                    "total": sum(r.total or 0 for r in known) if known else None,
+                    "estimated": any(r.progress == "est." for r in known),
+                    "errors": sum(1 for r in rows if r.errno), "anomalies": sum(len(r.anomalies) for r in rows)})
+    return out
+
+
+def _session_cells(x: dict) -> List[str]:
+    fol = "-" if x["total"] is None else f"{'~' if x['estimated'] else ''}{_n(x['done'])}/{_n(x['total'])}"
+    return [f"s{x['id']}", str(x["files"]), x["state"], x["phase"] or "-",
+            "-" if x["blackout_ns"] is None else dur(x["blackout_ns"]) + ("+" if x["frozen"] else ""),
+            fol, str(x["errors"]), str(x["anomalies"])]
+
+
+def _session_list(v: View, s: Screen, room: int) -> List[str]:
+    table = session_table(v)
+    out = [_line([c for c, _ in SESSION_COLUMNS], columns=SESSION_COLUMNS)]
+    sel = min(s.selected, len(table) - 1) if table and s.selected >= 0 else -1
+    start = max(0, sel - room + 2) if sel >= room - 1 else 0
+    for i, x in enumerate(table[start:start + room - 1], start):
+        out.append(_line(_session_cells(x), ">" if i == sel else " ", SESSION_COLUMNS))
+    if not table:
+        out.append("  (no session in an update yet)")
+    return out
+
+
+def selectable(v: View, s: Screen) -> int:
+    """How many lines the arrow keys move over: sessions or files, as shown."""
+    return len(v.sessions) if s.sessions else len(visible(v, s))
 
 
 def screen(v: View, s: Screen, width: int = 80, height: int = 24, wall: Optional[float] = None) -> List[str]:
@@ -117,7 +168,9 @@ def screen(v: View, s: Screen, width: int = 80, height: int = 24, wall: Optional
     if len(stalls) > 2:
         out.append(f"STALL and {len(stalls) - 2} more")
     rows = visible(v, s)
-    if s.drilled and rows:
+    if s.sessions:
+        out += _session_list(v, s, height - len(out) - 2)
+    elif s.drilled and rows:
         out += _detail(rows[min(s.selected, len(rows) - 1)], v)
     else:
         out.append(_line([c for c, _ in COLUMNS]))
@@ -158,8 +211,9 @@ def screen(v: View, s: Screen, width: int = 80, height: int = 24, wall: Optional
                                  "kexec, not retrieved"))
         if not rows:
             out.append("  (no file in an update yet)")
-    keys = (f"[s]ort:{s.sort} [f]ilter:{s.filter or '-'} [enter] drill [p]ause{'d' if s.paused else ''} "
-            f"[+/-] {s.delay_s:g}s [h]elp [q]uit")
+    where = "[v]files" if s.sessions else f"[v]sessions{f' s{s.session}' if s.session is not None else ''}"
+    keys = (f"{where} [s]ort:{s.sort} [f]ilter:{s.filter or '-'} [enter] drill [p]ause{'d' if s.paused else ''} "
+            f"[+/-] {s.delay_s:g}s [h]elp [q]")
     body = out[: height - 2]
     body += [""] * (height - 2 - len(body))
     body.append(printable(s.note)[:width])
@@ -194,7 +248,8 @@ def _v(x) -> str:
     return "-" if x is None else str(x)
 
 
-HELP = ["keys:", "  up/down   select a file", "  enter, right   its details (left, esc: back)",
+HELP = ["keys:", "  up/down   select a file (or a session)", "  enter, right   its details (left, esc: back)",
+        "  v   sessions list / files list; enter on a session: its files (left, esc: back)",
         "  s   sort by session, phase time, size, state", "  f   filter (handler, state, phase or inode; enter)",
         "  p   pause (the trace goes on; the view stops)", "  + -   slower / faster refresh",
         "  h ?   this help", "  q   quit (Ctrl-C too)", "",

@@ -153,6 +153,42 @@ def test_a_frame_fits_80x24_and_a_thousand_files_scroll():
     assert sum(ln.startswith(">") for ln in lines) == 1, lines  # the selection scrolled into view
 
 
+def test_the_sessions_list_folds_each_sessions_files_and_opens_them():
+    files, sessions = [], []
+    for i in range(12):
+        f = copy.deepcopy(_file("fill_pass", i, nr=2048, phases=COUNTED))
+        f["inode"], f["token"], f["session"] = 100 + i, i, i % 3
+        files.append(f)
+    for sid in range(3):
+        sessions.append({"id": sid, "files": [100 + i for i in range(12) if i % 3 == sid], "cancelled": False,
+                         "blackout_start_ns": 1_000 if sid == 2 else None, "blackout_ns": None})
+    files[2]["errno"], files[2]["failed_phase"] = "EHWPOISON", "fill_pass"  # session 2's
+    v = pg.view(_rep(*files, sessions=sessions), 10_000_000)
+    table = tt.session_table(v)
+    assert [(x["id"], x["files"], x["state"], x["errors"], x["total"]) for x in table] == [
+        (0, 4, "running", 0, 4 * 2048), (1, 4, "running", 0, 4 * 2048), (2, 4, "FROZEN", 1, 4 * 2048)]
+    lines = tt.screen(v, tt.Screen(sessions=True, selected=2))
+    rows = [ln for ln in lines if re.match(r"[ >]s\d ", ln)]
+    assert len(rows) == 3 and rows[2].startswith(">s2 ") and "FROZEN" in rows[2] and all(len(x) <= 80 for x in lines)
+    assert tt.selectable(v, tt.Screen(sessions=True)) == 3
+    inside = tt.screen(v, tt.Screen(session=2, selected=-1))  # enter on s2: its files only
+    listed = {int(m.group(1)) for ln in inside if (m := re.match(r" (\d+) s2 ", ln))}
+    assert listed == {102, 105, 108, 111} and not any(re.match(r" \d+ s[01] ", ln) for ln in inside)
+    assert tt.selectable(v, tt.Screen(session=2)) == 4
+
+
+def test_keys_open_the_sessions_list_and_a_sessions_files(sims):
+    """In a real pseudo-terminal, a recording played back: v lists the
+    sessions, enter opens the selected one's files, left goes back, q quits."""
+    rc, text, restored, _raw = _pty_top(["--replay", sims["folio"], "--speed", "0", "0.05"],
+                                        send=[b"v", b"\r", b"\x1b[D", b"q"])
+    assert rc == 0 and restored, text[-2000:]
+    at = text.index("SESSION  FILES  STATE")  # the sessions list's header, drawn after v
+    assert re.search(r">s1 +5 ", text[at:]), text[at:][-1500:]  # its one session, selected
+    # enter: s1's files (the keys line says whose; curses redraws only what changed on it)
+    assert "sessions s1 [s]ort" in text[at:], text[at:][-1500:]
+
+
 def test_bad_input_is_one_line(tmp_path):
     bad = tmp_path / "x.luo"
     bad.write_bytes(b"LUOTRACE\x02\x00garbage")
@@ -170,9 +206,10 @@ ESC = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][0-9A-B]|\x1b[=>]")
 
 
 def _pty_top(args, send=None, after=None, timeout=120):
-    """Run top in a pseudo-terminal of 80x24; SEND (b'q' or a signal) AFTER
-    seconds, or once the run has ended.  (returncode, the stream with its
-    escapes removed, whether the terminal came back as it was)."""
+    """Run top in a pseudo-terminal of 80x24; SEND (b'q', a signal, or a list
+    of keys sent a second apart) AFTER seconds, or once the run has ended.
+    (returncode, the stream with its escapes removed, whether the terminal
+    came back as it was)."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     before = termios.tcgetattr(slave)
@@ -188,7 +225,11 @@ def _pty_top(args, send=None, after=None, timeout=120):
                     break
             ended = b"the run has ended" in buf
             if not sent and ((after is not None and time.monotonic() - t0 > after) or (after is None and ended)):
-                if isinstance(send, bytes):
+                if isinstance(send, list):
+                    for key in send:
+                        os.write(master, key)
+                        time.sleep(1)
+                elif isinstance(send, bytes):
                     os.write(master, send)
                 else:
                     p.send_signal(send)

@@ -325,12 +325,25 @@ def run_screen(frames: Iterator[Frame], o: TopOptions, quit_run: Optional[Callab
                 state.selected += 1
             elif k in (curses.KEY_UP, ord("k")):
                 state.selected = max(0, state.selected - 1)
+            elif ch == "v":
+                state.sessions, state.session, state.drilled, state.selected = not state.sessions, None, False, 0
             elif k in (10, 13, curses.KEY_ENTER, curses.KEY_RIGHT):
-                state.drilled = True
+                table = tt.session_table(current[0]) if state.sessions and current[0] is not None else []
+                if state.sessions and table:  # a session's files
+                    state.session = table[min(state.selected, len(table) - 1)]["id"]
+                    state.sessions, state.selected = False, 0
+                elif not state.sessions:
+                    state.drilled = True
             elif k in (27, curses.KEY_LEFT):
-                state.drilled = state.help = False
+                if state.help or state.drilled:
+                    state.drilled = state.help = False
+                elif state.session is not None:  # back to the sessions list, on the session left
+                    table = tt.session_table(current[0]) if current[0] is not None else []
+                    ids = [x["id"] for x in table]
+                    state.selected = ids.index(state.session) if state.session in ids else 0
+                    state.sessions, state.session = True, None
             if current[0] is not None:
-                state.selected = min(state.selected, max(0, len(tt.visible(current[0], state)) - 1))
+                state.selected = min(state.selected, max(0, tt.selectable(current[0], state) - 1))
 
     curses.wrapper(loop)
     if out.last is not None:  # the last frame stays on the terminal (scrollback, logs)
