@@ -337,8 +337,8 @@ def main() -> None:
         rows += ingest(tmp)
         from .bench_ready import footprint, ready  # it uses this module's helpers
         rows += ready(tmp) + footprint(tmp)
-        from .bench_top import frame_cost, idle_cost
-        rows += frame_cost() + idle_cost()
+        from .bench_top import frame_cost, idle_cost, join_cost
+        rows += frame_cost() + join_cost(tmp) + idle_cost()
     print("\n".join(rows))
 
 

@@ -56,6 +56,43 @@ def frame_cost() -> List[str]:
             f"{f / 0.020:.2f}; {f / d:.1f} x decoding the same report from JSON ({1e3 * d:.2f} ms, the request's share)"]
 
 
+def join_cost(tmp: str) -> List[str]:
+    """In the new kernel, a frame joins this run with the old kernel's
+    recording: kept current (LiveJoin: the old side fed once) against
+    reading both recordings again (join_report: the baseline, what each
+    frame cost before), for an update of 1,000 files in folio mode."""
+    import os
+
+    from tests.test_top import _split_at_the_retrieves
+    from tracer.analysis.join import LiveJoin, join_report
+    from tracer.analysis.simulate import SimSpec, simulate
+    from tracer.recording import format as rec
+    src = os.path.join(tmp, "update.luo")
+    simulate(SimSpec(files=1000, size=64 << 20, mode="folio", seed=3), src, force=True)
+    before, after = _split_at_the_retrieves(src, _Dir(tmp))
+    join = LiveJoin(before, rec.read(after).header, after)
+    join.catch_up()
+    kept, again = [], []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        join.report(None)
+        kept.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        join_report([before, after])
+        again.append(time.perf_counter() - t0)
+    k, a = statistics.median(kept), statistics.median(again)
+    return [f"top in the new kernel, a frame of a 1,000-file update joined: kept current {1e3 * k:.0f} ms, "
+            f"both recordings read again {1e3 * a:.0f} ms (ratio {k / a:.2f})"]
+
+
+class _Dir(str):
+    """A directory path that joins like pytest's tmp_path (the split helper's argument)."""
+
+    def __truediv__(self, name: str) -> str:
+        import os
+        return os.path.join(self, name)
+
+
 def idle_cost(seconds: float = 10.0) -> List[str]:
     port = _free_port()
     serve = subprocess.Popen([sys.executable, "-m", "tracer.cli", "serve", "--listen", f"127.0.0.1:{port}", "--model",
@@ -82,7 +119,9 @@ def idle_cost(seconds: float = 10.0) -> List[str]:
 
 
 def main() -> None:
-    print("\n".join(frame_cost() + idle_cost()))
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        print("\n".join(frame_cost() + join_cost(tmp) + idle_cost()))
 
 
 if __name__ == "__main__":

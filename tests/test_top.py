@@ -361,6 +361,40 @@ def test_both_sides_of_an_update_played_back_end_on_their_joined_report(tmp_path
     assert any(f["state"] == "retrieving" for f in frames[:-1])  # the new kernel's side, as it went
 
 
+@pytest.mark.parametrize("mode", ["light", "folio", "trace"])
+def test_the_live_join_equals_report_a_b_at_every_point_of_the_new_kernels_run(tmp_path, mode):
+    """top in the new kernel keeps `report BEFORE OUTPUT` current (LiveJoin:
+    the old recording fed once, this run's records as they come) instead of
+    reading both recordings each frame.  Here the new kernel's recording grows
+    as a live run writes it, and at each point the kept join equals `report`
+    joining the two files as they are then, byte for byte."""
+    from tracer.analysis.join import LiveJoin, join_report
+    from tracer.recording import format as rec
+    src = str(tmp_path / "u.luo")
+    simulate(SimSpec(files=4, size=16 << 20, mode=mode, seed=9, errors=1), src)
+    before, after = _split_at_the_retrieves(src, tmp_path)
+    full = rec.read(after)
+    ev, live = full.events, str(tmp_path / "live.luo")
+    points = sorted({0, 1, len(ev) // 3, len(ev) // 2, len(ev) - 1, len(ev)})
+
+    def written(n: int) -> None:  # the live run's recording as it stands after N records
+        w = rec.Writer(live, full.header, force=True)
+        w.add(ev[:n].tobytes())
+        w.flush(sync=True)
+
+    written(points[1])
+    join = LiveJoin(before, full.header, live)
+    join.catch_up()
+    fed = points[1]
+    for n in points[1:]:
+        join.feed(ev[fed:n])
+        fed = n
+        written(n)
+        got = json.dumps(join.report(None), sort_keys=True)
+        assert got == json.dumps(join_report([before, live]), sort_keys=True), n
+    assert json.loads(got)["files"] and any(f["result"] == "retrieved" for f in json.loads(got)["files"])
+
+
 def test_in_the_boot_an_update_brought_up_top_shows_that_update_whole_from_serve(model, gmem, tmp_path):
     """serve --state-dir finds the previous boot's recording (one that saw the
     kexec) and answers /update.json with it joined to this boot's; top reads

@@ -105,29 +105,41 @@ class LiveFrames:
     BEFORE (the old kernel's recording of this update, in the new kernel),
     each frame is that recording joined with the one this run is writing
     (OUTPUT), as `report BEFORE OUTPUT` would join them: each retrieve lands
-    on the file the old kernel preserved.  Its cost grows with the two
-    recordings (they are read again each frame)."""
+    on the file the old kernel preserved.  The join is kept current
+    (analysis.join.LiveJoin: the old recording fed once, this run's records
+    as they come); the last frame is joined from the two files, as `report`
+    joins them."""
 
     def __init__(self, interval: float, before: Optional[str] = None, output: Optional[str] = None):
         self.interval = interval
         self.before, self.output = before, output
         self.q: "queue.Queue[Frame]" = queue.Queue(maxsize=2)
         self.live = None
+        self.join = None
         self.done = threading.Event()
 
     def started(self, live) -> None:
         self.live = live
+        self.join = None
+        if self.before and self.output:
+            from tracer.analysis.join import LiveJoin
+            try:
+                join = LiveJoin(self.before, live.header, self.output)
+                live.follow(join.catch_up, join.feed)
+                self.join = join
+            except LuotraceError as e:  # this run's own view instead
+                print(f"luotrace: top cannot join {self.before}: {e}", file=sys.stderr)
         # the jump: a frame at once, with the state at the kexec (the CPUs may stop before the next one)
         live.on_kexec.append(lambda run: self._put((run.snapshot(), int(time.monotonic_ns() - run.agg.base), False)))
         threading.Thread(target=self._pump, name="luotrace-top", daemon=True).start()
 
     def _report(self) -> dict:
-        if self.before and self.output:
-            from tracer.analysis.join import join_report
-            try:
-                return join_report([self.before, self.output])
-            except LuotraceError:
-                pass  # not one sound record written yet: this run's own view meanwhile
+        if self.join is not None:
+            rep = self.live.joined(self.join.report)  # type: ignore[attr-defined]
+            if rep is not None:
+                return rep
+            from tracer.analysis.join import join_report  # stopped: the recording is whole
+            return join_report([self.before, self.output])  # type: ignore[list-item]
         return self.live.snapshot()  # type: ignore[attr-defined]
 
     def _pump(self) -> None:

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, TypeVar
 
+import numpy as np
+
 from tracer.kernel import clock
 from tracer.attach import footprint
 from tracer.kernel import host as kernel
@@ -118,6 +120,9 @@ class LiveRun:
         # called once, in the polling thread, when kernel_kexec() is seen and the
         # maps are dumped: the last moment the old kernel's numbers can leave it
         self.on_kexec: List[Callable[["LiveRun"], None]] = []
+        # called with each batch of records as the aggregator gets it, under
+        # the lock (top in the new kernel: a join kept current)
+        self.on_batch: List[Callable[[np.ndarray], None]] = []
         self._maps_at = 0.0
         self._maps_mark = 0  # lifecycle records received when the maps were last written
         self._busy_at = 0.0  # when a file was last seen in an update ("update" population policy)
@@ -169,6 +174,12 @@ class LiveRun:
             if jump:
                 self._kexec_at = time.monotonic()
             self.agg.feed(batch)
+            for hook in list(self.on_batch):
+                try:
+                    hook(batch)
+                except Exception as e:  # a view's failure must not end the trace: it is dropped
+                    self.on_batch.remove(hook)
+                    print(f"luotrace: a view of the records failed and was dropped: {e}", file=sys.stderr)
         if jump:
             # LUO freezes every session right after kernel_kexec(): take those
             # events first, then the folio counters held in BPF maps (slower).
@@ -293,6 +304,23 @@ class LiveRun:
                     self._write(lambda w: w.write_maps(maps))
                     self.bpf.forget(gone)
             return rep
+
+    def follow(self, catch_up: Callable[[], None], hook: Callable[[np.ndarray], None]) -> None:
+        """CATCH_UP with every record so far on disk (the recording flushed),
+        then HOOK with each batch from then on: no batch falls between."""
+        with self.lock:
+            self._write(lambda w: w.flush())
+            catch_up()
+            self.on_batch.append(hook)
+
+    def joined(self, view: Callable[[dict, dict], dict]) -> Optional[dict]:
+        """VIEW(maps, programs) with this run's maps and program stats read
+        now, under the lock (no batch is fed meanwhile); None once the run
+        has stopped (its recording is whole: join the files)."""
+        with self.lock:
+            if self.final is not None:
+                return None
+            return view(self.bpf.dump_maps(), self.bpf.prog_stats())
 
     def stop(self, stopped_by: str) -> dict:
         """Drain, read the maps, detach, close the recording; returns the final report."""

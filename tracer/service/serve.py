@@ -10,7 +10,7 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from exporters.prometheus import earlier_boot_families
-from tracer.analysis.join import join_report
+from tracer.analysis.join import LiveJoin, join_report
 from tracer.analysis.replay import replay
 from tracer.base.errors import LuotraceError
 from tracer.live.runner import LiveRun, RunResult, run
@@ -39,11 +39,26 @@ def serve_live(opts: Options, listen: str, output: Optional[str], command: Optio
     earlier: List = []
     previous: List[str] = []  # the recording of the update that brought this boot up, once read
 
+    joins: List[LiveJoin] = []
+    join_lock = threading.Lock()
+
     def update() -> Optional[dict]:
-        """That update whole: its old kernel's recording joined with this boot's (read again each time)."""
+        """That update whole: its old kernel's recording joined with this
+        boot's, kept current while tracing (LiveJoin: the old one read once),
+        joined from the files once the run has stopped."""
         if not previous or not output or not os.path.exists(output):
             return None
+        tracing = live.get("tracing")
         try:
+            if tracing is not None:
+                with join_lock:
+                    if not joins:
+                        j = LiveJoin(previous[0], tracing.header, output)
+                        tracing.follow(j.catch_up, j.feed)
+                        joins.append(j)
+                rep = tracing.joined(joins[0].report)
+                if rep is not None:
+                    return rep
             return join_report([previous[0], output])
         except LuotraceError:
             return None  # this boot's recording holds no sound record yet
