@@ -431,6 +431,37 @@ def test_in_the_boot_an_update_brought_up_top_shows_that_update_whole_from_serve
         serve.communicate(timeout=60)
 
 
+def test_with_its_own_probes_in_the_new_kernel_top_joins_as_it_goes(model, gmem, tmp_path):
+    """top --before OLD with probes of its own: every frame, not only the last,
+    is the old kernel's update joined with this run (kept current as records
+    arrive): the old files as rows with what they preserved, this run's file
+    beside them as it goes; the last frame is `report OLD THIS`."""
+    from tracer.analysis.join import join_report
+    from tracer.recording import format as rec
+    src, old, out = str(tmp_path / "src.luo"), str(tmp_path / "old.luo"), str(tmp_path / "new.luo")
+    run_cli("record", "-o", src, "--model", MODEL, "--quiet", "--", MODEL, "kexec:gmem:1M", "keep:gmem:512K",
+            check=True)
+    r = rec.read(src)
+    head = copy.deepcopy(r.header)
+    head["clock"]["boot_id"] = "0000aaaa-0000-4000-8000-000000000002"  # another boot's
+    w = rec.Writer(old, head)
+    w.add(r.events.tobytes())
+    w.close(r.maps, r.end)
+    kept = {f["inode"]: f["folios_preserved"] for f in replay(old)["files"] if f["result"] == "ok"}
+    top = run_cli("top", "--json", "0.2", "--before", old, "-o", out, "--model", MODEL, "--", MODEL,
+                  "--pause-ms", "300", "cancel:gmem:1M", check=True)
+    frames = _final_json(top.stdout.splitlines())
+    running = [f for f in frames[:-1] if any(row["inode"] not in kept for row in f["rows"])]
+    assert running, "no frame showed this run's file before the end"
+    clocks = [f["at_ns"] for f in frames[:-1]]
+    assert clocks == sorted(clocks) and all(b > a for a, b in zip(clocks[-6:-1], clocks[-5:]))  # runs between records
+    for f in running:  # joined while it ran: the old files are there in every one of them
+        rows = {row["inode"]: row for row in f["rows"]}
+        assert all(rows[i]["before_preserved"] == n for i, n in kept.items()), f["rows"]
+    want = pg.final_of(join_report([old, out]))
+    assert {row["key"]: row["state"] for row in frames[-1]["rows"]} == {k: v["state"] for k, v in want.items()}
+
+
 def test_plain_and_json_of_a_live_run_end_on_its_report(model, gmem, tmp_path):
     """Probes of its own, no serve: --json's last frame and --plain's lines
     end on the numbers `report --json` gives for the recording the same run

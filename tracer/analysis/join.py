@@ -191,11 +191,13 @@ class LiveJoin:
             batch["ts"] = (batch["ts"].astype(np.int64) + self.shift).astype(np.uint64)
         self.new_last = max(self.new_last, self.agg.feed(batch))
 
-    def report(self, maps: Optional[dict], programs: Optional[dict] = None) -> dict:
+    def report(self, maps: Optional[dict], programs: Optional[dict] = None, now_ns: Optional[int] = None) -> dict:
         """The join as of now, with this run's map dump MAPS (its BPF
         programs' PROGRAMS for the cost line).  Dumps are merged as a reader
         merges a recording's: a file's row retired from the maps since (serve
-        --keep-files) keeps its last numbers."""
+        --keep-files) keeps its last numbers.  NOW_NS (this boot's
+        CLOCK_MONOTONIC): the report's duration runs to it, not to the last
+        record, so an open phase's clock runs between records."""
         if maps is not None:
             self.new_maps = rec.newer_maps(self.new_maps, maps)
         self.agg.finish(boots_maps([self.old.maps, self.new_maps]))
@@ -203,7 +205,10 @@ class LiveJoin:
                            self.old_kexec),
                  _boot_row(self.output, self.new, self.shift, self.how, len(self.agg.kexec_ts) > self.kexec_mark)]
         ends_ns = [t for t, r in ((self.old_last, self.old), (self.new_last, self.new)) if t and r.end is None]
-        return _assemble(self.agg, [(self.before, self.old), (self.output, self.new)], boots, ends_ns, programs)
+        rep = _assemble(self.agg, [(self.before, self.old), (self.output, self.new)], boots, ends_ns, programs)
+        if now_ns is not None:
+            rep["duration_ns"] = max(rep["duration_ns"] or 0, now_ns + self.shift - self.agg.base)
+        return rep
 
 
 def shifted(r: rec.Recording, shift: int):

@@ -135,7 +135,9 @@ class LiveFrames:
 
     def _report(self) -> dict:
         if self.join is not None:
-            rep = self.live.joined(self.join.report)  # type: ignore[attr-defined]
+            join = self.join
+            rep = self.live.joined(  # type: ignore[attr-defined]
+                lambda maps, progs: join.report(maps, progs, time.monotonic_ns()))
             if rep is not None:
                 return rep
             from tracer.analysis.join import join_report  # stopped: the recording is whole

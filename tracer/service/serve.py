@@ -56,7 +56,7 @@ def serve_live(opts: Options, listen: str, output: Optional[str], command: Optio
                         j = LiveJoin(previous[0], tracing.header, output)
                         tracing.follow(j.catch_up, j.feed)
                         joins.append(j)
-                rep = tracing.joined(joins[0].report)
+                rep = tracing.joined(lambda maps, progs: joins[0].report(maps, progs, time.monotonic_ns()))
                 if rep is not None:
                     return rep
             return join_report([previous[0], output])
