@@ -462,6 +462,21 @@ def test_with_its_own_probes_in_the_new_kernel_top_joins_as_it_goes(model, gmem,
     assert {row["key"]: row["state"] for row in frames[-1]["rows"]} == {k: v["state"] for k, v in want.items()}
 
 
+def test_a_frame_is_written_at_the_kexec_itself(model, gmem):
+    """The CPUs may stop before the next interval: at kernel_kexec() top
+    writes a frame at once, with the state at the jump.  With a 60 s
+    interval, the run (a few seconds) has no interval frame after the first:
+    the frame in between is the kexec's."""
+    r = run_cli("top", "--json", "60", "--model", MODEL, "--", MODEL, "--pause-ms", "200", "kexec:gmem:1M",
+                check=True)
+    frames = _final_json(r.stdout.splitlines())
+    # LUO freezes every session right after kernel_kexec(): the frame has them frozen, the file preserved
+    jumps = [f for f in frames[1:-1] if f["state"] in ("kexec", "frozen")]
+    assert len(frames) == 3 and jumps, [(f["at_ns"], f["state"]) for f in frames]
+    row = jumps[0]["rows"][0]
+    assert row["preserved"] == 256 and row["state"] == "preserved" and jumps[0]["sessions"][0]["frozen"], row
+
+
 def test_plain_and_json_of_a_live_run_end_on_its_report(model, gmem, tmp_path):
     """Probes of its own, no serve: --json's last frame and --plain's lines
     end on the numbers `report --json` gives for the recording the same run
