@@ -28,6 +28,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 from exporters import top_text as tt
 from tracer.analysis import progress as pg
 from tracer.analysis.gate import failures
+from tracer.analysis.join import LiveJoin, join_report
 from tracer.base.errors import LuotraceError
 
 DEFAULT_FROM = "http://127.0.0.1:9477"
@@ -115,14 +116,13 @@ class LiveFrames:
         self.before, self.output = before, output
         self.q: "queue.Queue[Frame]" = queue.Queue(maxsize=2)
         self.live = None
-        self.join = None
+        self.join: Optional[LiveJoin] = None
         self.done = threading.Event()
 
     def started(self, live) -> None:
         self.live = live
         self.join = None
         if self.before and self.output:
-            from tracer.analysis.join import LiveJoin
             try:
                 join = LiveJoin(self.before, live.header, self.output)
                 live.follow(join.catch_up, join.feed)
@@ -140,7 +140,6 @@ class LiveFrames:
                 lambda maps, progs: join.report(maps, progs, time.monotonic_ns()))
             if rep is not None:
                 return rep
-            from tracer.analysis.join import join_report  # stopped: the recording is whole
             return join_report([self.before, self.output])  # type: ignore[list-item]
         return self.live.snapshot()  # type: ignore[attr-defined]
 
@@ -164,7 +163,6 @@ class LiveFrames:
         self.done.set()
         rep = result.report
         if self.before and self.output and not result.recording_error:
-            from tracer.analysis.join import join_report
             rep = join_report([self.before, self.output])
         self._put((rep, int(rep.get("duration_ns") or 0), True))
 

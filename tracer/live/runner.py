@@ -174,11 +174,11 @@ class LiveRun:
             if jump:
                 self._kexec_at = time.monotonic()
             self.agg.feed(batch)
-            for hook in list(self.on_batch):
+            for view in list(self.on_batch):
                 try:
-                    hook(batch)
+                    view(batch)
                 except Exception as e:  # a view's failure must not end the trace: it is dropped
-                    self.on_batch.remove(hook)
+                    self.on_batch.remove(view)
                     print(f"luotrace: a view of the records failed and was dropped: {e}", file=sys.stderr)
         if jump:
             # LUO freezes every session right after kernel_kexec(): take those
