@@ -225,7 +225,7 @@ def view(rep: dict, now_ns: int, hist: Optional[History] = None, prev: Optional[
     for f in rep.get("files", []):
         if f["result"] == "rejected" or (f["result"] == "none" and not f.get("in_progress")):
             continue  # refused by this handler (another one's file), or a file not (yet) in an update
-        old = olds.get(f.get("token")) if before is not None and f.get("token") is not None else None
+        old = olds.get(_file_key(f))
         rows.append(_row(f, now_ns, rec.get("mode"), hist, prev_rows.get(f"{f['handler']}:{f['dev']}:{f['inode']}"),
                          dt, int(stall_s * 1e9), old))
     sessions = []
@@ -246,12 +246,11 @@ def view(rep: dict, now_ns: int, hist: Optional[History] = None, prev: Optional[
             d_runs = cpu = None
     missing = []
     if before is not None and finished:  # until the end, a file not retrieved yet is only waiting
-        seen = {f.get("token") for f in rep.get("files", []) if f.get("retrieved_inode") or
-                f["result"] in ("retrieved", "discarded")}
-        seen |= {f.get("token") for f in rep.get("files", []) if f.get("phases") and
-                 any(p["name"] in ("retrieve", "finish") for p in f["phases"])}
-        missing = [{"handler": o["handler"], "inode": o["inode"], "token": t, "preserved": o.get("folios_preserved")}
-                   for t, o in sorted(olds.items()) if t not in seen]
+        seen = {_file_key(f) for f in rep.get("files", []) if f.get("retrieved_inode") or
+                f["result"] in ("retrieved", "discarded") or
+                any(p["name"] in ("retrieve", "finish") for p in f.get("phases") or ())}
+        missing = [{"handler": o["handler"], "inode": o["inode"], "token": o.get("token"),
+                    "preserved": o.get("folios_preserved")} for k, o in sorted(olds.items()) if k not in seen]
     v = View(schema=SCHEMA, at_ns=now_ns, state=_update_state(rows, sessions, rep, before is not None),
              kernel=rec.get("kernel"), boot_id=(rep.get("update") or {}).get("boot_id"), mode=rec.get("mode"),
              files=len(in_update), bytes=sum(r.size_bytes or 0 for r in in_update), sessions=sessions,
@@ -261,12 +260,18 @@ def view(rep: dict, now_ns: int, hist: Optional[History] = None, prev: Optional[
     return v
 
 
-def _before_rows(before: Optional[dict]) -> Dict[int, dict]:
-    """The old kernel's preserved files by token (what LUO hands the new kernel back by)."""
+def _file_key(f: dict) -> Tuple[str, int, int]:
+    return f["handler"], f.get("dev") or 0, f["inode"]
+
+
+def _before_rows(before: Optional[dict]) -> Dict[Tuple[str, int, int], dict]:
+    """The old kernel's preserved files by what the joined report keeps them
+    as (handler, dev, inode: the new kernel's retrieve lands on that row, by
+    the serialized-data handle), not by token: a token is chosen per session
+    and repeats across sessions (the kexec selftests' do)."""
     if not before:
         return {}
-    return {f["token"]: f for f in before.get("files", [])
-            if f.get("token") is not None and f["result"] in ("ok", "retrieved")}
+    return {_file_key(f): f for f in before.get("files", []) if f["result"] in ("ok", "retrieved")}
 
 
 def changes(prev: Optional[View], cur: View) -> List[Tuple[str, str]]:
