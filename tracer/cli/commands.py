@@ -765,7 +765,7 @@ def top(args: Tuple[str, ...], from_url: Optional[str], replays: Tuple[str, ...]
 
     Reads the running `luotrace serve` (no second set of probes); where none
     answers, attaches probes of its own until q, Ctrl-C or COMMAND's end.
-    Keys: s sort, f filter, enter drill in, p pause, +/- delay, h help, q quit.
+    Keys: v sessions / files, s sort, f filter, enter drill in, p pause, +/- delay, h help, q quit.
 
     \b
     Example:
