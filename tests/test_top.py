@@ -143,6 +143,21 @@ def test_across_the_kexec_each_retrieve_against_what_was_preserved():
     assert any("9 missing: preserved 16 folios, not retrieved" in ln for ln in lines)
 
 
+def test_a_freeze_the_jump_cut_ends_when_the_new_kernel_takes_its_files_back():
+    """LUO freezes the sessions right after kernel_kexec(); the CPUs may stop
+    before a freeze's return is recorded.  In the new kernel that session is
+    frozen until its files are retrieved or discarded, then the update is
+    done, not frozen for ever (the full lane's last line said `frozen 1`)."""
+    cut = {"id": 1, "files": [7], "cancelled": False, "blackout_start_ns": 1_000, "blackout_ns": None}
+    waiting = {**_file("retrieve", 0), "result": "ok", "in_progress": [], "in_progress_since_ns": {}}
+    back = {**waiting, "result": "retrieved", "folios_restored": 512, "retrieved_inode": 70}
+    old = {"files": [{"handler": "guest_memfd", "dev": 16, "inode": 7, "result": "ok", "folios_preserved": 512}]}
+    v = pg.view(_rep(waiting, sessions=[cut]), 5_000, before=old)
+    assert v.sessions[0]["frozen"] and v.sessions[0]["blackout_ns"] == 4_000
+    v = pg.view(_rep(back, sessions=[cut]), 6_000, before=old, finished=True)
+    assert not v.sessions[0]["frozen"] and v.state == "done", (v.state, v.sessions)
+
+
 def test_a_frame_fits_80x24_and_a_thousand_files_scroll():
     files = []
     for i in range(1000):

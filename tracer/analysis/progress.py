@@ -229,8 +229,12 @@ def view(rep: dict, now_ns: int, hist: Optional[History] = None, prev: Optional[
         rows.append(_row(f, now_ns, rec.get("mode"), hist, prev_rows.get(f"{f['handler']}:{f['dev']}:{f['inode']}"),
                          dt, int(stall_s * 1e9), old))
     sessions = []
+    back = {f["inode"] for f in rep.get("files", []) if f["result"] in ("retrieved", "discarded")}
     for s in rep.get("sessions", []):
-        frozen = s.get("blackout_start_ns") is not None and s.get("blackout_ns") is None and not s.get("cancelled")
+        # a freeze with no return seen: still running, unless the jump cut it (the CPUs
+        # stopped first) and the new kernel has since taken every one of its files back
+        frozen = s.get("blackout_start_ns") is not None and s.get("blackout_ns") is None and not s.get("cancelled") \
+            and not (s.get("files") and set(s["files"]) <= back)
         blackout = (now_ns - s["blackout_start_ns"]) if frozen else s.get("blackout_ns")
         sessions.append({"id": s["id"], "frozen": frozen, "blackout_ns": blackout, "files": len(s.get("files", []))})
     in_update = [r for r in rows if r.state != "seen"]
