@@ -65,12 +65,17 @@ def join_with_progress(paths: List[str], progress: bool = True) -> Tuple[dict, F
         return _join(paths, progress)
 
 
+def require_anchors(path: str, r: rec.Recording) -> None:
+    """A join puts recordings on one clock: each needs its anchors."""
+    if "base_monotonic_ns" not in r.header.get("clock", {}):
+        raise LuotraceError(f"{path}: recording has no clock anchors", "record it again with this luotrace")
+
+
 def _read_sides(paths: List[str]) -> List[Tuple[str, rec.Recording]]:
     """The recordings, checked (clock anchors, each once), oldest first."""
     recs = [(p, rec.read(p)) for p in paths]
     for p, r in recs:
-        if "clock" not in r.header or "base_monotonic_ns" not in r.header["clock"]:
-            raise LuotraceError(f"{p}: recording has no clock anchors", "record it again with this luotrace")
+        require_anchors(p, r)
     seen: Dict[Tuple[str, int], str] = {}
     for p, r in recs:
         ident = (r.header["clock"].get("boot_id", ""), r.header["clock"]["base_monotonic_ns"])
@@ -157,8 +162,7 @@ class LiveJoin:
     def __init__(self, before: str, header: dict, output: str):
         with corrupt_content():
             old = rec.read(before)
-        if "base_monotonic_ns" not in old.header.get("clock", {}):
-            raise LuotraceError(f"{before}: recording has no clock anchors", "record it again with this luotrace")
+        require_anchors(before, old)
         self.before, self.output, self.old = before, output, old
         self.agg = _aggregator([old.header, header])
         self.old_last = 0
@@ -186,10 +190,7 @@ class LiveJoin:
 
     def feed(self, batch: np.ndarray) -> None:
         """This run's records, as its aggregator gets them."""
-        if self.shift:
-            batch = batch.copy()
-            batch["ts"] = (batch["ts"].astype(np.int64) + self.shift).astype(np.uint64)
-        self.new_last = max(self.new_last, self.agg.feed(batch))
+        self.new_last = max(self.new_last, self.agg.feed(_shift(batch, self.shift)))
 
     def report(self, maps: Optional[dict], programs: Optional[dict] = None, now_ns: Optional[int] = None) -> dict:
         """The join as of now, with this run's map dump MAPS (its BPF
@@ -214,10 +215,16 @@ class LiveJoin:
 def shifted(r: rec.Recording, shift: int):
     """R's batches moved by SHIFT ns onto the first recording's clock."""
     for batch in r.batches():
-        if shift:
-            batch = batch.copy()
-            batch["ts"] = (batch["ts"].astype(np.int64) + shift).astype(np.uint64)
-        yield batch
+        yield _shift(batch, shift)
+
+
+def _shift(batch: np.ndarray, shift: int) -> np.ndarray:
+    """BATCH moved by SHIFT ns (a copy; the batch itself when SHIFT is 0)."""
+    if not shift:
+        return batch
+    batch = batch.copy()
+    batch["ts"] = (batch["ts"].astype(np.int64) + shift).astype(np.uint64)
+    return batch
 
 
 def blackout(f: dict, kexec_ns: List[int], boot_ends_ns: List[int]) -> Tuple[Optional[int], Optional[str]]:

@@ -10,7 +10,7 @@ import numpy as np
 
 from tracer.analysis.aggregator import Aggregator
 from tracer.analysis.report import build
-from tracer.base.errors import LuotraceError, corrupt_content
+from tracer.base.errors import corrupt_content
 from tracer.recording import format as rec
 
 
@@ -80,13 +80,12 @@ def play_update(before: str, after: str, step_ns: int) -> Iterator[Tuple[dict, i
     whole, then the new kernel's in steps), on the old recording's clock as
     `report BEFORE AFTER` joins them: each retrieve lands on the file the old
     kernel preserved.  The last step is that joined report."""
-    from tracer.analysis.join import shifted, boots_maps, join_report
+    from tracer.analysis.join import boots_maps, join_report, require_anchors, shifted
     from tracer.kernel import clock
     old, new = rec.read(before), rec.read(after)
     with corrupt_content():
         for r, p in ((old, before), (new, after)):
-            if "base_monotonic_ns" not in r.header.get("clock", {}):
-                raise LuotraceError(f"{p}: recording has no clock anchors", "record it again with this luotrace")
+            require_anchors(p, r)
         base = old.header["clock"]["base_monotonic_ns"]
         agg = Aggregator(old.header.get("mode", "folio"), base)
         for batch in old.batches():

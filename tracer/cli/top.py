@@ -124,9 +124,7 @@ class LiveFrames:
         self.join = None
         if self.before and self.output:
             try:
-                join = LiveJoin(self.before, live.header, self.output)
-                live.follow(join.catch_up, join.feed)
-                self.join = join
+                self.join = live.join(self.before)
             except LuotraceError as e:  # this run's own view instead
                 print(f"luotrace: top cannot join {self.before}: {e}", file=sys.stderr)
         # the jump: a frame at once, with the state at the kexec (the CPUs may stop before the next one)
@@ -135,12 +133,7 @@ class LiveFrames:
 
     def _report(self) -> dict:
         if self.join is not None:
-            join = self.join
-            rep = self.live.joined(  # type: ignore[attr-defined]
-                lambda maps, progs: join.report(maps, progs, time.monotonic_ns()))
-            if rep is not None:
-                return rep
-            return join_report([self.before, self.output])  # type: ignore[list-item]
+            return self.live.joined(self.join)  # type: ignore[attr-defined]
         return self.live.snapshot()  # type: ignore[attr-defined]
 
     def _pump(self) -> None:

@@ -26,6 +26,7 @@ from tracer.kernel import host as kernel
 from tracer.recording import format as rec
 from tracer.recording import header
 from tracer.analysis.aggregator import Aggregator
+from tracer.analysis.join import LiveJoin, join_report
 from tracer.probes.catalog import PROBE_IDS
 from tracer.base.errors import LuotraceError
 from tracer.base.output import check_output
@@ -305,22 +306,28 @@ class LiveRun:
                     self.bpf.forget(gone)
             return rep
 
-    def follow(self, catch_up: Callable[[], None], hook: Callable[[np.ndarray], None]) -> None:
-        """CATCH_UP with every record so far on disk (the recording flushed),
-        then HOOK with each batch from then on: no batch falls between."""
+    def join(self, before: str) -> LiveJoin:
+        """BEFORE (the old kernel's recording of the update that brought this
+        boot up) joined with this run's, kept current from now on: fed every
+        record so far on disk (the recording flushed), then each batch as the
+        aggregator gets it, under the lock, so no batch falls between."""
+        if not self.output:
+            raise LuotraceError("a join needs this run's recording", "give -o")
+        j = LiveJoin(before, self.header, self.output)
         with self.lock:
             self._write(lambda w: w.flush())
-            catch_up()
-            self.on_batch.append(hook)
+            j.catch_up()
+            self.on_batch.append(j.feed)
+        return j
 
-    def joined(self, view: Callable[[dict, dict], dict]) -> Optional[dict]:
-        """VIEW(maps, programs) with this run's maps and program stats read
-        now, under the lock (no batch is fed meanwhile); None once the run
-        has stopped (its recording is whole: join the files)."""
+    def joined(self, j: LiveJoin) -> dict:
+        """J's report now (this run's maps and program stats read under the
+        lock; the clock runs to now); once the run has stopped, its recording
+        is whole: the two files joined, as `report BEFORE OUTPUT` joins them."""
         with self.lock:
-            if self.final is not None:
-                return None
-            return view(self.bpf.dump_maps(), self.bpf.prog_stats())
+            if self.final is None:
+                return j.report(self.bpf.dump_maps(), self.bpf.prog_stats(), time.monotonic_ns())
+        return join_report([j.before, j.output])
 
     def stop(self, stopped_by: str) -> dict:
         """Drain, read the maps, detach, close the recording; returns the final report."""

@@ -50,16 +50,12 @@ def serve_live(opts: Options, listen: str, output: Optional[str], command: Optio
             return None
         tracing = live.get("tracing")
         try:
-            if tracing is not None:
-                with join_lock:
-                    if not joins:
-                        j = LiveJoin(previous[0], tracing.header, output)
-                        tracing.follow(j.catch_up, j.feed)
-                        joins.append(j)
-                rep = tracing.joined(lambda maps, progs: joins[0].report(maps, progs, time.monotonic_ns()))
-                if rep is not None:
-                    return rep
-            return join_report([previous[0], output])
+            if tracing is None:
+                return join_report([previous[0], output])
+            with join_lock:
+                if not joins:
+                    joins.append(tracing.join(previous[0]))
+            return tracing.joined(joins[0])
         except LuotraceError:
             return None  # this boot's recording holds no sound record yet
 
