@@ -179,17 +179,18 @@ class BpfStats:
         self.close()
 
 
-def prog_stats(fd: int) -> Dict[str, int]:
+def prog_stats(fd: int, pid: str = "self") -> Dict[str, int]:
     """run_time_ns / run_cnt of a loaded program, and its recursion_misses:
     runs the kernel skipped because this CPU was already inside BPF
     (kernel/trace/bpf_trace.c trace_call_bpf: bpf_prog_active; a map syscall
     holds it too, and on a preemptible kernel it stays held while its task is
     preempted, so any kprobe or perf tracepoint program on that CPU is
     skipped meanwhile).  From the program's fdinfo (kernel/bpf/syscall.c
-    bpf_prog_show_fdinfo)."""
+    bpf_prog_show_fdinfo); PID's fd (another process's program, for a
+    referee's counts).  Zeros for an fd that is no program."""
     out = {"run_time_ns": 0, "run_cnt": 0, "recursion_misses": 0, "prog_id": 0}
     try:
-        with open(f"/proc/self/fdinfo/{fd}") as f:
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
             for line in f:
                 k, _, v = line.partition(":")
                 if k in out:

@@ -104,15 +104,14 @@ def on_work_cpus():
 
 
 def skipped_runs(pid: int) -> int:
-    """Runs of PID's BPF programs the kernel skipped (recursion_misses in each program fd's fdinfo)."""
-    n = 0
+    """Runs of PID's BPF programs the kernel skipped (recursion_misses), each program once."""
+    from tracer.kernel.host import prog_stats
+    progs = {}
     for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-        try:
-            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                n += sum(int(ln.split()[1]) for ln in f if ln.startswith("recursion_misses:"))
-        except (OSError, ValueError, IndexError):
-            pass
-    return n
+        st = prog_stats(int(fd), str(pid))
+        if st["prog_id"]:
+            progs[st["prog_id"]] = st["recursion_misses"]
+    return sum(progs.values())
 
 
 def with_bpftrace(program: str, out_name: str, run) -> None:
